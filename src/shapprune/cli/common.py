@@ -1,0 +1,78 @@
+"""Arguments shared by several subcommands, and their translation into typed library calls."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UserError
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="hub id, local checkpoint directory, .gguf file, or alias (smollm2-135m)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--device-map", default=None, help="'auto' spreads a large model over all visible GPUs")
+    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
+
+
+def add_data_args(p: argparse.ArgumentParser, data: str, seqlen: int, max_windows: int | None,
+                  batch_size: int = 8) -> None:
+    p.add_argument("--data", default=data,
+                   help=f"wikitext2, c4, self, or a .txt/.jsonl file (default: {data})")
+    p.add_argument("--seqlen", type=positive_int, default=seqlen, help=f"tokens per window (default: {seqlen})")
+    p.add_argument("--max-windows", type=positive_int, default=max_windows,
+                   help=f"windows taken in order from the start (default: {max_windows or 'all'})")
+    p.add_argument("--sample-windows", type=positive_int, default=None,
+                   help="draw this many windows at random offsets instead (with --seed)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--bos", choices=("auto", "always", "never"), default="auto",
+                   help="start each window with BOS: auto = when the tokenizer adds one itself")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help=f"windows per forward pass; halves on out-of-memory (default: {batch_size})")
+
+
+def load(args):
+    from ..loading import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                      trust_remote_code=args.trust_remote_code)
+
+
+def windows(args, tokenizer, model, split: str):
+    from ..data import make_windows
+
+    return make_windows(tokenizer, args.data, args.seqlen, max_windows=args.max_windows, split=split,
+                        sample_windows=args.sample_windows, seed=args.seed, bos=args.bos, model=model)
+
+
+def check_data_early(args) -> None:
+    """Fail on a missing or empty data file before a model is loaded."""
+    from pathlib import Path
+
+    spec = args.data
+    if spec.endswith((".txt", ".jsonl")) or Path(spec).exists():
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise UserError(f"data file {spec} does not exist; give an existing .txt or .jsonl file")
+        if path.stat().st_size == 0:
+            raise UserError(f"data file {spec} is empty; give a file with text in it")
+
+
+def drop_or_keep(args, num_layers: int) -> list[int]:
+    """Kept layers from ``--drop``/``--keep`` (validated)."""
+    from ..layers import kept_from, parse_layer_list
+
+    drop = parse_layer_list(args.drop, num_layers, "--drop") if args.drop is not None else None
+    keep = parse_layer_list(args.keep, num_layers, "--keep") if getattr(args, "keep", None) is not None else None
+    return kept_from(num_layers, drop=drop, keep=keep)

@@ -1,0 +1,28 @@
+"""``shapprune layers MODEL``: show the layer stack that shapprune found."""
+
+from __future__ import annotations
+
+import json
+
+from .common import add_model_args, load
+
+HELP = "show the layer stack found in a model (path, count, block class)"
+
+
+def add_arguments(p) -> None:
+    add_model_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def run(args) -> int:
+    from ..layers import find_layer_stack
+
+    model, _ = load(args)
+    stack = find_layer_stack(model)
+    info = {"model": args.model, "model_type": model.config.model_type, "path": stack.path,
+            "num_layers": stack.num_layers, "block_class": stack.block_class}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"{info['model_type']}: {stack.path} holds {stack.num_layers} × {stack.block_class} (layers 0..{stack.num_layers - 1})")
+    return 0

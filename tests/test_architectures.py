@@ -1,0 +1,131 @@
+"""The same suite for every supported architecture, on tiny random models built from configs."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from shapprune import find_layer_stack, keep_layers, remove_layers, save_checkpoint
+from shapprune.archs import ARCHITECTURES
+from shapprune.layers import _generic_layer_paths, prepare_model
+from tiny import ARCH_NAMES, tiny_inputs, tiny_model
+
+
+def logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.fixture(params=ARCH_NAMES)
+def model(request):
+    m = tiny_model(request.param)
+    prepare_model(m)
+    return m
+
+
+def test_stack_found_generically_and_by_table(model):
+    stack = find_layer_stack(model)
+    assert stack.num_layers == model.config.num_hidden_layers
+    assert stack.block_class in model._no_split_modules
+    generic = max(_generic_layer_paths(model), key=lambda c: len(c[1]))[0]
+    assert generic == stack.path == ARCHITECTURES[model.config.model_type].path
+
+
+def test_keep_all_is_bit_identical(model):
+    ids = tiny_inputs()
+    ref = logits(model, ids)
+    with keep_layers(model, range(find_layer_stack(model).num_layers)):
+        out = logits(model, ids)
+    assert torch.equal(ref, out)
+
+
+def test_mask_skips_compute_and_restores_exactly(model):
+    stack = find_layer_stack(model)
+    ids = tiny_inputs()
+    before_cfg = model.config.to_dict()
+    before_list = getattr(stack.parent, stack.attr)
+    before_idx = {n: dict(vars(m)) for n, m in model.named_modules()}
+    ref = logits(model, ids)
+    kept = [0, 2, stack.num_layers - 1]
+    calls = []
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, layer in enumerate(stack.layers)]
+    with keep_layers(model, kept) as inner:
+        assert inner.num_layers == stack.num_layers  # the full stack is still reported
+        masked = logits(model, ids)
+        live = getattr(stack.parent, stack.attr)
+        assert len(live) == len(kept) and all(live[j] is stack.layers[i] for j, i in enumerate(kept))
+    for h in hooks:
+        h.remove()
+    assert calls == kept  # dropped layers never ran
+    assert not torch.equal(masked, ref)
+    assert getattr(stack.parent, stack.attr) is before_list
+    assert model.config.to_dict() == before_cfg
+    after_idx = {n: dict(vars(m)) for n, m in model.named_modules()}
+    for name, attrs in before_idx.items():
+        for key in ("layer_idx", "layer_id"):
+            assert attrs.get(key) == after_idx[name].get(key)
+    assert torch.equal(logits(model, ids), ref)
+
+
+def test_masked_equals_removed(model):
+    stack = find_layer_stack(model)
+    ids = tiny_inputs()
+    drop = [1, 3]
+    with keep_layers(model, [i for i in range(stack.num_layers) if i not in drop]):
+        masked = logits(model, ids)
+    pruned = copy.deepcopy(model)
+    kept = remove_layers(pruned, drop)
+    assert kept == [i for i in range(stack.num_layers) if i not in drop]
+    assert pruned.config.num_hidden_layers == stack.num_layers - 2
+    torch.testing.assert_close(logits(pruned, ids), masked, rtol=0, atol=0)
+
+
+def test_save_load_round_trip_and_cached_generation(model, tmp_path):
+    num = find_layer_stack(model).num_layers
+    drop = [0, num - 2]
+    remove_layers(model, drop)
+    save_checkpoint(model, None, tmp_path, {"removed": drop})
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    loaded.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert loaded.config.num_hidden_layers == num - 2
+    if getattr(loaded.config, "layer_types", None) is not None:
+        assert len(loaded.config.layer_types) == num - 2
+    ids = tiny_inputs(n=1, t=10)
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+    gen_kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0,
+                      attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        a = loaded.generate(ids, **gen_kwargs)
+        b = model.generate(ids, **gen_kwargs)
+        c = loaded.generate(ids, **{**gen_kwargs, "use_cache": False})
+    assert a.shape == (1, 16)
+    assert torch.equal(a, b)
+    assert torch.equal(a, c)  # the cache is consistent with the renumbered layers
+
+
+def test_masked_generation_matches_removed(model):
+    num = find_layer_stack(model).num_layers
+    kept = [0, 1, num - 1]
+    ids = tiny_inputs(n=1, t=8)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode(), keep_layers(model, kept):
+        masked = model.generate(ids, **kw)
+    pruned = copy.deepcopy(model)
+    remove_layers(pruned, [i for i in range(num) if i not in kept])
+    with torch.inference_mode():
+        assert torch.equal(pruned.generate(ids, **kw), masked)
+
+
+def test_dropping_first_layer(model):
+    """Block-0-only input modules (RWKV's pre_ln) survive dropping layer 0, masked and removed alike."""
+    num = find_layer_stack(model).num_layers
+    ids = tiny_inputs()
+    before = {n for n, _ in model.named_modules()}
+    with keep_layers(model, range(1, num)):
+        masked = logits(model, ids)
+    assert {n for n, _ in model.named_modules()} == before
+    pruned = copy.deepcopy(model)
+    remove_layers(pruned, [0])
+    torch.testing.assert_close(logits(pruned, ids), masked, rtol=0, atol=0)
