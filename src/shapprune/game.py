@@ -1,0 +1,122 @@
+"""The cooperative game over layers: players are layers, a coalition is a mask of kept layers.
+
+``v(m) = PPL(all layers) / PPL(layers of m)``, measured on evaluation data by an :class:`Evaluator`. A game
+is a callable on a boolean matrix of coalitions ``[B, L]`` returning ``[B]`` utilities (the shapiq
+convention), so estimators never see a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .layers import find_layer_stack, keep_layers
+from .store import Evaluation, EvaluationStore, mask_key, model_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+class Evaluator(Protocol):
+    """Scores a model as it currently runs (with any mask applied) by a summed negative log-likelihood."""
+
+    def fingerprint(self) -> str:
+        """A stable hash of the evaluation data and scoring (part of the store key)."""
+
+    def describe(self) -> dict:
+        """What is evaluated, for reports (e.g. data, seqlen, windows, tokens)."""
+
+    def nll(self, model) -> tuple[float, int]:
+        """Summed NLL (nats) and the number of tokens it covers."""
+
+
+class PerplexityEvaluator:
+    """NLL of every predicted token of fixed token windows (:class:`shapprune.data.Windows`)."""
+
+    def __init__(self, windows, batch_size: int = 16):
+        self.windows = windows
+        self.batch_size = batch_size
+
+    def fingerprint(self) -> str:
+        return "ppl:" + self.windows.fingerprint()
+
+    def describe(self) -> dict:
+        d = self.windows.describe()
+        return {k: d[k] for k in ("data", "seqlen", "windows", "tokens")}
+
+    def nll(self, model) -> tuple[float, int]:
+        from .ppl import sequence_nll
+
+        res = sequence_nll(model, self.windows.input_ids, batch_size=self.batch_size, progress=False)
+        return res.nll, res.tokens
+
+
+def _ppl(nll: float, tokens: int) -> float:
+    return math.exp(min(nll / max(tokens, 1), 700.0))
+
+
+class Game(Protocol):
+    n_players: int
+
+    def __call__(self, coalitions: np.ndarray) -> np.ndarray: ...
+
+
+class ModelGame:
+    """The layer game of a model, with every real evaluation kept in an :class:`EvaluationStore`.
+
+    ``game(masks)`` returns utilities ``PPL(full) / PPL(mask)``; :meth:`evaluate` returns the raw records.
+    ``new`` and ``reused`` count real evaluations performed and answers taken from the store.
+    """
+
+    def __init__(self, model, evaluator: Evaluator, store: EvaluationStore | None = None, progress: bool = True):
+        self.model = model
+        self.evaluator = evaluator
+        self.store = store if store is not None else EvaluationStore(None)
+        self.progress = progress
+        self.n_players = find_layer_stack(model).num_layers
+        self.model_fp = model_fingerprint(model)
+        self.data_fp = evaluator.fingerprint()
+        self.new = 0
+        self.reused = 0
+        self.seconds = 0.0
+        self.full = self.evaluate(np.ones((1, self.n_players), dtype=bool))[0]
+
+    @property
+    def full_perplexity(self) -> float:
+        return self.full.perplexity
+
+    def evaluate(self, masks: np.ndarray, desc: str = "evaluating masks") -> list[Evaluation]:
+        """Evaluate a batch of masks (``[B, L]`` booleans); each distinct mask is evaluated at most once, ever."""
+        masks = np.asarray(masks, dtype=bool).reshape(-1, self.n_players)
+        keys = [mask_key(m) for m in masks]
+        unique = list(dict.fromkeys(keys))
+        known = self.store.get_many(self.model_fp, self.data_fp, unique)
+        missing = [k for k in unique if k not in known]
+        self.reused += len(unique) - len(missing)
+        # Order the work so masks sharing a prefix of kept layers are adjacent (room for prefix reuse).
+        missing.sort(reverse=True)
+        bar = tqdm(missing, desc=desc, unit="mask", disable=not self.progress or len(missing) < 2, leave=False)
+        for key in bar:
+            kept = [i for i, c in enumerate(key) if c == "1"]
+            t0 = time.perf_counter()
+            with keep_layers(self.model, kept):
+                nll, tokens = self.evaluator.nll(self.model)
+            ev = Evaluation(key, float(nll), int(tokens), _ppl(nll, tokens), time.perf_counter() - t0)
+            self.store.put(self.model_fp, self.data_fp, ev)
+            known[key] = ev
+            self.new += 1
+            self.seconds += ev.seconds
+        return [known[k] for k in keys]
+
+    def perplexities(self, masks: np.ndarray) -> np.ndarray:
+        return np.array([e.perplexity for e in self.evaluate(masks)])
+
+    def __call__(self, coalitions: np.ndarray) -> np.ndarray:
+        return self.full.perplexity / self.perplexities(coalitions)
+
+    def counts(self) -> dict:
+        return {"new": self.new, "reused": self.reused}
