@@ -69,3 +69,32 @@ def tiny_model(name: str, seed: int = 0):
 def tiny_inputs(n: int = 2, t: int = 12, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (n, t), generator=g)
+
+
+def tiny_tokenizer(add_bos: bool = False):
+    """A character-level tokenizer over VOCAB ids, built in code: <pad>=0, <s>=1, </s>=2, <unk>=3."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n"] + [chr(c) for c in range(32, 123)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for ch in chars:
+        vocab[ch] = len(vocab)
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    from tokenizers import decoders
+
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def save_tiny(path, name: str = "llama", add_bos: bool = False):
+    """Save a tiny model and tokenizer as a checkpoint directory; returns the path as a string."""
+    model = tiny_model(name)
+    model.save_pretrained(path)
+    tiny_tokenizer(add_bos).save_pretrained(path)
+    return str(path)
