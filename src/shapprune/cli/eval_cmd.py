@@ -1,4 +1,4 @@
-"""``shapprune eval MODEL``: perplexity of a model, optionally with layers skipped."""
+"""``shapprune eval MODEL``: perplexity, or zero-shot task accuracy (``--tasks``), optionally with layers skipped."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import json
 import logging
 import time
 
-from .common import add_data_args, add_model_args, check_data_early, drop_or_keep, load, windows
+from .common import add_data_args, add_model_args, check_data_early, drop_or_keep, load, positive_int, windows
 
-HELP = "measure perplexity, optionally with layers dropped (--drop) or kept (--keep)"
+HELP = "measure perplexity or zero-shot accuracy (--tasks), optionally with layers dropped (--drop) or kept (--keep)"
 log = logging.getLogger("shapprune")
+
+#: --batch-size when none is given: windows of --seqlen tokens for perplexity, requests for --tasks.
+DEFAULT_BATCH = {"ppl": 1, "tasks": 16}
 
 
 def add_arguments(p) -> None:
@@ -18,10 +21,28 @@ def add_arguments(p) -> None:
     group.add_argument("--drop", default=None, help="0-based layers to skip, e.g. 3,7")
     group.add_argument("--keep", default=None, help="0-based layers to keep (all others skipped)")
     add_data_args(p, data="wikitext2", seqlen=2048, max_windows=None, batch_size=1)
+    p.set_defaults(batch_size=None)  # 1 window for perplexity, 16 requests with --tasks
+    p.add_argument("--tasks", default=None, metavar="A,B,...",
+                   help="zero-shot tasks instead of perplexity: piqa, hellaswag, winogrande, arc_easy, arc_challenge, "
+                        "boolq, openbookqa, lambada_openai, anli_r1, anli_r2, anli_r3 (--batch-size default 16)")
+    p.add_argument("--task-dir", default=None, metavar="DIR",
+                   help="read <task>.jsonl files from DIR (offline); without it tasks come from lm-eval")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                   help="score only the first N items of each task")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
 
 
 def run(args) -> int:
+    if args.tasks is not None:
+        return run_tasks(args)
+    from ..errors import UserError
+
+    if args.task_dir is not None or args.limit is not None:
+        raise UserError("--task-dir and --limit only apply with --tasks, e.g. --tasks piqa --task-dir DIR")
+    return run_ppl(args)
+
+
+def run_ppl(args) -> int:
     from ..layers import find_layer_stack, keep_layers
     from ..output import write_json
     from ..ppl import sequence_nll
@@ -34,7 +55,7 @@ def run(args) -> int:
     win = windows(args, tokenizer, model, split="evaluation")
     t0 = time.time()
     with keep_layers(model, kept):
-        res = sequence_nll(model, win.input_ids, batch_size=args.batch_size)
+        res = sequence_nll(model, win.input_ids, batch_size=args.batch_size or DEFAULT_BATCH["ppl"])
     result = {
         "model": args.model,
         "num_layers": stack.num_layers,
@@ -52,6 +73,47 @@ def run(args) -> int:
     if args.json:
         write_json(args.json, result)
     return 0
+
+
+def run_tasks(args) -> int:
+    from ..layers import find_layer_stack
+    from ..output import write_json
+    from ..zeroshot import check_lm_eval_available, evaluate_tasks, load_tasks, parse_tasks
+
+    names = parse_tasks(args.tasks)
+    # bad names, folders, files, or no way to get the tasks: fail before loading a model
+    if args.task_dir is not None:
+        load_tasks(names, args.task_dir, args.limit)
+    else:
+        check_lm_eval_available()
+    model, tokenizer = load(args)
+    stack = find_layer_stack(model)
+    kept = drop_or_keep(args, stack.num_layers)
+    removed = [i for i in range(stack.num_layers) if i not in kept]
+    res = evaluate_tasks(model, tokenizer, names, task_dir=args.task_dir, limit=args.limit,
+                         batch_size=args.batch_size or DEFAULT_BATCH["tasks"], kept=kept)
+    result = {"model": args.model, "removed": removed, "tasks": res["tasks"], "mean": res["mean"]}
+    print(format_table(result))
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(result: dict) -> str:
+    """A small plain-text table: one row per task, then the mean of the headline metrics."""
+    rows = [("task", "n", "acc", "acc_norm", "perplexity", "headline", "seconds")]
+    for name, r in result["tasks"].items():
+        rows.append((name, str(r["n"]), _fmt(r["acc"]), _fmt(r["acc_norm"]), _fmt(r["perplexity"], 3),
+                     r.get("headline", ""), _fmt(r.get("seconds"), 1)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in rows]
+    lines.append(f"mean of headline metrics: {_fmt(result['mean'])} (removed {result['removed'] or 'none'})")
+    return "\n".join(lines)
 
 
 def dump(result: dict) -> str:
