@@ -512,3 +512,17 @@ def test_smollm2_piqa(smollm2):
     ctx, cont = encode_pair(tokenizer, *doc.requests[0])
     (ll, _), = score_pairs(model, [(ctx, cont)], progress=False)
     assert ll == pytest.approx(manual_loglik(model, ctx, cont)[0], abs=1e-3)
+
+
+def test_make_evaluator(tok, task_dir):
+    from shapprune.zeroshot import make_evaluator
+
+    ev = make_evaluator("task:piqa,lambada_openai", tokenizer=tok, task_dir=task_dir, limit=2)
+    assert isinstance(ev, TaskEvaluator) and ev.describe()["items"] == {"piqa": 2, "lambada_openai": 2}
+    with pytest.raises(UserError, match="--task-dir"):
+        make_evaluator("task:piqa", tokenizer=tok)
+    with pytest.raises(UserError, match="--utility"):
+        make_evaluator("accuracy", tokenizer=tok)
+    game_mod = pytest.importorskip("shapprune.game")
+    windows = type("W", (), {})()
+    assert isinstance(make_evaluator("ppl", windows=windows), game_mod.PerplexityEvaluator)

@@ -570,3 +570,22 @@ class TaskEvaluator:
         scores = score_pairs(model, self.pairs, batch_size=self.batch_size, max_length=max_length,
                              progress=False, desc="task nll")
         return float(-sum(ll for ll, _ in scores)), self.tokens
+
+
+def make_evaluator(utility: str, tokenizer=None, windows=None, task_dir: str | os.PathLike | None = None,
+                   limit: int | None = None, batch_size: int = 16):
+    """The game's evaluator for ``--utility``: ``ppl`` → a perplexity evaluator on ``windows``;
+    ``task:NAME[,NAME...]`` → a :class:`TaskEvaluator` on the local task files in ``task_dir``."""
+    kind, tasks = parse_utility(utility)
+    if kind == "ppl":
+        if windows is None:
+            raise ValueError("the ppl utility needs calibration windows")
+        from .game import PerplexityEvaluator
+
+        return PerplexityEvaluator(windows, batch_size=batch_size)
+    if task_dir is None:
+        raise UserError(f"--utility {utility} needs --task-dir DIR holding {', '.join(t + '.jsonl' for t in tasks)}")
+    if tokenizer is None:
+        raise ValueError("a task utility needs the model's tokenizer")
+    return TaskEvaluator(tokenizer, tasks, task_dir, limit=limit, batch_size=batch_size)
+
