@@ -16,6 +16,14 @@ from .errors import UserError
 #: method name -> "module:function"
 METHODS: dict[str, str] = {
     "shapley": "shapprune.shapley:select_shapley",
+    "shortgpt": "shapprune.baselines:select_shortgpt",
+    "angular": "shapprune.baselines:select_angular",
+    "ppl": "shapprune.baselines:select_ppl",
+    "taylor": "shapprune.baselines:select_taylor",
+    "sleb": "shapprune.baselines:select_sleb",
+    "last": "shapprune.baselines:select_last",
+    "random": "shapprune.baselines:select_random",
+    "exhaustive": "shapprune.baselines:select_exhaustive",
 }
 
 

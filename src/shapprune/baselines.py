@@ -1,0 +1,217 @@
+"""The field's layer-pruning baselines, each ``select(ctx, n) -> Selection`` (see :mod:`shapprune.methods`).
+
+Scores follow one convention: ``values[i]`` is layer i's importance, higher = keep. Methods that measure
+perplexity do it through ``ctx.game`` (shared evaluation store); the others read hidden states or gradients
+on the same calibration windows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .layers import find_layer_stack
+from .loading import model_device
+from .methods import Selection, SelectionContext
+from .ppl import token_nll
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------- maths
+def lowest(scores, n: int) -> list[int]:
+    """Indices of the ``n`` lowest scores (ties: lower index first)."""
+    order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
+    return sorted(order[:n])
+
+
+def block_influence(cos_sum: np.ndarray, count: int) -> np.ndarray:
+    """ShortGPT's BI_i = 1 − mean cos(x_i, x_{i+1}) over all tokens."""
+    return 1.0 - cos_sum / count
+
+
+def angular_distances(x_in: np.ndarray, x_out: np.ndarray, n: int) -> np.ndarray:
+    """Mean angular distance ``arccos(cos)/π`` between the input of layer l and the output of layer l+n−1.
+
+    ``x_in``/``x_out`` are ``[L, windows, hidden]`` (last token of each window). Returns ``[L − n + 1]``.
+    """
+    num = x_in.shape[0]
+    out = np.empty(num - n + 1)
+    for start in range(num - n + 1):
+        a, b = x_in[start], x_out[start + n - 1]
+        cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+        out[start] = float(np.mean(np.arccos(np.clip(cos, -1.0, 1.0)) / math.pi))
+    return out
+
+
+def mask_without(num: int, removed) -> np.ndarray:
+    m = np.ones(num, dtype=bool)
+    m[list(removed)] = False
+    return m
+
+
+# --------------------------------------------------------------------------------------- model measurements
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def block_io(model, input_ids: torch.Tensor, batch_size: int = 8, progress: bool = True):
+    """One pass with hooks on every block.
+
+    Returns ``(cos_sum [L], tokens, x_in [L, n, H], x_out [L, n, H])``: the sum over all tokens of
+    cos(input, output) of each block, and each block's input and output at the last token of each window.
+    """
+    stack = find_layer_stack(model)
+    num = stack.num_layers
+    cos_sum = np.zeros(num)
+    last_in: list[list[torch.Tensor]] = [[] for _ in range(num)]
+    last_out: list[list[torch.Tensor]] = [[] for _ in range(num)]
+    current: dict[int, torch.Tensor] = {}
+
+    def pre_hook(i):
+        def f(module, args, kwargs):
+            current[i] = args[0] if args else kwargs["hidden_states"]
+        return f
+
+    def post_hook(i):
+        def f(module, args, kwargs, output):
+            x, y = current.pop(i).float(), _hidden(output).float()
+            cos_sum[i] += torch.nn.functional.cosine_similarity(x, y, dim=-1).double().sum().item()
+            last_in[i].append(x[:, -1].cpu())
+            last_out[i].append(y[:, -1].cpu())
+        return f
+
+    handles = []
+    for i, layer in enumerate(stack.layers):
+        handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+        handles.append(layer.register_forward_hook(post_hook(i), with_kwargs=True))
+    device = model_device(model)
+    tokens = 0
+    try:
+        with torch.inference_mode():
+            for s in tqdm(range(0, input_ids.shape[0], batch_size), desc="hidden states", disable=not progress,
+                          leave=False):
+                ids = input_ids[s : s + batch_size].to(device)
+                model(input_ids=ids, use_cache=False)
+                tokens += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    x_in = torch.stack([torch.cat(v) for v in last_in]).numpy()
+    x_out = torch.stack([torch.cat(v) for v in last_out]).numpy()
+    return cos_sum, tokens, x_in, x_out
+
+
+def taylor_scores(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = True) -> np.ndarray:
+    """Shortened-LLaMA's Taylor criterion: per block, Σ |w · ∂loss/∂w| over its weights.
+
+    The loss is the mean token NLL over all calibration windows; gradients accumulate batch by batch.
+    """
+    stack = find_layer_stack(model)
+    params = list(model.parameters())
+    saved = [p.requires_grad for p in params]
+    device = model_device(model)
+    total = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    try:
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        with torch.enable_grad():
+            for s in tqdm(range(0, input_ids.shape[0], batch_size), desc="gradients", disable=not progress,
+                          leave=False):
+                ids = input_ids[s : s + batch_size].to(device)
+                logits = model(input_ids=ids, use_cache=False).logits
+                loss = token_nll(logits[:, :-1], ids[:, 1:]).sum() / total
+                loss.backward()
+        scores = np.array([
+            sum(float((p.detach().float() * p.grad.float()).abs().sum()) for p in layer.parameters()
+                if p.grad is not None)
+            for layer in stack.layers
+        ])
+    finally:
+        for p, r in zip(params, saved, strict=True):
+            p.grad = None
+            p.requires_grad_(r)
+    return scores
+
+
+# ------------------------------------------------------------------------------------------------- methods
+def select_shortgpt(ctx: SelectionContext, n: int) -> Selection:
+    cos_sum, tokens, _, _ = block_io(ctx.model, ctx.windows.input_ids, ctx.batch_size)
+    bi = block_influence(cos_sum, tokens)
+    return Selection(removed=lowest(bi, n), values=bi.tolist(), extra={"score": "block influence"})
+
+
+def select_angular(ctx: SelectionContext, n: int) -> Selection:
+    _, _, x_in, x_out = block_io(ctx.model, ctx.windows.input_ids, ctx.batch_size)
+    d = angular_distances(x_in, x_out, n)
+    start = int(np.argmin(d))
+    return Selection(removed=list(range(start, start + n)), values=None,
+                     extra={"angular_distance": d.tolist(), "start": start})
+
+
+def select_ppl(ctx: SelectionContext, n: int) -> Selection:
+    num = ctx.game.n_players
+    masks = np.stack([mask_without(num, [i]) for i in range(num)])
+    ppl = ctx.game.perplexities(masks)
+    # importance = how much removing the layer hurts
+    return Selection(removed=lowest(ppl, n), values=ppl.tolist(), extra={"score": "perplexity without the layer"})
+
+
+def select_taylor(ctx: SelectionContext, n: int) -> Selection:
+    scores = taylor_scores(ctx.model, ctx.windows.input_ids, max(1, ctx.batch_size // 2))
+    return Selection(removed=lowest(scores, n), values=scores.tolist(), extra={"score": "sum |w * dL/dw|"})
+
+
+def sleb_path(game, n: int) -> tuple[list[int], list[float]]:
+    """SLEB's greedy rounds: each removes the layer whose removal, given those removed, gives the lowest PPL."""
+    num = game.n_players
+    removed: list[int] = []
+    ppls: list[float] = []
+    for _ in tqdm(range(n), desc="SLEB rounds", leave=False):
+        candidates = [i for i in range(num) if i not in removed]
+        masks = np.stack([mask_without(num, removed + [i]) for i in candidates])
+        ppl = game.perplexities(masks)
+        best = min(range(len(candidates)), key=lambda j: (ppl[j], candidates[j]))
+        removed.append(candidates[best])
+        ppls.append(float(ppl[best]))
+    return removed, ppls
+
+
+def select_sleb(ctx: SelectionContext, n: int) -> Selection:
+    order, ppls = sleb_path(ctx.game, n)
+    return Selection(removed=order, values=None, extra={"order": order, "ppl_after_round": ppls})
+
+
+def select_last(ctx: SelectionContext, n: int) -> Selection:
+    num = ctx.game.n_players
+    return Selection(removed=list(range(num - 1 - n, num - 1)))
+
+
+def select_random(ctx: SelectionContext, n: int) -> Selection:
+    rng = np.random.default_rng(ctx.seed)
+    return Selection(removed=sorted(rng.choice(ctx.game.n_players, size=n, replace=False).tolist()))
+
+
+DEFAULT_EXHAUSTIVE_BUDGET = 5000
+
+
+def select_exhaustive(ctx: SelectionContext, n: int) -> Selection:
+    num = ctx.game.n_players
+    total = math.comb(num, n)
+    budget = int(ctx.options.get("exhaustive_budget") or ctx.budget or DEFAULT_EXHAUSTIVE_BUDGET)
+    if total > budget:
+        raise UserError(
+            f"exhaustive search over {n} of {num} layers needs {total} evaluations, more than the budget {budget}; "
+            "raise --budget or use a smaller N"
+        )
+    combos = list(itertools.combinations(range(num), n))
+    ppl = ctx.game.perplexities(np.stack([mask_without(num, c) for c in combos]))
+    best = min(range(total), key=lambda j: (ppl[j], combos[j]))
+    return Selection(removed=list(combos[best]), extra={"candidates": total, "best_ppl": float(ppl[best])})
