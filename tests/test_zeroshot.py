@@ -526,3 +526,16 @@ def test_make_evaluator(tok, task_dir):
     game_mod = pytest.importorskip("shapprune.game")
     windows = type("W", (), {})()
     assert isinstance(make_evaluator("ppl", windows=windows), game_mod.PerplexityEvaluator)
+
+
+def test_utility_cli_helpers(tok, task_dir):
+    import argparse
+
+    from shapprune.cli.common import add_utility_args, utility_evaluator
+
+    p = argparse.ArgumentParser()
+    add_utility_args(p)
+    args = p.parse_args(["--utility", "task:piqa", "--task-dir", str(task_dir), "--task-limit", "1"])
+    ev = utility_evaluator(args, tok, windows=None)
+    assert ev.describe()["items"] == {"piqa": 1}
+    assert p.parse_args([]).utility == "ppl"

@@ -76,3 +76,21 @@ def drop_or_keep(args, num_layers: int) -> list[int]:
     drop = parse_layer_list(args.drop, num_layers, "--drop") if args.drop is not None else None
     keep = parse_layer_list(args.keep, num_layers, "--keep") if getattr(args, "keep", None) is not None else None
     return kept_from(num_layers, drop=drop, keep=keep)
+
+
+def add_utility_args(p: argparse.ArgumentParser) -> None:
+    """``--utility ppl|task:NAME[,NAME...]`` for the game, with the task files it reads."""
+    p.add_argument("--utility", default="ppl", metavar="ppl|task:A,B",
+                   help="score masks by calibration perplexity (ppl) or by zero-shot log-likelihood of the gold "
+                        "answers of tasks, e.g. task:piqa,arc_easy (needs --task-dir)")
+    p.add_argument("--task-dir", default=None, metavar="DIR", help="folder of <task>.jsonl files for --utility task:")
+    p.add_argument("--task-limit", type=positive_int, default=None, metavar="N",
+                   help="first N items of each task for --utility task:")
+
+
+def utility_evaluator(args, tokenizer, windows, batch_size: int = 16):
+    """The game's evaluator for ``--utility`` (see :func:`shapprune.zeroshot.make_evaluator`)."""
+    from ..zeroshot import make_evaluator
+
+    return make_evaluator(args.utility, tokenizer=tokenizer, windows=windows, task_dir=args.task_dir,
+                          limit=args.task_limit, batch_size=batch_size)
