@@ -1,0 +1,238 @@
+"""``shapprune compare``: several methods, several N, one calibration game, one evaluation store.
+
+Orchestration only: every method comes from :mod:`shapprune.methods`; every mask evaluation (calibration
+and test) goes through a :class:`~shapprune.game.ModelGame`, so no mask is ever evaluated twice, across
+methods, N, or runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .game import ModelGame
+from .methods import METHODS, SelectionContext, select
+
+log = logging.getLogger(__name__)
+
+#: ``--methods all``: every registered method, the exhaustive optimum last (it may not fit the budget).
+def all_methods() -> list[str]:
+    names = [m for m in METHODS if m != "exhaustive"]
+    return names + (["exhaustive"] if "exhaustive" in METHODS else [])
+
+
+def parse_methods(text: str) -> list[str]:
+    if text.strip() == "all":
+        return all_methods()
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise UserError(f"unknown method {unknown[0] if unknown else text!r}; use all or some of {', '.join(METHODS)}")
+    return list(dict.fromkeys(names))
+
+
+def parse_counts(text: str, num_layers: int | None = None) -> list[int]:
+    try:
+        ns = sorted({int(p) for p in text.split(",") if p.strip()})
+    except ValueError:
+        raise UserError(f"--remove takes comma-separated layer counts, e.g. 3,6,9, got {text!r}") from None
+    if not ns:
+        raise UserError("--remove needs at least one count, e.g. --remove 3,6")
+    bad = [n for n in ns if n < 1 or (num_layers is not None and n >= num_layers)]
+    if bad:
+        limit = f" and below {num_layers}" if num_layers else ""
+        raise UserError(f"--remove {bad[0]}: counts must be at least 1{limit}")
+    return ns
+
+
+@dataclass
+class Row:
+    method: str
+    n: int
+    removed: list[int]
+    calib_ppl: float
+    test_ppl: float
+    evaluations: int
+    seconds: float
+    tasks: dict | None = None
+
+    def as_dict(self) -> dict:
+        d = {"method": self.method, "n": self.n, "removed": self.removed, "calib_ppl": self.calib_ppl,
+             "test_ppl": self.test_ppl, "evaluations": self.evaluations, "seconds": self.seconds}
+        if self.tasks is not None:
+            d["tasks"] = self.tasks
+        return d
+
+
+@dataclass
+class Comparison:
+    rows: list[Row]
+    full: dict
+    skipped: list[dict] = field(default_factory=list)
+    table1: dict | None = None
+
+
+def kept_mask(num: int, removed) -> np.ndarray:
+    m = np.ones((1, num), dtype=bool)
+    m[0, list(removed)] = False
+    return m
+
+
+def run_comparison(model, tokenizer, calib_windows, calib_game: ModelGame, test_game: ModelGame, *,
+                   methods: list[str], counts: list[int], seed: int = 0, budget: int | None = None,
+                   options: dict | None = None, batch_size: int = 16, table1: bool = True,
+                   task_fn=None) -> Comparison:
+    """Run every method for every N; measure calibration and test perplexity of each selection.
+
+    ``evaluations`` is the number of distinct masks a method asked the game for (its cost if run alone,
+    whether or not the store already held them); ``seconds`` is the wall time spent choosing in this run.
+    ``task_fn(kept) -> dict`` adds zero-shot results per row when given.
+    """
+    num = calib_game.n_players
+    rows, skipped = [], []
+    for name in methods:
+        for n in counts:
+            ctx = SelectionContext(model=model, tokenizer=tokenizer, windows=calib_windows, game=calib_game,
+                                   seed=seed, budget=budget, batch_size=batch_size, options=dict(options or {}))
+            before = calib_game.new + calib_game.reused
+            t0 = time.perf_counter()
+            try:
+                sel = select(name, ctx, n)
+            except UserError as exc:
+                log.warning("%s, N=%d skipped: %s", name, n, exc)
+                skipped.append({"method": name, "n": n, "reason": str(exc)})
+                continue
+            seconds = time.perf_counter() - t0
+            asked = calib_game.new + calib_game.reused - before
+            mask = kept_mask(num, sel.removed)
+            calib = float(calib_game.perplexities(mask)[0])
+            test = float(test_game.perplexities(mask)[0])
+            kept = [i for i in range(num) if i not in sel.removed]
+            tasks = task_fn(kept) if task_fn is not None else None
+            rows.append(Row(name, n, sel.removed, calib, test, asked, round(seconds, 2), tasks))
+            log.info("%-10s N=%-2d removed %s  calib %.3f  test %.3f  (%d evaluations, %.1fs)", name, n,
+                     sel.removed, calib, test, asked, seconds)
+    full = {"calib_ppl": calib_game.full_perplexity, "test_ppl": test_game.full_perplexity}
+    if task_fn is not None:
+        full["tasks"] = task_fn(list(range(num)))
+    t1 = table1_analysis(calib_game, test_game, budget) if table1 else None
+    return Comparison(rows, full, skipped, t1)
+
+
+def table1_analysis(calib_game: ModelGame, test_game: ModelGame, budget: int | None = None) -> dict:
+    """The paper's Table 1 for N=2: static single-layer choice, greedy recomputed choice, exhaustive optimum."""
+    from .baselines import DEFAULT_EXHAUSTIVE_BUDGET, lowest, mask_without, sleb_path
+
+    num = calib_game.n_players
+    singles = calib_game.perplexities(np.stack([mask_without(num, [i]) for i in range(num)]))
+    static = lowest(singles, 2)
+    greedy = sorted(sleb_path(calib_game, 2)[0])
+    out = {"static": static, "greedy": greedy}
+    pairs = [(i, j) for i in range(num) for j in range(i + 1, num)]
+    if len(pairs) <= max(budget or 0, DEFAULT_EXHAUSTIVE_BUDGET):
+        ppl = calib_game.perplexities(np.stack([mask_without(num, p) for p in pairs]))
+        best = min(range(len(pairs)), key=lambda k: (ppl[k], pairs[k]))
+        out["exhaustive"] = list(pairs[best])
+        ranks = np.argsort(np.argsort(ppl, kind="stable"), kind="stable")
+        out["rank_of_static"] = int(ranks[pairs.index(tuple(static))]) + 1
+        out["rank_of_greedy"] = int(ranks[pairs.index(tuple(greedy))]) + 1
+        out["pairs"] = len(pairs)
+    result = {}
+    for key in ("static", "greedy", "exhaustive"):
+        if key in out:
+            mask = kept_mask(num, out[key])
+            result[key] = {"removed": out[key], "calib_ppl": float(calib_game.perplexities(mask)[0]),
+                           "test_ppl": float(test_game.perplexities(mask)[0])}
+    for key in ("rank_of_static", "rank_of_greedy", "pairs"):
+        if key in out:
+            result[key] = out[key]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def _f(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.2f}" if x < 1000 else f"{x:.4g}"
+
+
+def results_markdown(cmp: Comparison, counts: list[int], methods: list[str], header: dict) -> str:
+    lines = ["# shapprune compare", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items()]
+    lines += [f"- full model: calibration PPL {_f(cmp.full['calib_ppl'])}, test PPL {_f(cmp.full['test_ppl'])}", ""]
+    by = {(r.method, r.n): r for r in cmp.rows}
+    lines += ["## Test perplexity (lower is better)", "",
+              "| method | " + " | ".join(f"N={n}" for n in counts) + " |",
+              "|---|" + "---|" * len(counts)]
+    best = {n: min((r.test_ppl for r in cmp.rows if r.n == n), default=None) for n in counts}
+    for m in methods:
+        cells = []
+        for n in counts:
+            r = by.get((m, n))
+            cell = _f(r.test_ppl) if r else "–"
+            cells.append(f"**{cell}**" if r and r.test_ppl == best[n] else cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "## Cost of choosing: evaluations / seconds", "",
+              "| method | " + " | ".join(f"N={n}" for n in counts) + " |", "|---|" + "---|" * len(counts)]
+    for m in methods:
+        cells = [f"{by[(m, n)].evaluations} / {by[(m, n)].seconds:.0f}s" if (m, n) in by else "–" for n in counts]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "Evaluations count the distinct masks a method asked for, whether or not the shared store",
+              "already held them; seconds are this run's wall time (reused evaluations cost nothing).", "",
+              "## Removed layers and calibration perplexity", "", "| method | N | removed | calib PPL | test PPL |",
+              "|---|---|---|---|---|"]
+    for r in cmp.rows:
+        lines.append(f"| {r.method} | {r.n} | {','.join(map(str, r.removed))} | {_f(r.calib_ppl)} | {_f(r.test_ppl)} |")
+    if any(r.tasks for r in cmp.rows):
+        names = list(next(r.tasks for r in cmp.rows if r.tasks)["tasks"])
+        lines += ["", "## Zero-shot accuracy (headline metric per task)", "",
+                  "| method | N | " + " | ".join(names) + " | mean |", "|---|---|" + "---|" * (len(names) + 1)]
+        rows = ([("full", 0, cmp.full.get("tasks"))] if cmp.full.get("tasks") else []) + [
+            (r.method, r.n, r.tasks) for r in cmp.rows]
+        for m, n, t in rows:
+            vals = [t["tasks"][k].get(t["tasks"][k].get("headline") or "acc") for k in names]
+            lines.append(f"| {m} | {n} | " + " | ".join(_f(100 * v) if v is not None else "–" for v in vals)
+                         + f" | {_f(100 * t['mean']) if t.get('mean') is not None else '–'} |")
+    if cmp.skipped:
+        lines += ["", "## Skipped", ""] + [f"- {s['method']} N={s['n']}: {s['reason']}" for s in cmp.skipped]
+    if cmp.table1:
+        t = cmp.table1
+        lines += ["", "## Table 1 analysis (N = 2): static vs greedy vs optimum", "",
+                  "| choice | removed | calib PPL | test PPL |", "|---|---|---|---|"]
+        for key, label in (("static", "static single-layer (PPL of each layer alone)"),
+                           ("greedy", "greedy recomputed (SLEB)"), ("exhaustive", "exhaustive optimum")):
+            if key in t:
+                lines.append(f"| {label} | {t[key]['removed']} | {_f(t[key]['calib_ppl'])} | {_f(t[key]['test_ppl'])} |")
+        if "pairs" in t:
+            lines += ["", f"Among all {t['pairs']} pairs by calibration PPL, the static choice ranks "
+                      f"{t['rank_of_static']} and the greedy choice ranks {t['rank_of_greedy']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_ppl_vs_removed(path: str | os.PathLike, cmp: Comparison, methods: list[str]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in methods:
+        pts = sorted((r.n, r.test_ppl) for r in cmp.rows if r.method == m)
+        if pts:
+            ax.plot([0] + [p[0] for p in pts], [cmp.full["test_ppl"]] + [p[1] for p in pts], marker="o", label=m)
+    ax.set_yscale("log")
+    ax.set_xlabel("layers removed")
+    ax.set_ylabel("test perplexity (log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,68 @@
+"""`shapprune compare` end to end on a tiny checkpoint: outputs, shared store, Table 1 analysis."""
+
+import json
+
+import pytest
+
+from shapprune.cli import main
+from shapprune.compare import parse_counts, parse_methods
+from shapprune.errors import UserError
+from tiny import save_tiny
+
+TEXT = "It was the best of times, it was the worst of times. " * 60
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    ck = save_tiny(tmp_path / "m", "llama")
+    data = tmp_path / "t.txt"
+    data.write_text(TEXT)
+    monkeypatch.setenv("SHAPPRUNE_STORE", str(tmp_path / "store.sqlite"))
+    return ck, str(data), tmp_path
+
+
+def compare(ck, data, out, methods="all", remove="1,2"):
+    return main(["-q", "compare", ck, "--remove", remove, "--methods", methods, "--data", data, "--seqlen", "32",
+                 "--max-windows", "4", "--eval-data", data, "--eval-seqlen", "64", "--eval-max-windows", "2",
+                 "--budget", "40", "--out", str(out)])
+
+
+def test_compare_all_methods(setup, capsys):
+    ck, data, tmp = setup
+    assert compare(ck, data, tmp / "cmp") == 0
+    rows = json.loads((tmp / "cmp" / "results.json").read_text())
+    assert {r["method"] for r in rows} == set(parse_methods("all"))
+    assert {r["n"] for r in rows} == {1, 2}
+    for r in rows:
+        assert set(r) == {"method", "n", "removed", "calib_ppl", "test_ppl", "evaluations", "seconds"}
+        assert len(r["removed"]) == r["n"] and r["test_ppl"] > 1
+    best = {n: min(r["calib_ppl"] for r in rows if r["n"] == n) for n in (1, 2)}
+    for r in rows:
+        if r["method"] == "exhaustive":
+            assert r["calib_ppl"] == best[r["n"]]  # the true optimum on calibration data
+    md = (tmp / "cmp" / "results.md").read_text()
+    assert "| sleb |" in md and "Table 1" in md and (tmp / "cmp" / "ppl_vs_removed.png").stat().st_size > 0
+    t1 = json.loads((tmp / "cmp" / "analysis.json").read_text())["table1"]
+    assert t1["exhaustive"]["calib_ppl"] <= min(t1["static"]["calib_ppl"], t1["greedy"]["calib_ppl"])
+    capsys.readouterr()
+
+
+def test_compare_reuses_the_store(setup, capsys):
+    ck, data, tmp = setup
+    assert compare(ck, data, tmp / "a", methods="ppl,sleb") == 0
+    assert compare(ck, data, tmp / "b", methods="ppl,sleb") == 0
+    ev = json.loads((tmp / "b" / "analysis.json").read_text())["evaluations"]
+    assert ev["calibration"]["new"] == 0 and ev["test"]["new"] == 0
+    capsys.readouterr()
+
+
+def test_bad_arguments(setup, capsys):
+    with pytest.raises(UserError, match="unknown method"):
+        parse_methods("sleb,nope")
+    with pytest.raises(UserError, match="at least 1 and below 5"):
+        parse_counts("2,5", 5)
+    ck, data, tmp = setup
+    (tmp / "full").mkdir()
+    (tmp / "full" / "x").write_text("x")
+    assert compare(ck, data, tmp / "full") == 2
+    assert "not empty" in capsys.readouterr().err
