@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .layers import find_layer_stack, keep_layers
+from .prefix import PrefixCache
 from .store import Evaluation, EvaluationStore, mask_key, model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,10 @@ class ModelGame:
     ``new`` and ``reused`` count real evaluations performed and answers taken from the store.
     """
 
-    def __init__(self, model, evaluator: Evaluator, store: EvaluationStore | None = None, progress: bool = True):
+    def __init__(self, model, evaluator: Evaluator, store: EvaluationStore | None = None, progress: bool = True,
+                 reuse_prefix: bool = True):
         self.model = model
+        self.reuse_prefix = reuse_prefix
         self.evaluator = evaluator
         self.store = store if store is not None else EvaluationStore(None)
         self.progress = progress
@@ -82,6 +85,8 @@ class ModelGame:
         self.data_fp = evaluator.fingerprint()
         self.new = 0
         self.reused = 0
+        self.layers_run = 0  # layer forward passes done with prefix reuse on
+        self.layers_reused = 0  # ... and replayed from the previous mask instead
         self.seconds = 0.0
         self.full = self.evaluate(np.ones((1, self.n_players), dtype=bool))[0]
 
@@ -97,19 +102,32 @@ class ModelGame:
         known = self.store.get_many(self.model_fp, self.data_fp, unique)
         missing = [k for k in unique if k not in known]
         self.reused += len(unique) - len(missing)
-        # Order the work so masks sharing a prefix of kept layers are adjacent (room for prefix reuse).
+        # Sorted, masks sharing a prefix are adjacent: the layers they share run once (shapprune.prefix).
         missing.sort(reverse=True)
+        cache = PrefixCache() if self.reuse_prefix and len(missing) > 1 else None
         bar = tqdm(missing, desc=desc, unit="mask", disable=not self.progress or len(missing) < 2, leave=False)
         for key in bar:
             kept = [i for i, c in enumerate(key) if c == "1"]
             t0 = time.perf_counter()
-            with keep_layers(self.model, kept):
-                nll, tokens = self.evaluator.nll(self.model)
+            with keep_layers(self.model, kept) as stack:
+                if cache is None:
+                    nll, tokens = self.evaluator.nll(self.model)
+                else:
+                    live = getattr(stack.parent, stack.attr) if len(kept) < self.n_players else None
+                    if live is None:  # all layers kept: the stack is the model's own list; don't touch it
+                        nll, tokens = self.evaluator.nll(self.model)
+                        cache.clear()
+                    else:
+                        with cache.run(key, kept, live):
+                            nll, tokens = self.evaluator.nll(self.model)
             ev = Evaluation(key, float(nll), int(tokens), _ppl(nll, tokens), time.perf_counter() - t0)
             self.store.put(self.model_fp, self.data_fp, ev)
             known[key] = ev
             self.new += 1
             self.seconds += ev.seconds
+        if cache is not None:
+            self.layers_run += cache.layers_run
+            self.layers_reused += cache.layers_reused
         return [known[k] for k in keys]
 
     def perplexities(self, masks: np.ndarray) -> np.ndarray:
