@@ -82,7 +82,7 @@ class EvaluationStore:
         else:
             existed = False
         try:
-            self.db = sqlite3.connect(str(self.path) if self.path is not None else ":memory:")
+            self.db = sqlite3.connect(str(self.path) if self.path is not None else ":memory:", timeout=120)
             if existed:
                 self._check()
             else:
