@@ -391,13 +391,15 @@ def task_metrics(name: str, docs: Sequence[Doc], scores: Sequence[Sequence[tuple
             "perplexity": None}
 
 
-def headline(name: str, result: dict) -> float:
-    """The task's headline metric value (see the module docstring)."""
-    return float(result[TASKS[name].headline])
+def headline(name: str, result: dict) -> float | None:
+    """The task's headline metric value (see the module docstring); None when it was not reported."""
+    value = result.get(TASKS[name].headline)
+    return None if value is None else float(value)
 
 
 def mean_headline(results: dict[str, dict]) -> float | None:
-    vals = [headline(n, r) for n, r in results.items()]
+    """The mean of the tasks' headline metrics (those reported)."""
+    vals = [v for v in (headline(n, r) for n, r in results.items()) if v is not None]
     return float(np.mean(vals)) if vals else None
 
 
