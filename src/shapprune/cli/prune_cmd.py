@@ -1,22 +1,58 @@
-"""``shapprune prune MODEL``: remove layers and write a checkpoint that plain transformers loads."""
+"""``shapprune prune MODEL``: choose layers (``--remove N``/``--ratio R`` with ``--method``) or take them
+(``--drop``), remove them, and write a checkpoint that plain transformers loads, with the evidence."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from pathlib import Path
 
-from .common import add_model_args, load
+from .common import add_data_args, add_model_args, check_data_early, load, positive_int, windows
 
-HELP = "remove layers and write a standard checkpoint (+ pruning.json)"
+HELP = "remove layers (chosen by --remove N/--ratio R, or given by --drop) and write a standard checkpoint"
 log = logging.getLogger("shapprune")
+
+ESTIMATOR_CHOICES = ("surrogate", "permutation", "exact", "kernel")
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        vals = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 18,21,24, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one integer, e.g. 18,21,24")
+    return vals
+
+
+def add_selection_args(p, require_target: bool) -> None:
+    """Options shared by ``prune`` and ``shapley``: the method, the estimator, the game's data and store."""
+    p.add_argument("--remove", type=int, default=None, metavar="N", help="number of layers to remove")
+    p.add_argument("--ratio", type=float, default=None, metavar="R",
+                   help="fraction of layers to remove, 0 < R < 1 (N = round(R·L))")
+    p.add_argument("--method", default="shapley",
+                   help="layer-selection method from shapprune.methods.METHODS (default: shapley)")
+    p.add_argument("--estimator", choices=ESTIMATOR_CHOICES, default=None,
+                   help="Shapley estimator (default: surrogate, the paper's two-stage method)")
+    p.add_argument("--surrogate", choices=("mlp", "quadratic"), default=None,
+                   help="surrogate for --estimator surrogate (default mlp) or exact (enumerate the surrogate)")
+    p.add_argument("--budget", type=positive_int, default=None,
+                   help="real mask evaluations (default: 100; exact: 2^L)")
+    p.add_argument("--strata", type=int_list, default=None,
+                   help="counts of kept layers for Stage 1, e.g. 18,21,24 (default: 5 from L-2 to L-round(0.45L))")
+    add_data_args(p, data="wikitext2", seqlen=128, max_windows=10, batch_size=16)
+    p.add_argument("--store", default=None, metavar="PATH",
+                   help="SQLite evaluation store (default: $SHAPPRUNE_STORE or ~/.cache/shapprune/evaluations.sqlite)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_arguments(p) -> None:
     add_model_args(p)
     p.add_argument("--drop", default=None, help="0-based layers to remove, e.g. 3,7 (manual pruning)")
+    add_selection_args(p, require_target=True)
     p.add_argument("--out", default=None,
-                   help="output directory; must not exist or be empty (default: shapprune-out/<model>-<time>)")
+                   help="output directory; must not exist or be empty (default: shapprune-out/<model>-<method>-<time>)")
 
 
 def default_out(model: str, tag: str) -> Path:
@@ -24,14 +60,46 @@ def default_out(model: str, tag: str) -> Path:
     return Path("shapprune-out") / f"{safe}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_selection_args(args) -> None:
+    """Fail on bad option values before a model is loaded."""
+    from ..errors import UserError
+
+    if args.remove is not None and args.remove < 1:
+        raise UserError(f"--remove {args.remove}: remove at least 1 layer")
+    if args.ratio is not None and not 0 < args.ratio < 1:
+        raise UserError(f"--ratio {args.ratio} must be strictly between 0 and 1, e.g. --ratio 0.2")
+    if args.remove is not None and args.ratio is not None:
+        raise UserError("give either --remove N or --ratio R, not both")
+
+
+def selection_options(args) -> dict:
+    return {"estimator": args.estimator, "surrogate": args.surrogate, "strata": args.strata}
+
+
+def store_path(args) -> str:
+    from ..store import default_store_path
+
+    return str(args.store) if args.store else str(default_store_path())
+
+
 def run(args) -> int:
+    from ..errors import UserError
+
+    if args.drop is not None:
+        if args.remove is not None or args.ratio is not None:
+            raise UserError("--drop names the layers itself; leave out --remove/--ratio")
+        return run_manual(args)
+    if args.remove is None and args.ratio is None:
+        raise UserError("say how many layers to remove (--remove N or --ratio R), or which (--drop 3,7)")
+    return run_method(args)
+
+
+def run_manual(args) -> int:
     from ..errors import UserError
     from ..layers import find_layer_stack, parse_layer_list, remove_layers
     from ..output import atomic_dir, check_out_dir
     from ..save import save_checkpoint
 
-    if args.drop is None:
-        raise UserError("say which layers to remove: --drop 3,7")
     out = Path(args.out) if args.out else default_out(args.model, "manual")
     check_out_dir(out)
     model, tokenizer = load(args)
@@ -46,3 +114,46 @@ def run(args) -> int:
         save_checkpoint(model, tokenizer, tmp, meta)
     print(f"removed layers {drop} of {num_layers}; wrote {out}")
     return 0
+
+
+def run_method(args) -> int:
+    from ..layers import find_layer_stack, remove_layers
+    from ..output import atomic_dir, check_out_dir
+    from ..pipeline import choose_layers, layers_to_remove
+    from ..report import write_outputs
+    from ..save import save_checkpoint
+
+    t0 = time.time()
+    check_selection_args(args)
+    check_data_early(args)
+    out = Path(args.out) if args.out else default_out(args.model, args.method)
+    check_out_dir(out)
+    model, tokenizer = load(args)
+    num_layers = find_layer_stack(model).num_layers
+    n = layers_to_remove(num_layers, args.remove, args.ratio)
+    win = windows(args, tokenizer, model, split="calibration")
+    res = choose_layers(model, tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
+                        seed=args.seed, options=selection_options(args), store_path=store_path(args),
+                        batch_size=args.batch_size, progress=not args.no_progress)
+    record = res.record
+    remove_layers(model, record["removed"])
+    with atomic_dir(out) as tmp:
+        record["seconds"] = round(time.time() - t0, 3)
+        save_checkpoint(model, tokenizer, tmp, record)
+        write_outputs(tmp, record, (res.selection.extra or {}).get("info"))
+    print_summary(record)
+    print(f"wrote {out}")
+    return 0
+
+
+def print_summary(record: dict) -> None:
+    cp, ev = record["calibration_ppl"], record["evaluations"]
+    est = f" ({record['estimator']})" if record.get("estimator") else ""
+    if record.get("removed") is not None:
+        print(f"removed layers {record['removed']} of {record['num_layers']} by {record['method']}{est}")
+        print(f"calibration perplexity: full {cp['full']:.4f} -> pruned {cp['pruned']:.4f}")
+    sur = record.get("surrogate")
+    if sur:
+        r2 = sur["heldout_r2"]
+        print(f"surrogate {sur['kind']}: held-out R² {'n/a' if r2 is None else f'{r2:.4f}'}")
+    print(f"evaluations: {ev['new']} new, {ev['reused']} reused; {record['seconds']:.1f} s")

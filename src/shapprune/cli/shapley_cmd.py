@@ -1,0 +1,52 @@
+"""``shapprune shapley MODEL``: estimate per-layer values only (no checkpoint)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .common import add_model_args, check_data_early, load, windows
+from .prune_cmd import add_selection_args, check_selection_args, print_summary, selection_options, store_path
+
+HELP = "estimate per-layer Shapley values (and, with --remove N, which layers to remove) without saving a model"
+log = logging.getLogger("shapprune")
+
+
+def add_arguments(p) -> None:
+    add_model_args(p)
+    add_selection_args(p, require_target=False)
+    p.add_argument("--json", default=None, metavar="PATH", help="write the pruning.json record here")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="also write report.md, shapley.png and surrogate.png into this new directory")
+
+
+def run(args) -> int:
+    from ..layers import find_layer_stack
+    from ..output import atomic_dir, check_out_dir, write_json
+    from ..pipeline import choose_layers, layers_to_remove
+    from ..report import write_outputs
+
+    t0 = time.time()
+    check_selection_args(args)
+    check_data_early(args)
+    if args.report:
+        check_out_dir(args.report)
+    model, tokenizer = load(args)
+    num_layers = find_layer_stack(model).num_layers
+    n = layers_to_remove(num_layers, args.remove, args.ratio)
+    win = windows(args, tokenizer, model, split="calibration")
+    res = choose_layers(model, tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
+                        seed=args.seed, options=selection_options(args), store_path=store_path(args),
+                        batch_size=args.batch_size, progress=not args.no_progress)
+    record = res.record
+    record["seconds"] = round(time.time() - t0, 3)
+    if record.get("values"):
+        order = sorted(range(num_layers), key=lambda i: (record["values"][i], i))
+        print("layers from least to most important: " + ",".join(map(str, order)))
+    print_summary(record)
+    if args.json:
+        write_json(args.json, record)
+    if args.report:
+        with atomic_dir(args.report) as tmp:
+            write_outputs(tmp, record, (res.selection.extra or {}).get("info"))
+    return 0

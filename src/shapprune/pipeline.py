@@ -1,0 +1,96 @@
+"""Wiring for ``shapprune prune`` and ``shapprune shapley``: a game on calibration windows, a method from the
+registry, and the record that ``pruning.json`` holds. Typed arguments only; no maths here."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+from .game import ModelGame, PerplexityEvaluator
+from .methods import Selection, SelectionContext, select
+from .store import EvaluationStore
+
+log = logging.getLogger(__name__)
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"shapprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def layers_to_remove(num_layers: int, remove: int | None, ratio: float | None) -> int | None:
+    """``N`` from ``--remove N`` or ``--ratio R`` (``round(R·L)``), checked to be in ``1..L−1``."""
+    if remove is not None and ratio is not None:
+        raise UserError("give either --remove N or --ratio R, not both")
+    if ratio is not None:
+        if not 0 < ratio < 1:
+            raise UserError(f"--ratio {ratio} must be strictly between 0 and 1, e.g. --ratio 0.2")
+        remove = int(round(ratio * num_layers))
+        if remove < 1:
+            raise UserError(f"--ratio {ratio} of {num_layers} layers rounds to 0 layers; use a larger ratio")
+    if remove is not None and not 1 <= remove <= num_layers - 1:
+        raise UserError(f"--remove {remove}: this model has {num_layers} layers; remove between 1 and {num_layers - 1}")
+    return remove
+
+
+@dataclass
+class SelectionResult:
+    """A method's selection and the ``pruning.json`` record describing it."""
+
+    selection: Selection
+    record: dict
+    game: ModelGame
+
+
+def choose_layers(model, tokenizer, windows, *, source: str, method: str, remove: int | None,
+                  budget: int | None, seed: int, options: dict, store_path: str | None,
+                  batch_size: int = 16, progress: bool = True) -> SelectionResult:
+    """Run ``method`` on a game over ``windows`` and build the record (``removed``/``kept`` ``None`` when
+    ``remove`` is ``None``: values only)."""
+    t0 = time.time()
+    store = EvaluationStore(store_path)
+    game = ModelGame(model, PerplexityEvaluator(windows, batch_size=batch_size), store, progress=progress)
+    L = game.n_players
+    log.info("game over %d layers; full calibration perplexity %.4f", L, game.full_perplexity)
+    ctx = SelectionContext(model=model, tokenizer=tokenizer, windows=windows, game=game, seed=seed, budget=budget,
+                           batch_size=batch_size, options=dict(options, progress=progress))
+    sel = select(method, ctx, remove if remove is not None else 1)
+    removed = kept = pruned_ppl = None
+    if remove is not None:
+        removed = list(sel.removed)
+        kept = [i for i in range(L) if i not in set(removed)]
+        mask = np.zeros((1, L), dtype=bool)
+        mask[0, kept] = True
+        pruned_ppl = float(game.evaluate(mask, desc="pruned model")[0].perplexity)
+    desc = game.evaluator.describe()
+    extra = sel.extra or {}
+    record = {
+        "source": source,
+        "num_layers": L,
+        "removed": removed,
+        "kept": kept,
+        "method": method,
+        "estimator": extra.get("estimator"),
+        "values": sel.values,
+        "stderr": sel.stderr,
+        "calibration": {k: desc[k] for k in ("data", "seqlen", "windows", "tokens")},
+        "budget": extra.get("budget", budget),
+        "evaluations": game.counts(),
+        "surrogate": extra.get("surrogate"),
+        "calibration_ppl": {"full": float(game.full_perplexity), "pruned": pruned_ppl},
+        "seed": seed,
+        "versions": versions(),
+        "seconds": round(time.time() - t0, 3),
+    }
+    store.close()
+    return SelectionResult(sel, record, game)

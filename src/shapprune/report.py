@@ -1,0 +1,140 @@
+"""Human-readable evidence of a layer selection: ``report.md``, ``shapley.png`` and ``surrogate.png``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _fmt(x, digits: int = 4) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_values(path: str | os.PathLike, values: list[float], stderr: list | None, removed: list[int] | None,
+                title: str) -> Path:
+    """Per-layer values with error bars (±1.96 standard errors); removed layers in red."""
+    plt = _plt()
+    L = len(values)
+    removed = set(removed or [])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * L + 2), 3.6))
+    err = None
+    if stderr is not None:
+        err = [1.96 * (s if s is not None else 0.0) for s in stderr]
+    colors = ["#d62728" if i in removed else "#1f77b4" for i in range(L)]
+    ax.bar(range(L), values, yerr=err, color=colors, capsize=2, ecolor="black", linewidth=0)
+    ax.set_xlabel("layer (0-based)")
+    ax.set_ylabel("estimated value")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks(range(L))
+    ax.tick_params(axis="x", labelsize=6)
+    ax.axhline(0, color="gray", linewidth=0.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_surrogate(path: str | os.PathLike, measured: list[float], predicted: list[float], strata: list[int],
+                   title: str) -> Path:
+    """Held-out predicted against measured utility, one colour per stratum, with the diagonal."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ks = sorted(set(strata))
+    for k in ks:
+        xs = [m for m, s in zip(measured, strata, strict=True) if s == k]
+        ys = [p for p, s in zip(predicted, strata, strict=True) if s == k]
+        ax.scatter(xs, ys, s=14, label=f"{k} kept")
+    lo = min(measured + predicted) if measured else 0.0
+    hi = max(measured + predicted) if measured else 1.0
+    ax.plot([lo, hi], [lo, hi], color="gray", linewidth=0.8)
+    ax.set_xlabel("measured utility PPL(full)/PPL(mask)")
+    ax.set_ylabel("surrogate prediction")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_outputs(directory: str | os.PathLike, record: dict, info: dict | None) -> list[Path]:
+    """Write ``report.md``, ``shapley.png`` (when there are values) and ``surrogate.png`` (when there is a
+    surrogate with held-out points) into ``directory``."""
+    directory = Path(directory)
+    written = []
+    info = info or {}
+    values, stderr, removed = record.get("values"), record.get("stderr"), record.get("removed")
+    title = f"{record['source']}: {record['method']}" + (f" / {record['estimator']}" if record.get("estimator") else "")
+    if values:
+        written.append(plot_values(directory / "shapley.png", values, stderr, removed, title))
+    held = info.get("heldout") or {}
+    sur = record.get("surrogate")
+    has_sur_plot = bool(sur and held.get("measured"))
+    if has_sur_plot:
+        written.append(plot_surrogate(directory / "surrogate.png", held["measured"], held["predicted"],
+                                      held["strata"], f"{sur['kind']} surrogate, held-out masks"))
+    (directory / "report.md").write_text(render_report(record, info, has_sur_plot), encoding="utf-8")
+    written.append(directory / "report.md")
+    return written
+
+
+def render_report(record: dict, info: dict, has_sur_plot: bool) -> str:
+    """The Markdown report of one selection."""
+    r = record
+    lines = [f"# shapprune: {r['source']}", ""]
+    lines.append(f"- method: `{r['method']}`" + (f", estimator `{r['estimator']}`" if r.get("estimator") else ""))
+    if r.get("removed") is not None:
+        lines.append(f"- removed layers ({len(r['removed'])} of {r['num_layers']}): {r['removed']}")
+        lines.append(f"- kept layers: {r['kept']}")
+    c = r.get("calibration") or {}
+    lines.append(f"- calibration: {c.get('windows')} windows × {c.get('seqlen')} tokens of `{c.get('data')}` "
+                 f"({c.get('tokens')} predicted tokens)")
+    cp = r.get("calibration_ppl") or {}
+    lines.append(f"- calibration perplexity: full {_fmt(cp.get('full'))}, pruned {_fmt(cp.get('pruned'))}")
+    ev = r.get("evaluations") or {}
+    lines.append(f"- budget {r.get('budget')}; real evaluations: {ev.get('new')} new, {ev.get('reused')} reused "
+                 "from the store")
+    lines.append(f"- seed {r.get('seed')}; {_fmt(r.get('seconds'))} s")
+    if info.get("strata"):
+        lines.append(f"- strata (kept layers): {info['strata']}")
+    sur = r.get("surrogate")
+    lines.append("")
+    lines.append("## Surrogate")
+    lines.append("")
+    if sur:
+        lines.append(f"`{sur['kind']}`, on held-out masks (split stratified by stratum): R² {_fmt(sur['heldout_r2'])}, "
+                     f"Spearman {_fmt(sur['heldout_spearman'])}, Kendall τ {_fmt(sur['heldout_kendall'])}.")
+        lines.append("")
+        lines.append("![held-out predictions](surrogate.png)" if has_sur_plot else "(too few held-out masks to plot)")
+    else:
+        lines.append("No surrogate: this estimator used the real utility only (no `surrogate.png`).")
+    if info.get("stderr_note"):
+        lines += ["", f"Standard errors: {info['stderr_note']}."]
+    if r.get("values"):
+        lines += ["", "## Per-layer values", "", "![values](shapley.png)", "",
+                  "| layer | value | std. error | rank (1 = least important) | removed |",
+                  "|---:|---:|---:|---:|:---:|"]
+        order = sorted(range(len(r["values"])), key=lambda i: (r["values"][i], i))
+        rank = {i: k + 1 for k, i in enumerate(order)}
+        removed = set(r.get("removed") or [])
+        for i, v in enumerate(r["values"]):
+            se = r["stderr"][i] if r.get("stderr") else None
+            lines.append(f"| {i} | {v:.6g} | {_fmt(se)} | {rank[i]} | {'✗' if i in removed else ''} |")
+    lines.append("")
+    return "\n".join(lines)

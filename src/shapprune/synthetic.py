@@ -1,0 +1,77 @@
+"""Synthetic games with known Shapley values, for checking estimators.
+
+Each game is a callable on a boolean matrix of coalitions ``[B, L]`` returning ``[B]`` values (like
+:class:`shapprune.game.ModelGame`) with ``n_players``, the exact ``shapley_values`` and a ``calls`` counter
+of coalitions evaluated. All are sums of unanimity games ``u_T(S) = 1[T ⊆ S]`` weighted by Harsanyi
+dividends ``c_T``, for which ``φᵢ = Σ_{T ∋ i} c_T / |T|`` and ``Σφ = v(N) − v(∅)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class UnanimityGame:
+    """``v(S) = c_∅ + Σ_T c_T · 1[T ⊆ S]`` for a list of coalitions ``T`` (player index lists) and dividends."""
+
+    def __init__(self, n_players: int, coalitions: list[list[int]], dividends: list[float], constant: float = 0.0):
+        self.n_players = int(n_players)
+        self.coalitions = [sorted({int(i) for i in t}) for t in coalitions]
+        self.dividends = np.asarray(dividends, dtype=np.float64)
+        self.constant = float(constant)
+        self.calls = 0
+        if any(not t for t in self.coalitions):
+            raise ValueError("every unanimity coalition needs at least one player")
+        self._mat = np.zeros((len(self.coalitions), self.n_players), dtype=np.float64)
+        for r, t in enumerate(self.coalitions):
+            self._mat[r, t] = 1.0
+        self._sizes = self._mat.sum(1)
+
+    def __call__(self, coalitions: np.ndarray) -> np.ndarray:
+        m = np.asarray(coalitions, dtype=np.float64).reshape(-1, self.n_players)
+        self.calls += m.shape[0]
+        contained = (m @ self._mat.T) >= self._sizes[None, :] - 0.5
+        return self.constant + contained.astype(np.float64) @ self.dividends
+
+    @property
+    def shapley_values(self) -> np.ndarray:
+        return (self._mat * (self.dividends / self._sizes)[:, None]).sum(0)
+
+    @property
+    def value_full(self) -> float:
+        return float(self.constant + self.dividends.sum())
+
+    @property
+    def value_empty(self) -> float:
+        return self.constant
+
+
+def additive_game(n_players: int, rng: np.random.Generator, constant: float = 0.1) -> UnanimityGame:
+    """``v(S) = c + Σ_{i∈S} wᵢ``: ``φᵢ = wᵢ``."""
+    w = rng.normal(0.0, 1.0, n_players)
+    return UnanimityGame(n_players, [[i] for i in range(n_players)], w.tolist(), constant)
+
+
+def pairwise_game(n_players: int, rng: np.random.Generator, interaction: float = 0.5,
+                  constant: float = 0.1) -> UnanimityGame:
+    """Additive terms plus every pairwise interaction ``bᵢⱼ mᵢmⱼ``: ``φᵢ = wᵢ + ½ Σⱼ bᵢⱼ``."""
+    coal = [[i] for i in range(n_players)]
+    div = rng.normal(0.0, 1.0, n_players).tolist()
+    for i in range(n_players):
+        for j in range(i + 1, n_players):
+            coal.append([i, j])
+            div.append(float(rng.normal(0.0, interaction)))
+    return UnanimityGame(n_players, coal, div, constant)
+
+
+def higher_order_game(n_players: int, rng: np.random.Generator, terms: int = 20, max_order: int = 5,
+                      constant: float = 0.1) -> UnanimityGame:
+    """Additive terms plus ``terms`` unanimity games on random coalitions of 2..``max_order`` players."""
+    coal = [[i] for i in range(n_players)]
+    div = rng.normal(0.0, 1.0, n_players).tolist()
+    for _ in range(terms):
+        size = int(rng.integers(2, min(max_order, n_players) + 1))
+        coal.append(rng.choice(n_players, size=size, replace=False).tolist())
+        div.append(float(rng.normal(0.0, 1.0)))
+    return UnanimityGame(n_players, coal, div, constant)
+

