@@ -15,6 +15,7 @@ from .errors import UserError
 
 #: method name -> "module:function"
 METHODS: dict[str, str] = {
+    "search": "shapprune.search:select_search",
     "shapley": "shapprune.shapley:select_shapley",
     "shortgpt": "shapprune.baselines:select_shortgpt",
     "angular": "shapprune.baselines:select_angular",
