@@ -239,9 +239,9 @@ def fit_surrogate(kind: str, masks: np.ndarray, targets: np.ndarray, strata: np.
     else:
         sur = QuadraticSurrogate.fit(masks[train], targets[train], ridge=ridge)
     r2 = rho = tau = None
-    meas, pred = targets[held], np.zeros(0)
+    meas = targets[held]
+    pred = sur(masks[held]) if held.any() else np.zeros(0)
     if held.sum() >= 3:
-        pred = sur(masks[held])
         r2 = _finite(r2_score(meas, pred))
         rho = _finite(stats.spearmanr(meas, pred).statistic)
         tau = _finite(stats.kendalltau(meas, pred).statistic)
