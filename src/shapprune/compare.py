@@ -22,9 +22,14 @@ from .methods import METHODS, SelectionContext, select
 
 log = logging.getLogger(__name__)
 
-#: ``--methods all``: every registered method, the exhaustive optimum last (it may not fit the budget).
+#: ``--methods all`` runs cheap methods first, so partial results come early; the exhaustive optimum is last.
+ORDER = ("last", "random", "shortgpt", "angular", "taylor", "ppl", "sleb", "shapley", "search", "exhaustive")
+
+
 def all_methods() -> list[str]:
-    names = [m for m in METHODS if m != "exhaustive"]
+    """Every registered method, in :data:`ORDER` first, others after, ``exhaustive`` last."""
+    names = [m for m in ORDER if m in METHODS and m != "exhaustive"]
+    names += [m for m in METHODS if m not in names and m != "exhaustive"]
     return names + (["exhaustive"] if "exhaustive" in METHODS else [])
 
 
@@ -122,11 +127,11 @@ def run_comparison(model, tokenizer, calib_windows, calib_game: ModelGame, test_
     full = {"calib_ppl": calib_game.full_perplexity, "test_ppl": test_game.full_perplexity}
     if task_fn is not None:
         full["tasks"] = task_fn(list(range(num)))
-    t1 = table1_analysis(calib_game, test_game, budget) if table1 else None
+    t1 = table1_analysis(calib_game, test_game, (options or {}).get("exhaustive_budget")) if table1 else None
     return Comparison(rows, full, skipped, t1)
 
 
-def table1_analysis(calib_game: ModelGame, test_game: ModelGame, budget: int | None = None) -> dict:
+def table1_analysis(calib_game: ModelGame, test_game: ModelGame, exhaustive_budget: int | None = None) -> dict:
     """The paper's Table 1 for N=2: static single-layer choice, greedy recomputed choice, exhaustive optimum."""
     from .baselines import DEFAULT_EXHAUSTIVE_BUDGET, lowest, mask_without, sleb_path
 
@@ -136,7 +141,7 @@ def table1_analysis(calib_game: ModelGame, test_game: ModelGame, budget: int | N
     greedy = sorted(sleb_path(calib_game, 2)[0])
     out = {"static": static, "greedy": greedy}
     pairs = [(i, j) for i in range(num) for j in range(i + 1, num)]
-    if len(pairs) <= max(budget or 0, DEFAULT_EXHAUSTIVE_BUDGET):
+    if len(pairs) <= (exhaustive_budget or DEFAULT_EXHAUSTIVE_BUDGET):
         ppl = calib_game.perplexities(np.stack([mask_without(num, p) for p in pairs]))
         best = min(range(len(pairs)), key=lambda k: (ppl[k], pairs[k]))
         out["exhaustive"] = list(pairs[best])

@@ -21,7 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--eval-seqlen", type=positive_int, default=2048, help="test window length (default: 2048)")
     p.add_argument("--eval-max-windows", type=positive_int, default=None, help="test windows (default: all)")
     p.add_argument("--budget", type=positive_int, default=None,
-                   help="real evaluations for shapley (its default) and the cap for exhaustive (default 5000)")
+                   help="real evaluations for budgeted methods (shapley, search; default: each method's own)")
+    p.add_argument("--exhaustive-budget", type=positive_int, default=500,
+                   help="largest C(L, N) the exhaustive method may evaluate; larger N are skipped (default: 500)")
     p.add_argument("--estimator", default=None, help="shapley estimator (surrogate, permutation, exact, kernel)")
     p.add_argument("--surrogate", default=None, help="shapley surrogate (mlp, quadratic)")
     p.add_argument("--strata", default=None, help="shapley strata, e.g. 18,21,24")
@@ -70,7 +72,8 @@ def run(args) -> int:
         def task_fn(kept):
             return evaluate_tasks(model, tokenizer, names, args.task_dir, args.limit, args.batch_size, kept=kept)
 
-    options = {"estimator": args.estimator, "surrogate": args.surrogate, "strata": strata}
+    options = {"estimator": args.estimator, "surrogate": args.surrogate, "strata": strata,
+               "exhaustive_budget": args.exhaustive_budget}
     cmp = run_comparison(model, tokenizer, calib, calib_game, test_game, methods=methods, counts=counts,
                          seed=args.seed, budget=args.budget, options=options, batch_size=args.batch_size,
                          table1=not args.no_table1, task_fn=task_fn)
