@@ -45,8 +45,19 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | 
     return out
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def smaller_batch(exc: BaseException, batch_size: int) -> int:
+    """The batch size to retry with after ``exc``: half, on out-of-memory; anything else is re-raised."""
+    if not is_oom(exc) or batch_size == 1:
+        raise exc
+    batch_size = max(1, batch_size // 2)
+    log.warning("out of memory; retrying with batch size %d", batch_size)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return batch_size
 
 
 def sequence_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -75,12 +86,7 @@ def sequence_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                 target_mask = am[:, 1:] * am[:, :-1] if am is not None else None
                 sums = token_nll(logits[:, :-1], ids[:, 1:], target_mask)
             except (RuntimeError, torch.OutOfMemoryError) as exc:
-                if not _is_oom(exc) or bs == 1:
-                    raise
-                bs = max(1, bs // 2)
-                log.warning("out of memory; retrying with batch size %d", bs)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                bs = smaller_batch(exc, bs)
                 continue
             count = int(target_mask.sum()) if target_mask is not None else ids.shape[0] * (ids.shape[1] - 1)
             tokens += count

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .loading import model_device
+from .ppl import smaller_batch
 
 log = logging.getLogger(__name__)
 
@@ -270,10 +271,6 @@ def resolve_max_length(model, tokenizer) -> int:
 # ----------------------------------------------------------------------------------------------- scoring
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 def accepts_logits_to_keep(model) -> bool:
     """Whether ``model.forward`` can compute the LM head on the last positions only (most HF causal LMs)."""
     try:
@@ -334,12 +331,7 @@ def score_pairs(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], bat
             try:
                 logits = model(input_ids=batch.to(device), **kwargs).logits
             except (RuntimeError, torch.OutOfMemoryError) as exc:
-                if not _is_oom(exc) or bs == 1:
-                    raise
-                bs = max(1, bs // 2)
-                log.warning("out of memory; retrying with batch size %d", bs)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                bs = smaller_batch(exc, bs)
                 continue
             done = 0
             for r, inp in enumerate(chunk):
