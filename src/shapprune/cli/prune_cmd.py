@@ -26,7 +26,7 @@ def int_list(text: str) -> list[int]:
     return vals
 
 
-def add_selection_args(p, require_target: bool) -> None:
+def add_selection_args(p) -> None:
     """Options shared by ``prune`` and ``shapley``: the method, the estimator, the game's data and store."""
     p.add_argument("--remove", type=int, default=None, metavar="N", help="number of layers to remove")
     p.add_argument("--ratio", type=float, default=None, metavar="R",
@@ -50,7 +50,7 @@ def add_selection_args(p, require_target: bool) -> None:
 def add_arguments(p) -> None:
     add_model_args(p)
     p.add_argument("--drop", default=None, help="0-based layers to remove, e.g. 3,7 (manual pruning)")
-    add_selection_args(p, require_target=True)
+    add_selection_args(p)
     p.add_argument("--out", default=None,
                    help="output directory; must not exist or be empty (default: shapprune-out/<model>-<method>-<time>)")
 
