@@ -146,3 +146,15 @@ def test_smollm2_prune(tmp_path, monkeypatch, smollm2):
     assert rec["calibration_ppl"]["pruned"] > rec["calibration_ppl"]["full"]
     m = AutoModelForCausalLM.from_pretrained(out)
     assert m.config.num_hidden_layers == 24
+
+
+def test_layers_to_remove():
+    from shapprune.errors import UserError
+    from shapprune.pipeline import layers_to_remove
+
+    assert layers_to_remove(30, 6, None) == 6
+    assert layers_to_remove(30, None, 0.2) == 6
+    assert layers_to_remove(30, None, None) is None
+    for remove, ratio in [(30, None), (0, None), (None, 0.99), (None, 0.0), (3, 0.1)]:
+        with pytest.raises(UserError):
+            layers_to_remove(30, remove, ratio)
