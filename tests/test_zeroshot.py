@@ -539,3 +539,23 @@ def test_utility_cli_helpers(tok, task_dir):
     ev = utility_evaluator(args, tok, windows=None)
     assert ev.describe()["items"] == {"piqa": 1}
     assert p.parse_args([]).utility == "ppl"
+
+
+def test_shapley_with_task_utility(task_dir, tmp_path, capsys):
+    """`--utility task:...` scores the game's masks by the gold answers' log-likelihood instead of perplexity."""
+    from shapprune.cli import main
+    from tiny import save_tiny
+
+    ck = save_tiny(tmp_path / "ck", "llama")
+    text = tmp_path / "cal.txt"
+    text.write_text("calibration text is still needed by the window-based methods. " * 20)
+    out = tmp_path / "s.json"
+    code = main(["-q", "shapley", ck, "--utility", "task:piqa,boolq", "--task-dir", str(task_dir), "--data", str(text),
+                 "--seqlen", "32", "--max-windows", "2", "--estimator", "exact", "--store", str(tmp_path / "st.sqlite"),
+                 "--json", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    rec = json.loads(out.read_text())
+    assert rec["calibration"]["data"] == "task:piqa,boolq" and rec["calibration"]["tokens"] > 0
+    assert rec["evaluations"]["new"] == 2 ** 5 and len(rec["values"]) == 5
+    code = main(["-q", "shapley", ck, "--utility", "task:piqa", "--data", str(text), "--seqlen", "32"])
+    assert code == 2 and "needs --task-dir" in capsys.readouterr().err

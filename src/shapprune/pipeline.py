@@ -54,12 +54,14 @@ class SelectionResult:
 
 def choose_layers(model, tokenizer, windows, *, source: str, method: str, remove: int | None,
                   budget: int | None, seed: int, options: dict, store_path: str | None,
-                  batch_size: int = 16, progress: bool = True) -> SelectionResult:
+                  batch_size: int = 16, progress: bool = True, evaluator=None) -> SelectionResult:
     """Run ``method`` on a game over ``windows`` and build the record (``removed``/``kept`` ``None`` when
     ``remove`` is ``None``: values only)."""
     t0 = time.time()
     store = EvaluationStore(store_path)
-    game = ModelGame(model, PerplexityEvaluator(windows, batch_size=batch_size), store, progress=progress)
+    if evaluator is None:  # the paper's utility: calibration perplexity
+        evaluator = PerplexityEvaluator(windows, batch_size=batch_size)
+    game = ModelGame(model, evaluator, store, progress=progress)
     L = game.n_players
     log.info("game over %d layers; full calibration perplexity %.4f", L, game.full_perplexity)
     ctx = SelectionContext(model=model, tokenizer=tokenizer, windows=windows, game=game, seed=seed, budget=budget,
@@ -83,7 +85,7 @@ def choose_layers(model, tokenizer, windows, *, source: str, method: str, remove
         "estimator": extra.get("estimator"),
         "values": sel.values,
         "stderr": sel.stderr,
-        "calibration": {k: desc[k] for k in ("data", "seqlen", "windows", "tokens")},
+        "calibration": {k: desc.get(k) for k in ("data", "seqlen", "windows", "tokens")},
         "budget": extra.get("budget", budget),
         "evaluations": game.counts(),
         "surrogate": extra.get("surrogate"),

@@ -8,7 +8,16 @@ import logging
 import time
 from pathlib import Path
 
-from .common import add_data_args, add_model_args, check_data_early, load, positive_int, windows
+from .common import (
+    add_data_args,
+    add_model_args,
+    add_utility_args,
+    check_data_early,
+    load,
+    positive_int,
+    utility_evaluator,
+    windows,
+)
 
 HELP = "remove layers (chosen by --remove N/--ratio R, or given by --drop) and write a standard checkpoint"
 log = logging.getLogger("shapprune")
@@ -42,6 +51,7 @@ def add_selection_args(p) -> None:
     p.add_argument("--strata", type=int_list, default=None,
                    help="counts of kept layers for Stage 1, e.g. 18,21,24 (default: 5 from L-2 to L-round(0.45L))")
     add_data_args(p, data="wikitext2", seqlen=128, max_windows=10, batch_size=16)
+    add_utility_args(p)
     p.add_argument("--store", default=None, metavar="PATH",
                    help="SQLite evaluation store (default: $SHAPPRUNE_STORE or ~/.cache/shapprune/evaluations.sqlite)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -70,6 +80,13 @@ def check_selection_args(args) -> None:
         raise UserError(f"--ratio {args.ratio} must be strictly between 0 and 1, e.g. --ratio 0.2")
     if args.remove is not None and args.ratio is not None:
         raise UserError("give either --remove N or --ratio R, not both")
+    from ..zeroshot import load_tasks, parse_utility
+
+    kind, tasks = parse_utility(args.utility)
+    if kind == "task":
+        if not args.task_dir:
+            raise UserError(f"--utility {args.utility} needs --task-dir DIR holding the task files")
+        load_tasks(tasks, args.task_dir, args.task_limit)  # missing or malformed files fail here
 
 
 def selection_options(args) -> dict:
@@ -134,7 +151,8 @@ def run_method(args) -> int:
     win = windows(args, tokenizer, model, split="calibration")
     res = choose_layers(model, tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
                         seed=args.seed, options=selection_options(args), store_path=store_path(args),
-                        batch_size=args.batch_size, progress=not args.no_progress)
+                        batch_size=args.batch_size, progress=not args.no_progress,
+                        evaluator=utility_evaluator(args, tokenizer, win, args.batch_size))
     record = res.record
     remove_layers(model, record["removed"])
     with atomic_dir(out) as tmp:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .common import add_model_args, check_data_early, load, windows
+from .common import add_model_args, check_data_early, load, utility_evaluator, windows
 from .prune_cmd import add_selection_args, check_selection_args, print_summary, selection_options, store_path
 
 HELP = "estimate per-layer Shapley values (and, with --remove N, which layers to remove) without saving a model"
@@ -37,7 +37,8 @@ def run(args) -> int:
     win = windows(args, tokenizer, model, split="calibration")
     res = choose_layers(model, tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
                         seed=args.seed, options=selection_options(args), store_path=store_path(args),
-                        batch_size=args.batch_size, progress=not args.no_progress)
+                        batch_size=args.batch_size, progress=not args.no_progress,
+                        evaluator=utility_evaluator(args, tokenizer, win, args.batch_size))
     record = res.record
     record["seconds"] = round(time.time() - t0, 3)
     if record.get("values"):
