@@ -81,3 +81,23 @@ def test_swap_neighbours():
     nb = swap_neighbours(m)
     assert nb.shape == (6, 5) and (nb.sum(1) == 3).all()
     assert len({r.tobytes() for r in nb}) == 6 and not any((r == m).all() for r in nb)
+
+
+def test_prune_with_search_end_to_end(tmp_path, capsys):
+    import json
+
+    from shapprune.cli import main
+    from tiny import save_tiny
+
+    ck = save_tiny(tmp_path / "ck", "llama")
+    text = tmp_path / "cal.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    out = tmp_path / "out"
+    code = main(["-q", "prune", ck, "--remove", "2", "--method", "search", "--budget", "12", "--data", str(text),
+                 "--seqlen", "32", "--max-windows", "3", "--store", str(tmp_path / "s.sqlite"), "--out", str(out),
+                 "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    rec = json.loads((out / "pruning.json").read_text())
+    assert rec["method"] == "search" and rec["estimator"] == "search" and len(rec["removed"]) == 2
+    assert rec["evaluations"]["new"] <= 12 + 2  # budget, plus the full model and the pruned mask check
+    assert len(rec["values"]) == 5 and (out / "report.md").exists()
