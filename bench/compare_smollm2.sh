@@ -2,7 +2,8 @@
 # The comparison recorded in README ("Comparing methods"): every method, N = 3, 6, 9, 12, on SmolLM2-135M.
 # Calibration: WikiText-2 valid.tokens.txt, 10 windows x 128 tokens in order (the paper's scale).
 # Test: WikiText-2 test.raw.txt, 2048-token windows, the first 4 (8,188 predicted tokens; CPU-bound machine).
-# Budgets: 150 real evaluations for shapley and search (5·L); exhaustive where C(30, N) <= 500 (N = 2 in Table 1).
+# Budgets: 150 real evaluations for shapley; search its default (greedy path + 2·L); exhaustive where
+# C(30, N) <= 500 (N = 2 in Table 1).
 set -euo pipefail
 out=${1:-runs/compare-smollm2}
 shapprune compare smollm2-135m --remove 3,6,9,12 --methods all \

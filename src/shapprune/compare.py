@@ -93,19 +93,21 @@ def kept_mask(num: int, removed) -> np.ndarray:
 def run_comparison(model, tokenizer, calib_windows, calib_game: ModelGame, test_game: ModelGame, *,
                    methods: list[str], counts: list[int], seed: int = 0, budget: int | None = None,
                    options: dict | None = None, batch_size: int = 16, table1: bool = True,
-                   task_fn=None) -> Comparison:
+                   task_fn=None, budgets: dict | None = None) -> Comparison:
     """Run every method for every N; measure calibration and test perplexity of each selection.
 
     ``evaluations`` is the number of distinct masks a method asked the game for (its cost if run alone,
     whether or not the store already held them); ``seconds`` is the wall time spent choosing in this run.
-    ``task_fn(kept) -> dict`` adds zero-shot results per row when given.
+    ``task_fn(kept) -> dict`` adds zero-shot results per row when given. ``budgets`` overrides ``budget`` per
+    method (``None``: the method's own default).
     """
     num = calib_game.n_players
     rows, skipped = [], []
     for name in methods:
         for n in counts:
             ctx = SelectionContext(model=model, tokenizer=tokenizer, windows=calib_windows, game=calib_game,
-                                   seed=seed, budget=budget, batch_size=batch_size, options=dict(options or {}))
+                                   seed=seed, budget=(budgets or {}).get(name, budget), batch_size=batch_size,
+                                   options=dict(options or {}))
             before = calib_game.new + calib_game.reused
             t0 = time.perf_counter()
             try:

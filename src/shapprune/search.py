@@ -3,15 +3,14 @@
 The paper ranks layers by Shapley values averaged over strata far from the target size, so interactions
 among the layers actually removed are averaged away; SLEB's greedy recomputation sees them but cannot undo
 an early choice. ``search`` works on the question that is really asked — which mask with exactly ``L − N``
-kept layers has the lowest calibration perplexity — with the game's own tools:
+kept layers has the lowest calibration perplexity:
 
-1. Stage 1: stratified masks (:mod:`shapprune.sampling`) in the strata around the target ``k = L − N``.
-2. A quadratic surrogate of ``log s(m) = log PPL(full) − log PPL(m)`` (pairwise interactions included;
-   its Shapley values, in closed form, are reported as the per-layer evidence).
-3. Rounds: swap-move local search on the surrogate from many starts (millions of surrogate calls are
-   cheap), the best unseen masks of size ``k`` evaluated for real, the surrogate refit on everything seen.
-4. Refinement: swap neighbours of the best real mask, ordered by the surrogate, evaluated for real until
-   none improves or the budget is spent.
+1. the greedy path (SLEB's rounds), whose evaluations all lie near the target size;
+2. a quadratic surrogate of ``log s(m) = log PPL(full) − log PPL(m)`` fitted on every mask seen (pairwise
+   interactions included; its closed-form Shapley values are reported as the per-layer evidence), and one
+   round of swap-move descents on it from many starts, whose best unseen masks are evaluated for real;
+3. refinement: swap neighbours of the best real mask, best-predicted first, until a whole neighbourhood
+   has been evaluated without improvement or the budget (default: greedy path + ``2·L``) is spent.
 
 The answer is always a mask that was evaluated for real; the budget counts distinct real evaluations.
 """
@@ -23,19 +22,20 @@ import logging
 import numpy as np
 
 from .methods import Selection, SelectionContext
-from .sampling import stratified_masks
 from .store import mask_key
 from .surrogate import QuadraticSurrogate
 
 log = logging.getLogger(__name__)
 
 
-def default_search_budget(num_layers: int) -> int:
-    return 8 * num_layers
+def greedy_cost(num_layers: int, n: int) -> int:
+    """Evaluations of SLEB-style greedy rounds removing ``n`` of ``num_layers`` layers."""
+    return sum(num_layers - r for r in range(n))
 
 
-def target_strata(num_layers: int, keep: int, width: int = 2) -> list[int]:
-    return sorted({min(num_layers - 1, max(1, keep + d)) for d in range(-width, width + 1)})
+def default_search_budget(num_layers: int, n: int) -> int:
+    """The greedy path plus ``2·L`` evaluations for the search around it."""
+    return greedy_cost(num_layers, n) + 2 * num_layers
 
 
 def swap_neighbours(mask: np.ndarray) -> np.ndarray:
@@ -88,23 +88,36 @@ def propose(f, num_layers: int, keep: int, seen: set[str], starts: np.ndarray, c
 
 def search_masks(game, n: int, budget: int, rng: np.random.Generator, ridge: float = 1e-3,
                  restarts: int = 48) -> dict:
-    """Run the search on ``game`` (a :class:`~shapprune.game.ModelGame`); returns the best mask and evidence."""
+    """Run the search on ``game`` (a :class:`~shapprune.game.ModelGame`); returns the best mask and evidence.
+
+    1. Greedy path: ``n`` rounds, each evaluating every single further removal (SLEB's rounds; they also give
+       the surrogate its training data, all near the target size).
+    2. A quadratic surrogate of ``log s(m)`` on every mask seen; one round of swap-move descents on it from
+       many starts proposes the best unseen masks of the target size, evaluated for real.
+    3. Refinement: swap neighbours of the best real mask, best-predicted first, until a whole neighbourhood
+       has been evaluated without improvement (a true local optimum) or the budget is spent; the surrogate is
+       refit after each batch.
+    """
     L = game.n_players
     keep = L - n
+    if budget < greedy_cost(L, n):
+        from .errors import UserError
+
+        raise UserError(f"search needs a budget of at least {greedy_cost(L, n)} evaluations to remove {n} of {L} "
+                        f"layers (its greedy path); the default is {default_search_budget(L, n)}")
     full = game.full_perplexity
     seen: dict[str, float] = {}  # mask key -> log utility
     X: list[np.ndarray] = []
 
-    def measure(masks: np.ndarray) -> None:
+    def measure(masks: np.ndarray) -> np.ndarray:
         masks = np.asarray(masks, dtype=bool)
-        if len(masks) == 0:
-            return
         ppl = game.perplexities(masks)
         for m, p in zip(masks, ppl, strict=True):
             k = mask_key(m)
             if k not in seen:
                 seen[k] = float(np.log(full) - np.log(p))
                 X.append(m)
+        return np.array([seen[mask_key(m)] for m in masks])
 
     def fit() -> QuadraticSurrogate:
         y = np.array([seen[mask_key(m)] for m in X])
@@ -114,37 +127,39 @@ def search_masks(game, n: int, budget: int, rng: np.random.Generator, ridge: flo
         size_k = [m for m in X if int(m.sum()) == keep]
         return max(size_k, key=lambda m: (seen[mask_key(m)], mask_key(m)))
 
-    stage1 = max(len(target_strata(L, keep)), int(0.4 * budget))
-    sample = stratified_masks(L, stage1, rng, strata=target_strata(L, keep))
-    measure(sample.masks)
-    rounds = 0
-    refine_reserve = int(0.25 * budget)
+    # 1. greedy path
+    cur = np.ones(L, dtype=bool)
+    for _ in range(n):
+        cands = np.repeat(cur[None], int(cur.sum()), axis=0)
+        on = np.flatnonzero(cur)
+        cands[np.arange(len(on)), on] = False
+        u = measure(cands)
+        cur = cands[int(np.argmax(u))]
     per_round = max(4, L // 3)
-    while len(seen) < budget - refine_reserve:
-        f = fit()
-        phi = f.shapley_values()
-        ranked = np.ones(L, dtype=bool)
-        ranked[np.argsort(phi, kind="stable")[:n]] = False  # the surrogate's own Shapley ranking
-        starts = np.concatenate([ranked[None], random_masks(restarts, L, keep, rng)]
-                                + ([best_real()[None]] if any(int(m.sum()) == keep for m in X) else []))
-        cands = propose(f, L, keep, set(seen), starts, min(per_round, budget - refine_reserve - len(seen)))
-        if len(cands) == 0:
-            break
+    # 2. one round of surrogate proposals away from the greedy path
+    f = fit()
+    ranked = np.ones(L, dtype=bool)
+    ranked[np.argsort(f.shapley_values(), kind="stable")[:n]] = False
+    starts = np.concatenate([ranked[None], best_real()[None], random_masks(restarts, L, keep, rng)])
+    cands = propose(f, L, keep, set(seen), starts, min(per_round, budget - len(seen)))
+    if len(cands):
         measure(cands)
-        rounds += 1
-    improved = True
-    while improved and len(seen) < budget:
-        improved = False
+    # 3. refinement around the best real mask
+    rounds = 0
+    while len(seen) < budget:
         best = best_real()
-        f = fit()
+        before = seen[mask_key(best)]
         nb = [m for m in swap_neighbours(best) if mask_key(m) not in seen]
         if not nb:
-            break
+            break  # every neighbour evaluated, none better: a local optimum of the real utility
+        f = fit()
         nb = np.stack(nb)
         nb = nb[np.argsort(-f(nb), kind="stable")[: min(per_round, budget - len(seen))]]
-        before = seen[mask_key(best)]
         measure(nb)
-        improved = max(seen[mask_key(m)] for m in nb) > before
+        rounds += 1
+        if seen[mask_key(best_real())] > before:
+            log.debug("search: round %d improved log utility %.4f -> %.4f", rounds, before,
+                      seen[mask_key(best_real())])
     best = best_real()
     f = fit()
     return {"mask": best, "log_utility": seen[mask_key(best)], "evaluations": len(seen), "rounds": rounds,
@@ -154,7 +169,7 @@ def search_masks(game, n: int, budget: int, rng: np.random.Generator, ridge: flo
 def select_search(ctx: SelectionContext, n: int) -> Selection:
     """``search``: shapprune's surrogate-guided search (see the module docstring)."""
     L = ctx.game.n_players
-    budget = int(ctx.budget or default_search_budget(L))
+    budget = int(ctx.budget or default_search_budget(L, n))
     rng = np.random.default_rng(ctx.seed)
     res = search_masks(ctx.game, n, budget, rng)
     removed = [int(i) for i in np.flatnonzero(~res["mask"])]

@@ -21,7 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--eval-seqlen", type=positive_int, default=2048, help="test window length (default: 2048)")
     p.add_argument("--eval-max-windows", type=positive_int, default=None, help="test windows (default: all)")
     p.add_argument("--budget", type=positive_int, default=None,
-                   help="real evaluations for budgeted methods (shapley, search; default: each method's own)")
+                   help="real evaluations for shapley (default: its own, 100)")
+    p.add_argument("--search-budget", type=positive_int, default=None,
+                   help="real evaluations for search (default: its greedy path + 2·L)")
     p.add_argument("--exhaustive-budget", type=positive_int, default=500,
                    help="largest C(L, N) the exhaustive method may evaluate; larger N are skipped (default: 500)")
     p.add_argument("--estimator", default=None, help="shapley estimator (surrogate, permutation, exact, kernel)")
@@ -76,7 +78,7 @@ def run(args) -> int:
                "exhaustive_budget": args.exhaustive_budget}
     cmp = run_comparison(model, tokenizer, calib, calib_game, test_game, methods=methods, counts=counts,
                          seed=args.seed, budget=args.budget, options=options, batch_size=args.batch_size,
-                         table1=not args.no_table1, task_fn=task_fn)
+                         table1=not args.no_table1, task_fn=task_fn, budgets={"search": args.search_budget})
     header = {"model": args.model, "calibration": calib.describe(), "test": test.describe(),
               "store": str(store.path), "seed": args.seed, "seconds": round(time.time() - t0, 1)}
     with atomic_dir(out) as tmp:
