@@ -50,11 +50,9 @@ def tiny(monkeypatch, tmp_path):
     def load(args):
         return tiny_llama(len(tok)), tok
 
-    import shapprune.cli.prune_cmd as prune_cmd
-    import shapprune.cli.shapley_cmd as shapley_cmd
+    import shapprune.cli.prune_cmd as prune_cmd  # `shapley` loads through prune_cmd.choose_from_args too
 
     monkeypatch.setattr(prune_cmd, "load", load)
-    monkeypatch.setattr(shapley_cmd, "load", load)
     data = tmp_path / "text.txt"
     data.write_text(TEXT)
     monkeypatch.setenv("SHAPPRUNE_STORE", str(tmp_path / "store.sqlite"))

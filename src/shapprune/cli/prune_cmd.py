@@ -133,10 +133,24 @@ def run_manual(args) -> int:
     return 0
 
 
-def run_method(args) -> int:
-    from ..layers import find_layer_stack, remove_layers
-    from ..output import atomic_dir, check_out_dir
+def choose_from_args(args):
+    """Load the model, cut the calibration windows and run the selection: ``(model, tokenizer, result)``."""
+    from ..layers import find_layer_stack
     from ..pipeline import choose_layers, layers_to_remove
+
+    model, tokenizer = load(args)
+    n = layers_to_remove(find_layer_stack(model).num_layers, args.remove, args.ratio)
+    win = windows(args, tokenizer, model, split="calibration")
+    res = choose_layers(model, tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
+                        seed=args.seed, options=selection_options(args), store_path=store_path(args),
+                        batch_size=args.batch_size, progress=not args.no_progress,
+                        evaluator=utility_evaluator(args, tokenizer, win, args.batch_size))
+    return model, tokenizer, res
+
+
+def run_method(args) -> int:
+    from ..layers import remove_layers
+    from ..output import atomic_dir, check_out_dir
     from ..report import write_outputs
     from ..save import save_checkpoint
 
@@ -145,14 +159,7 @@ def run_method(args) -> int:
     check_data_early(args)
     out = Path(args.out) if args.out else default_out(args.model, args.method)
     check_out_dir(out)
-    model, tokenizer = load(args)
-    num_layers = find_layer_stack(model).num_layers
-    n = layers_to_remove(num_layers, args.remove, args.ratio)
-    win = windows(args, tokenizer, model, split="calibration")
-    res = choose_layers(model, tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
-                        seed=args.seed, options=selection_options(args), store_path=store_path(args),
-                        batch_size=args.batch_size, progress=not args.no_progress,
-                        evaluator=utility_evaluator(args, tokenizer, win, args.batch_size))
+    model, tokenizer, res = choose_from_args(args)
     record = res.record
     remove_layers(model, record["removed"])
     with atomic_dir(out) as tmp:

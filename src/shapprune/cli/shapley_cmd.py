@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-from .common import add_model_args, check_data_early, load, utility_evaluator, windows
-from .prune_cmd import add_selection_args, check_selection_args, print_summary, selection_options, store_path
+from .common import add_model_args, check_data_early
+from .prune_cmd import add_selection_args, check_selection_args, choose_from_args, print_summary
 
 HELP = "estimate per-layer Shapley values (and, with --remove N, which layers to remove) without saving a model"
 log = logging.getLogger("shapprune")
@@ -21,9 +21,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..layers import find_layer_stack
     from ..output import atomic_dir, check_out_dir, write_json
-    from ..pipeline import choose_layers, layers_to_remove
     from ..report import write_outputs
 
     t0 = time.time()
@@ -31,15 +29,9 @@ def run(args) -> int:
     check_data_early(args)
     if args.report:
         check_out_dir(args.report)
-    model, tokenizer = load(args)
-    num_layers = find_layer_stack(model).num_layers
-    n = layers_to_remove(num_layers, args.remove, args.ratio)
-    win = windows(args, tokenizer, model, split="calibration")
-    res = choose_layers(model, tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
-                        seed=args.seed, options=selection_options(args), store_path=store_path(args),
-                        batch_size=args.batch_size, progress=not args.no_progress,
-                        evaluator=utility_evaluator(args, tokenizer, win, args.batch_size))
+    _, _, res = choose_from_args(args)
     record = res.record
+    num_layers = record["num_layers"]
     record["seconds"] = round(time.time() - t0, 3)
     if record.get("values"):
         order = sorted(range(num_layers), key=lambda i: (record["values"][i], i))
