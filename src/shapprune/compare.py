@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .baselines import mask_without
 from .errors import UserError
 from .game import ModelGame
 from .methods import METHODS, SelectionContext, select
@@ -84,12 +85,6 @@ class Comparison:
     table1: dict | None = None
 
 
-def kept_mask(num: int, removed) -> np.ndarray:
-    m = np.ones((1, num), dtype=bool)
-    m[0, list(removed)] = False
-    return m
-
-
 def run_comparison(model, tokenizer, calib_windows, calib_game: ModelGame, test_game: ModelGame, *,
                    methods: list[str], counts: list[int], seed: int = 0, budget: int | None = None,
                    options: dict | None = None, batch_size: int = 16, table1: bool = True,
@@ -118,7 +113,7 @@ def run_comparison(model, tokenizer, calib_windows, calib_game: ModelGame, test_
                 continue
             seconds = time.perf_counter() - t0
             asked = calib_game.new + calib_game.reused - before
-            mask = kept_mask(num, sel.removed)
+            mask = mask_without(num, sel.removed)[None]
             calib = float(calib_game.perplexities(mask)[0])
             test = float(test_game.perplexities(mask)[0])
             kept = [i for i in range(num) if i not in sel.removed]
@@ -135,7 +130,7 @@ def run_comparison(model, tokenizer, calib_windows, calib_game: ModelGame, test_
 
 def table1_analysis(calib_game: ModelGame, test_game: ModelGame, exhaustive_budget: int | None = None) -> dict:
     """The paper's Table 1 for N=2: static single-layer choice, greedy recomputed choice, exhaustive optimum."""
-    from .baselines import DEFAULT_EXHAUSTIVE_BUDGET, lowest, mask_without, sleb_path
+    from .baselines import DEFAULT_EXHAUSTIVE_BUDGET, lowest, sleb_path
 
     num = calib_game.n_players
     singles = calib_game.perplexities(np.stack([mask_without(num, [i]) for i in range(num)]))
@@ -154,7 +149,7 @@ def table1_analysis(calib_game: ModelGame, test_game: ModelGame, exhaustive_budg
     result = {}
     for key in ("static", "greedy", "exhaustive"):
         if key in out:
-            mask = kept_mask(num, out[key])
+            mask = mask_without(num, out[key])[None]
             result[key] = {"removed": out[key], "calib_ppl": float(calib_game.perplexities(mask)[0]),
                            "test_ppl": float(test_game.perplexities(mask)[0])}
     for key in ("rank_of_static", "rank_of_greedy", "pairs"):

@@ -10,6 +10,7 @@ import logging
 
 import numpy as np
 
+from .baselines import lowest
 from .errors import UserError
 from .estimators import ESTIMATORS, estimate
 from .methods import Selection, SelectionContext
@@ -28,11 +29,6 @@ def default_budget(estimator: str, num_layers: int, surrogate: str | None = None
     if estimator == "permutation":
         return max(DEFAULT_BUDGET, 2 * (2 * num_layers + 2))
     return DEFAULT_BUDGET
-
-
-def lowest(values: np.ndarray, n: int) -> list[int]:
-    """Indices of the ``n`` lowest values (ties broken by lower index)."""
-    return sorted(int(i) for i in np.argsort(np.asarray(values), kind="stable")[:n])
 
 
 def select_shapley(ctx: SelectionContext, n: int) -> Selection:

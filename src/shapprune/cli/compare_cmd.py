@@ -63,7 +63,6 @@ def run(args) -> int:
     calib = windows(args, tokenizer, model, split="calibration")
     test = make_windows(tokenizer, args.eval_data, args.eval_seqlen, max_windows=args.eval_max_windows,
                         split="evaluation", bos=args.bos, model=model)
-    counts = parse_counts(args.remove, None)
     store = EvaluationStore(args.store or default_store_path())
     calib_game = ModelGame(model, PerplexityEvaluator(calib, args.batch_size), store)
     counts = parse_counts(args.remove, calib_game.n_players)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -114,7 +113,3 @@ def format_table(result: dict) -> str:
              for row in rows]
     lines.append(f"mean of headline metrics: {_fmt(result['mean'])} (removed {result['removed'] or 'none'})")
     return "\n".join(lines)
-
-
-def dump(result: dict) -> str:
-    return json.dumps(result, indent=2)
