@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class UnsupportedArchitecture(UserError):
     """The model's ``config.model_type`` has no entry in :data:`shapprune.archs.ARCHITECTURES`."""
+
+
+class OutOfMemory(UserError):
+    """Out of memory even at one window per batch; the message names the options that reduce memory."""

@@ -79,11 +79,14 @@ _DTYPES = {
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto`` (or None) is bf16 on CUDA and fp32 elsewhere."""
+    """``auto`` (or None) is bf16 where the hardware computes it natively (CUDA; CPUs with AMX or AVX512-BF16)
+    and fp32 elsewhere (:func:`shapprune.engine.hardware.auto_dtype`)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "", "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        from .engine.hardware import auto_dtype
+
+        return auto_dtype(device)
     if dtype not in _DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     return _DTYPES[dtype]
@@ -101,7 +104,7 @@ def load_model(
     Args:
         spec: hub id, local checkpoint directory, path to a ``.gguf`` file, or an alias from :data:`ALIASES`.
         device: ``cpu``, ``cuda``, ``cuda:N``…; default CUDA when available.
-        dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
+        dtype: ``auto`` (bf16 where the hardware has it, else fp32), ``float32``, ``bfloat16`` or ``float16``.
         device_map: ``"auto"`` spreads a large model over all visible GPUs (accelerate); overrides ``device``.
         trust_remote_code: run code shipped with a hub model; off unless asked for.
     """
@@ -113,6 +116,15 @@ def load_model(
     kwargs = {"trust_remote_code": trust_remote_code}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
+    model_kwargs = dict(kwargs)
+    if src.gguf_file:
+        # Unpacked into plain Linear weights of the asked dtype: no packed weights cast at every matmul.
+        try:
+            from transformers import GgufConfig
+        except ImportError:  # older transformers always dequantize
+            GgufConfig = None
+        if GgufConfig is not None:
+            model_kwargs["quantization_config"] = GgufConfig(dequantize=True)
     log.info("loading %s (%s, %s)", src.name or spec, torch_dtype, device_map or dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.location, **kwargs)
@@ -120,7 +132,7 @@ def load_model(
             src.location,
             dtype=torch_dtype,
             device_map=device_map if device_map else None,
-            **kwargs,
+            **model_kwargs,
         )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

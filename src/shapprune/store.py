@@ -38,7 +38,13 @@ def mask_key(mask: Iterable[bool]) -> str:
 
 
 def model_fingerprint(model) -> str:
-    """A stable hash of a model's config, dtype, device type and weights (a strided sample of each tensor)."""
+    """A stable hash of a model's config, dtype, device type and weights.
+
+    Each tensor contributes its name, shape, dtype and a strided sample of at most 4,096 of its values, read
+    as raw bytes in its own dtype, and the float64 sum of all its values, accumulated by the reduction
+    itself: nothing larger than the sample is ever copied (a float64 copy of a 70B model's embedding alone
+    would be gigabytes).
+    """
     h = hashlib.sha256()
     cfg = model.config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype"):
@@ -50,11 +56,10 @@ def model_fingerprint(model) -> str:
         for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)
             step = max(1, flat.numel() // 4096)
-            sample = flat[::step][:4096].to("cpu", torch.float64)
-            h.update(name.encode())
-            h.update(str(tuple(p.shape)).encode())
-            h.update(sample.numpy().tobytes())
-            h.update(repr(float(p.detach().double().sum())).encode())
+            sample = flat[::step][:4096].contiguous().to("cpu")
+            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
+            h.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+            h.update(repr(float(torch.sum(p.detach(), dtype=torch.float64))).encode())
     return h.hexdigest()[:20]
 
 
