@@ -24,7 +24,7 @@ from .methods import METHODS, SelectionContext, select
 log = logging.getLogger(__name__)
 
 #: ``--methods all`` runs cheap methods first, so partial results come early; the exhaustive optimum is last.
-ORDER = ("last", "random", "shortgpt", "angular", "taylor", "ppl", "sleb", "shapley", "search", "exhaustive")
+ORDER = ("last", "random", "shortgpt", "angular", "taylor", "ppl", "sleb", "shapprune", "shapley", "search", "exhaustive")
 
 
 def all_methods() -> list[str]:

@@ -13,8 +13,12 @@ from typing import Any
 
 from .errors import UserError
 
+#: what ``prune --remove N`` uses when no ``--method`` is given
+DEFAULT_METHOD = "shapprune"
+
 #: method name -> "module:function"
 METHODS: dict[str, str] = {
+    "shapprune": "shapprune.multifidelity:select_shapprune",
     "search": "shapprune.search:select_search",
     "shapley": "shapprune.shapley:select_shapley",
     "shortgpt": "shapprune.baselines:select_shortgpt",

@@ -40,8 +40,9 @@ def add_selection_args(p) -> None:
     p.add_argument("--remove", type=int, default=None, metavar="N", help="number of layers to remove")
     p.add_argument("--ratio", type=float, default=None, metavar="R",
                    help="fraction of layers to remove, 0 < R < 1 (N = round(R·L))")
-    p.add_argument("--method", default="shapley",
-                   help="layer-selection method from shapprune.methods.METHODS (default: shapley)")
+    p.add_argument("--method", default="shapprune",
+                   help="layer-selection method from shapprune.methods.METHODS (default: shapprune, the screened "
+                        "greedy path + surrogate-ranked swap search; shapley: the paper's Shapley ranking)")
     p.add_argument("--estimator", choices=ESTIMATOR_CHOICES, default=None,
                    help="Shapley estimator (default: surrogate, the paper's two-stage method)")
     p.add_argument("--surrogate", choices=("mlp", "quadratic"), default=None,

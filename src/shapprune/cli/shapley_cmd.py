@@ -15,6 +15,7 @@ log = logging.getLogger("shapprune")
 def add_arguments(p) -> None:
     add_model_args(p)
     add_selection_args(p)
+    p.set_defaults(method="shapley")  # this command is about the paper's values
     p.add_argument("--json", default=None, metavar="PATH", help="write the pruning.json record here")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="also write report.md, shapley.png and surrogate.png into this new directory")
