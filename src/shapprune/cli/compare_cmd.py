@@ -33,6 +33,7 @@ def add_arguments(p) -> None:
     p.add_argument("--task-dir", default=None, help="directory of local task files <name>.jsonl")
     p.add_argument("--limit", type=positive_int, default=None, help="first N items of each task")
     p.add_argument("--no-table1", action="store_true", help="skip the N=2 static/greedy/exhaustive analysis")
+    p.add_argument("--no-prefix-reuse", action="store_true", help="evaluate every mask from its first layer")
     p.add_argument("--store", default=None, metavar="PATH", help="SQLite evaluation store (default: shared cache)")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
 
@@ -64,7 +65,8 @@ def run(args) -> int:
     test = make_windows(tokenizer, args.eval_data, args.eval_seqlen, max_windows=args.eval_max_windows,
                         split="evaluation", bos=args.bos, model=model)
     store = EvaluationStore(args.store or default_store_path())
-    calib_game = ModelGame(model, PerplexityEvaluator(calib, args.batch_size), store)
+    calib_game = ModelGame(model, PerplexityEvaluator(calib, args.batch_size), store,
+                           reuse_prefix=not args.no_prefix_reuse)
     counts = parse_counts(args.remove, calib_game.n_players)
     test_game = ModelGame(model, PerplexityEvaluator(test, max(1, args.batch_size // 8)), store)
     if args.tasks:

@@ -56,6 +56,9 @@ def add_selection_args(p) -> None:
     p.add_argument("--store", default=None, metavar="PATH",
                    help="SQLite evaluation store (default: $SHAPPRUNE_STORE or ~/.cache/shapprune/evaluations.sqlite)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="evaluate every mask from its first layer (default: masks sharing their first layers "
+                        "reuse those layers' outputs; results are identical, only slower without)")
 
 
 def add_arguments(p) -> None:
@@ -145,6 +148,7 @@ def choose_from_args(args):
     res = choose_layers(model, tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
                         seed=args.seed, options=selection_options(args), store_path=store_path(args),
                         batch_size=args.batch_size, progress=not args.no_progress,
+                        reuse_prefix=not args.no_prefix_reuse,
                         evaluator=utility_evaluator(args, tokenizer, win, args.batch_size))
     return model, tokenizer, res
 
