@@ -27,8 +27,9 @@ def _plt():
 
 
 def plot_values(path: str | os.PathLike, values: list[float], stderr: list | None, removed: list[int] | None,
-                title: str) -> Path:
-    """Per-layer values with error bars (±1.96 standard errors); removed layers in red."""
+                title: str, note: str | None = None) -> Path:
+    """Per-layer values with error bars (±1.96 standard errors); removed layers in red; ``note`` under the
+    axis says what the error bars leave out."""
     plt = _plt()
     L = len(values)
     removed = set(removed or [])
@@ -44,7 +45,9 @@ def plot_values(path: str | os.PathLike, values: list[float], stderr: list | Non
     ax.set_xticks(range(L))
     ax.tick_params(axis="x", labelsize=6)
     ax.axhline(0, color="gray", linewidth=0.5)
-    fig.tight_layout()
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=6, color="#444444", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.05 if note else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
@@ -82,7 +85,11 @@ def write_outputs(directory: str | os.PathLike, record: dict, info: dict | None)
     values, stderr, removed = record.get("values"), record.get("stderr"), record.get("removed")
     title = f"{record['source']}: {record['method']}" + (f" / {record['estimator']}" if record.get("estimator") else "")
     if values:
-        written.append(plot_values(directory / "shapley.png", values, stderr, removed, title))
+        note = None
+        if stderr is not None and record.get("surrogate") and record.get("estimator") == "surrogate":
+            note = ("error bars: Monte Carlo error of Stage 2 only; the surrogate's own error is not included "
+                    f"(held-out R² {_fmt(record['surrogate'].get('heldout_r2'))})")
+        written.append(plot_values(directory / "shapley.png", values, stderr, removed, title, note))
     held = info.get("heldout") or {}
     sur = record.get("surrogate")
     has_sur_plot = bool(sur and held.get("measured"))
@@ -122,6 +129,8 @@ def render_report(record: dict, info: dict, has_sur_plot: bool) -> str:
                      f"Spearman {_fmt(sur['heldout_spearman'])}, Kendall τ {_fmt(sur['heldout_kendall'])}.")
         lines.append("")
         lines.append("![held-out predictions](surrogate.png)" if has_sur_plot else "(too few held-out masks to plot)")
+        if sur.get("warning"):
+            lines += ["", f"**Warning:** {sur['warning']}."]
     else:
         lines.append("No surrogate: this estimator used the real utility only (no `surrogate.png`).")
     if info.get("stderr_note"):

@@ -48,6 +48,10 @@ def select_shapley(ctx: SelectionContext, n: int) -> Selection:
         kwargs["surrogate"] = surrogate
     if opts.get("strata") is not None:
         kwargs["strata"] = [int(k) for k in opts["strata"]]
+    if opts.get("paper_recipe") and name == "surrogate":
+        from .surrogate import MLPConfig
+
+        kwargs["mlp"] = MLPConfig(min_steps_per_epoch=1, center=False)  # the published optimiser, exactly
     log.info("shapley: estimator %s%s, budget %d, seed %d", name,
              f" (surrogate {surrogate})" if surrogate else "", budget, ctx.seed)
     est = estimate(name, ctx.game, budget, rng, **kwargs)
@@ -60,4 +64,29 @@ def select_shapley(ctx: SelectionContext, n: int) -> Selection:
         "surrogate": est.info.get("surrogate"),
         "info": est.info,
     }
+    trust = surrogate_trust(extra["surrogate"], budget, L)
+    if trust is not None:
+        extra["surrogate"] = dict(extra["surrogate"] or {}, trusted=trust["trusted"], warning=trust["warning"])
+        if not trust["trusted"]:
+            log.warning(trust["warning"])
     return Selection(removed=lowest(values, n), values=[float(v) for v in values], stderr=stderr, extra=extra)
+
+
+#: below these held-out scores the surrogate's ranking of layers is mostly noise
+MIN_R2 = 0.8
+MIN_SPEARMAN = 0.8
+
+
+def surrogate_trust(metrics: dict | None, budget: int, num_layers: int) -> dict | None:
+    """Whether the surrogate's held-out fit is good enough for its values to be trusted, and if not, a plain
+    warning with the budget to try (the paper's 8,000 masks for 32 layers, scaled to ``num_layers``)."""
+    if not metrics or metrics.get("heldout_r2") is None:
+        return None
+    r2, rho = metrics["heldout_r2"], metrics.get("heldout_spearman")
+    trusted = r2 >= MIN_R2 and (rho is None or rho >= MIN_SPEARMAN)
+    need = max(2 * budget, int(round(8000 * num_layers / 32)))
+    warning = (f"the surrogate's held-out R² is {r2:.2f} and Spearman {rho if rho is None else round(rho, 2)} "
+               f"(trusted from {MIN_R2} and {MIN_SPEARMAN}): these Shapley values are mostly noise at budget "
+               f"{budget}; the paper used 8,000 masks for 32 layers, so try --budget {need}, or use the default "
+               "method (--method shapprune)")
+    return {"trusted": trusted, "warning": None if trusted else warning}

@@ -49,6 +49,9 @@ def add_selection_args(p) -> None:
                    help="surrogate for --estimator surrogate (default mlp) or exact (enumerate the surrogate)")
     p.add_argument("--budget", type=positive_int, default=None,
                    help="real mask evaluations (default: 100; exact: 2^L)")
+    p.add_argument("--paper-recipe", action="store_true",
+                   help="shapley: fit the MLP surrogate with the published optimiser exactly (0/1 masks, batch 300, "
+                        "300 epochs) instead of shapprune's adaptation for small samples")
     p.add_argument("--strata", type=int_list, default=None,
                    help="counts of kept layers for Stage 1, e.g. 18,21,24 (default: 5 from L-2 to L-round(0.45L))")
     add_data_args(p, data="wikitext2", seqlen=128, max_windows=10, batch_size=16)
@@ -94,7 +97,8 @@ def check_selection_args(args) -> None:
 
 
 def selection_options(args) -> dict:
-    return {"estimator": args.estimator, "surrogate": args.surrogate, "strata": args.strata}
+    return {"estimator": args.estimator, "surrogate": args.surrogate, "strata": args.strata,
+            "paper_recipe": args.paper_recipe}
 
 
 def store_path(args) -> str:
@@ -186,4 +190,6 @@ def print_summary(record: dict) -> None:
     if sur:
         r2 = sur["heldout_r2"]
         print(f"surrogate {sur['kind']}: held-out R² {'n/a' if r2 is None else f'{r2:.4f}'}")
+        if sur.get("warning"):
+            print(f"warning: {sur['warning']}")
     print(f"evaluations: {ev['new']} new, {ev['reused']} reused; {record['seconds']:.1f} s")
