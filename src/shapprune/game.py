@@ -74,14 +74,17 @@ class ModelGame:
     ``game(masks)`` returns utilities ``PPL(full) / PPL(mask)``; :meth:`evaluate` returns the raw records.
     ``new`` and ``reused`` count real evaluations performed and answers taken from the store.
 
-    Masks are evaluated in prefix-trie order, and the layer outputs of the last mask evaluated are kept
+    Missing masks are evaluated here (:meth:`evaluate_keys`) or, with ``backend``, by its ``evaluate(keys)``
+    (e.g. a pool of workers); the store on this side stays the single record of results. Masks are evaluated
+    in prefix-trie order, and the layer outputs of the last mask evaluated are kept
     between calls (``reuse_prefix``; at most ``max_prefix_bytes``, by default a quarter of the free memory),
     so a mask shares its prefix with the previous one even across calls.
     """
 
     def __init__(self, model, evaluator: Evaluator, store: EvaluationStore | None = None, progress: bool = True,
-                 reuse_prefix: bool = True, max_prefix_bytes: int | None = None):
+                 reuse_prefix: bool = True, max_prefix_bytes: int | None = None, backend=None):
         self.model = model
+        self.backend = backend  # None: evaluate here; else an object with evaluate(keys) -> [Evaluation]
         self.reuse_prefix = reuse_prefix
         self.evaluator = evaluator
         self.runner = Runner(model, batch_size=getattr(evaluator, "batch_size", 16))
@@ -110,9 +113,23 @@ class ModelGame:
         known = self.store.get_many(self.model_fp, self.data_fp, unique)
         missing = [k for k in unique if k not in known]
         self.reused += len(unique) - len(missing)
+        order = trie_order(missing)
+        if self.backend is not None and order:
+            results = self.backend.evaluate(order)  # a distributed backend: same records, computed elsewhere
+        else:
+            results = self.evaluate_keys(order, desc)
+        for ev in results:
+            self.store.put(self.model_fp, self.data_fp, ev)
+            known[ev.mask] = ev
+            self.new += 1
+            self.seconds += ev.seconds
+        return [known[k] for k in keys]
+
+    def evaluate_keys(self, keys: list[str], desc: str = "evaluating masks"):
+        """Evaluate mask keys here, in the order given (trie order shares the most), yielding each
+        :class:`Evaluation` as soon as it is done; nothing is read from or written to the store."""
         cache = self.runner.prefix
-        bar = tqdm(trie_order(missing), desc=desc, unit="mask", disable=not self.progress or len(missing) < 2,
-                   leave=False)
+        bar = tqdm(keys, desc=desc, unit="mask", disable=not self.progress or len(keys) < 2, leave=False)
         for key in bar:
             kept = [i for i, c in enumerate(key) if c == "1"]
             t0 = time.perf_counter()
@@ -125,12 +142,7 @@ class ModelGame:
                 else:
                     with cache.run(key, kept, live):
                         nll, tokens = self.evaluator.nll(self.runner)
-            ev = Evaluation(key, float(nll), int(tokens), _ppl(nll, tokens), time.perf_counter() - t0)
-            self.store.put(self.model_fp, self.data_fp, ev)
-            known[key] = ev
-            self.new += 1
-            self.seconds += ev.seconds
-        return [known[k] for k in keys]
+            yield Evaluation(key, float(nll), int(tokens), _ppl(nll, tokens), time.perf_counter() - t0)
 
     @property
     def layers_run(self) -> int:
