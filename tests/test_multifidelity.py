@@ -126,3 +126,34 @@ def test_default_method_prunes_a_tiny_model(tmp_path):
     assert extra["screen_windows"] == 2
     # the chosen set is at least as good on calibration as the greedy path it started from
     assert rec["calibration_ppl"]["pruned"] <= extra["greedy_ppl"] + 1e-9
+
+
+def test_surrogate_trust_warns_with_the_budget_to_try():
+    from shapprune.shapley import surrogate_trust
+
+    bad = surrogate_trust({"heldout_r2": 0.40, "heldout_spearman": 0.55}, 100, 30)
+    assert bad["trusted"] is False
+    assert "--budget 7500" in bad["warning"] and "0.40" in bad["warning"]
+    good = surrogate_trust({"heldout_r2": 0.93, "heldout_spearman": 0.9}, 400, 30)
+    assert good == {"trusted": True, "warning": None}
+    assert surrogate_trust({"heldout_r2": None}, 100, 30) is None
+
+
+def test_paper_recipe_flag_reaches_the_estimator(monkeypatch):
+    from types import SimpleNamespace
+
+    import shapprune.shapley as sh
+    from shapprune.estimators.base import ShapleyEstimate
+
+    seen = {}
+
+    def fake_estimate(name, game, budget, rng, **kwargs):
+        seen.update(kwargs, name=name)
+        return ShapleyEstimate(values=np.arange(5.0), stderr=None, evaluations=budget, info={})
+
+    monkeypatch.setattr(sh, "estimate", fake_estimate)
+    ctx = SimpleNamespace(options={"paper_recipe": True}, game=SimpleNamespace(n_players=5), budget=20, seed=0)
+    sel = sh.select_shapley(ctx, 2)
+    assert sel.removed == [0, 1]
+    cfg = seen["mlp"]
+    assert (cfg.min_steps_per_epoch, cfg.center, cfg.batch_size, cfg.epochs, cfg.lr) == (1, False, 300, 300, 0.008)
