@@ -144,3 +144,36 @@ def test_real_process_has_no_traceback(ckpt, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("shapprune eval: error: --drop: layer 99 is out of range")
+
+
+# ------------------------------------------------------------------------------------------- issue 10
+
+
+def test_outputs_follow_the_umask(ckpt, data, tmp_path, capsys):
+    """A pruned checkpoint and every JSON file are readable by others when the umask allows it."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "pruned"
+        assert run(["prune", ckpt, "--drop", "1", "--out", str(out)], capsys)[0] == 0
+        e = tmp_path / "e.json"
+        assert run(["eval", ckpt, "--data", data, "--seqlen", "32", "--max-windows", "1", "--json", str(e)],
+                   capsys)[0] == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "pruning.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((out / "config.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE(e.stat().st_mode) == 0o644
+
+
+def test_json_is_never_overwritten_without_force(ckpt, data, tmp_path, capsys):
+    mine = tmp_path / "mine.json"
+    mine.write_text("mine")
+    argv = ["eval", ckpt, "--data", data, "--seqlen", "32", "--max-windows", "1", "--json", str(mine)]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "--force" in err and mine.read_text() == "mine"
+    code, _, _ = run([*argv, "--force"], capsys)
+    assert code == 0 and json.loads(mine.read_text())["windows"] == 1

@@ -42,6 +42,28 @@ def add_data_args(p: argparse.ArgumentParser, data: str, seqlen: int, max_window
                    help=f"windows per forward pass; halves on out-of-memory (default: {batch_size})")
 
 
+def add_json_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """``--json PATH`` and ``--force``: an existing file is refused unless ``--force`` is given (every command)."""
+    p.add_argument("--json", default=None, metavar="PATH", help=f"{help}; an existing file is refused unless --force")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+
+
+def check_json_early(args) -> None:
+    """Refuse an existing ``--json`` file (without ``--force``) before any work starts."""
+    from ..output import check_new_file
+
+    if getattr(args, "json", None):
+        check_new_file(args.json, force=args.force)
+
+
+def write_json_arg(args, obj) -> None:
+    """Write ``--json`` (refusing a file that appeared meanwhile, unless ``--force``)."""
+    from ..output import write_json
+
+    if getattr(args, "json", None):
+        write_json(args.json, obj, force=args.force)
+
+
 def load(args):
     from ..loading import load_model
 
