@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -89,12 +91,29 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
+@contextlib.contextmanager
+def _gguf_progress(progress: bool):
+    """Silence transformers' GGUF dequantisation bar (it has no switch of its own) unless ``progress``."""
+    if progress:
+        yield
+        return
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def load_model(
     spec: str,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     device_map: str | None = None,
     trust_remote_code: bool = False,
+    progress: bool = True,
 ):
     """Load ``(model, tokenizer)`` in eval mode.
 
@@ -104,6 +123,7 @@ def load_model(
         dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
         device_map: ``"auto"`` spreads a large model over all visible GPUs (accelerate); overrides ``device``.
         trust_remote_code: run code shipped with a hub model; off unless asked for.
+        progress: show the GGUF dequantisation bar (transformers draws it unconditionally).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,12 +136,13 @@ def load_model(
     log.info("loading %s (%s, %s)", src.name or spec, torch_dtype, device_map or dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            src.location,
-            dtype=torch_dtype,
-            device_map=device_map if device_map else None,
-            **kwargs,
-        )
+        with _gguf_progress(progress):
+            model = AutoModelForCausalLM.from_pretrained(
+                src.location,
+                dtype=torch_dtype,
+                device_map=device_map if device_map else None,
+                **kwargs,
+            )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(

@@ -24,6 +24,17 @@ def _follow_umask(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def check_writable(path: Path, option: str) -> None:
+    """The nearest existing folder above ``path`` must be a folder this process may write to."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: no permission to write in {parent}; choose a path you may write to")
+
+
 def check_new_file(path: str | os.PathLike, force: bool = False, option: str = "--json") -> Path:
     """Refuse an existing file (unless ``force``) before any work starts; the same rule for every command."""
     p = Path(path).expanduser()
@@ -31,6 +42,7 @@ def check_new_file(path: str | os.PathLike, force: bool = False, option: str = "
         raise UserError(f"{option} {path} is a directory; give a file path")
     if p.exists() and not force:
         raise UserError(f"{option} {path} already exists; choose a new path or pass --force to overwrite it")
+    check_writable(p, option)
     return p
 
 
@@ -39,6 +51,7 @@ def check_out_dir(out: str | os.PathLike) -> Path:
     path = Path(out).expanduser()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; choose a new directory")
+    check_writable(path, "--out")
     return path
 
 

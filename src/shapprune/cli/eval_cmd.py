@@ -14,6 +14,7 @@ from .common import (
     drop_or_keep,
     load,
     positive_int,
+    show_progress,
     windows,
     write_json_arg,
 )
@@ -65,7 +66,8 @@ def run_ppl(args) -> int:
     win = windows(args, tokenizer, model, split="evaluation")
     t0 = time.time()
     with keep_layers(model, kept):
-        res = sequence_nll(model, win.input_ids, batch_size=args.batch_size or DEFAULT_BATCH["ppl"])
+        res = sequence_nll(model, win.input_ids, batch_size=args.batch_size or DEFAULT_BATCH["ppl"],
+                           progress=show_progress(args))
     result = {
         "model": args.model,
         "num_layers": stack.num_layers,
@@ -99,7 +101,8 @@ def run_tasks(args) -> int:
     kept = drop_or_keep(args, stack.num_layers)
     removed = [i for i in range(stack.num_layers) if i not in kept]
     res = evaluate_tasks(model, tokenizer, names, task_dir=args.task_dir, limit=args.limit,
-                         batch_size=args.batch_size or DEFAULT_BATCH["tasks"], kept=kept)
+                         batch_size=args.batch_size or DEFAULT_BATCH["tasks"], kept=kept,
+                         progress=show_progress(args))
     result = {"model": args.model, "removed": removed, "tasks": res["tasks"], "mean": res["mean"]}
     print(format_table(result))
     write_json_arg(args, result)

@@ -3,18 +3,21 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
 
 from .common import (
-    add_data_args,
+    FLAGS,
     add_model_args,
+    add_selection_args,
     add_utility_args,
     check_data_early,
+    check_selection_args,
+    given_options,
     load,
-    positive_int,
+    selection_options,
+    show_progress,
     utility_evaluator,
     windows,
 )
@@ -22,45 +25,22 @@ from .common import (
 HELP = "remove layers (chosen by --remove N/--ratio R, or given by --drop) and write a standard checkpoint"
 log = logging.getLogger("shapprune")
 
-ESTIMATOR_CHOICES = ("surrogate", "permutation", "exact", "kernel")
 
-
-def int_list(text: str) -> list[int]:
-    try:
-        vals = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 18,21,24, got {text!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("expected at least one integer, e.g. 18,21,24")
-    return vals
-
-
-def add_selection_args(p) -> None:
-    """Options shared by ``prune`` and ``shapley``: the method, the estimator, the game's data and store."""
+def add_choice_args(p) -> None:
+    """``prune`` and ``shapley``: how many layers, by which method, and the shared selection options."""
     p.add_argument("--remove", type=int, default=None, metavar="N", help="number of layers to remove")
     p.add_argument("--ratio", type=float, default=None, metavar="R",
                    help="fraction of layers to remove, 0 < R < 1 (N = round(R·L))")
     p.add_argument("--method", default="shapley",
                    help="layer-selection method from shapprune.methods.METHODS (default: shapley)")
-    p.add_argument("--estimator", choices=ESTIMATOR_CHOICES, default=None,
-                   help="Shapley estimator (default: surrogate, the paper's two-stage method)")
-    p.add_argument("--surrogate", choices=("mlp", "quadratic"), default=None,
-                   help="surrogate for --estimator surrogate (default mlp) or exact (enumerate the surrogate)")
-    p.add_argument("--budget", type=positive_int, default=None,
-                   help="real mask evaluations (default: 100; exact: 2^L)")
-    p.add_argument("--strata", type=int_list, default=None,
-                   help="counts of kept layers for Stage 1, e.g. 18,21,24 (default: 5 from L-2 to L-round(0.45L))")
-    add_data_args(p, data="wikitext2", seqlen=128, max_windows=10, batch_size=16)
+    add_selection_args(p)
     add_utility_args(p)
-    p.add_argument("--store", default=None, metavar="PATH",
-                   help="SQLite evaluation store (default: $SHAPPRUNE_STORE or ~/.cache/shapprune/evaluations.sqlite)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_arguments(p) -> None:
     add_model_args(p)
     p.add_argument("--drop", default=None, help="0-based layers to remove, e.g. 3,7 (manual pruning)")
-    add_selection_args(p)
+    add_choice_args(p)
     p.add_argument("--out", default=None,
                    help="output directory; must not exist or be empty (default: shapprune-out/<model>-<method>-<time>)")
 
@@ -70,10 +50,11 @@ def default_out(model: str, tag: str) -> Path:
     return Path("shapprune-out") / f"{safe}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_selection_args(args) -> None:
+def check_choice_args(args) -> None:
     """Fail on bad option values before a model is loaded."""
     from ..errors import UserError
 
+    check_selection_args(args, [args.method])
     if args.remove is not None and args.remove < 1:
         raise UserError(f"--remove {args.remove}: remove at least 1 layer")
     if args.ratio is not None and not 0 < args.ratio < 1:
@@ -89,10 +70,6 @@ def check_selection_args(args) -> None:
         load_tasks(tasks, args.task_dir, args.task_limit)  # missing or malformed files fail here
 
 
-def selection_options(args) -> dict:
-    return {"estimator": args.estimator, "surrogate": args.surrogate, "strata": args.strata}
-
-
 def store_path(args) -> str:
     from ..store import default_store_path
 
@@ -105,6 +82,9 @@ def run(args) -> int:
     if args.drop is not None:
         if args.remove is not None or args.ratio is not None:
             raise UserError("--drop names the layers itself; leave out --remove/--ratio")
+        ignored = [FLAGS[o] for o in given_options(args)] + (["--method"] if args.method != "shapley" else [])
+        if ignored:
+            raise UserError(f"--drop names the layers itself; {', '.join(ignored)} would be ignored, leave it out")
         return run_manual(args)
     if args.remove is None and args.ratio is None:
         raise UserError("say how many layers to remove (--remove N or --ratio R), or which (--drop 3,7)")
@@ -143,7 +123,7 @@ def choose_from_args(args):
     win = windows(args, tokenizer, model, split="calibration")
     res = choose_layers(model, tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
                         seed=args.seed, options=selection_options(args), store_path=store_path(args),
-                        batch_size=args.batch_size, progress=not args.no_progress,
+                        batch_size=args.batch_size, progress=show_progress(args),
                         evaluator=utility_evaluator(args, tokenizer, win, args.batch_size))
     return model, tokenizer, res
 
@@ -155,7 +135,7 @@ def run_method(args) -> int:
     from ..save import save_checkpoint
 
     t0 = time.time()
-    check_selection_args(args)
+    check_choice_args(args)
     check_data_early(args)
     out = Path(args.out) if args.out else default_out(args.model, args.method)
     check_out_dir(out)

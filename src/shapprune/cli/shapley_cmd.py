@@ -6,7 +6,7 @@ import logging
 import time
 
 from .common import add_json_arg, add_model_args, check_data_early, check_json_early, write_json_arg
-from .prune_cmd import add_selection_args, check_selection_args, choose_from_args, print_summary
+from .prune_cmd import add_choice_args, check_choice_args, choose_from_args, print_summary
 
 HELP = "estimate per-layer Shapley values (and, with --remove N, which layers to remove) without saving a model"
 log = logging.getLogger("shapprune")
@@ -14,7 +14,7 @@ log = logging.getLogger("shapprune")
 
 def add_arguments(p) -> None:
     add_model_args(p)
-    add_selection_args(p)
+    add_choice_args(p)
     add_json_arg(p, "write the pruning.json record here")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="also write report.md, shapley.png and surrogate.png into this new directory")
@@ -25,7 +25,7 @@ def run(args) -> int:
     from ..report import write_outputs
 
     t0 = time.time()
-    check_selection_args(args)
+    check_choice_args(args)
     check_data_early(args)
     check_json_early(args)
     if args.report:
