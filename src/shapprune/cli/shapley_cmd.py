@@ -17,7 +17,8 @@ def add_arguments(p) -> None:
     add_choice_args(p)
     add_json_arg(p, "write the pruning.json record here")
     p.add_argument("--report", default=None, metavar="DIR",
-                   help="also write report.md, shapley.png and surrogate.png into this new directory")
+                   help="also write report.md, the per-layer value plot (shapley.png for shapley) and surrogate.png "
+                        "into this new directory")
 
 
 def run(args) -> int:
