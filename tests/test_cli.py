@@ -57,7 +57,9 @@ def test_prune_manual_round_trip(ckpt, data, tmp_path, capsys):
     code, _, _ = run(["prune", ckpt, "--drop", "1,3", "--out", str(out)], capsys)
     assert code == 0
     meta = json.loads((out / "pruning.json").read_text())
+    saved = meta.pop("saved")
     assert meta == {"source": ckpt, "num_layers": 5, "removed": [1, 3], "kept": [0, 2, 4], "method": "manual"}
+    assert saved["dtype"] == "float32" and saved["bytes"] == (out / "model.safetensors").stat().st_size
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
         p.name for p in out.iterdir()}
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -363,3 +365,24 @@ def test_gguf_bar_obeys_progress():
     with _gguf_progress(False):
         assert gguf_utils.tqdm(range(2)).disable
     assert gguf_utils.tqdm is original
+
+
+def test_saved_in_the_source_dtype(tmp_path, capsys):
+    """A bf16 source is saved in bf16 (not the fp32 it was computed in), unless --save-dtype says otherwise;
+    the summary reports the size (issue 10, item 11)."""
+    from safetensors import safe_open
+
+    from tiny import tiny_model, tiny_tokenizer
+
+    src = tmp_path / "bf16"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    for extra, dtype in (([], torch.bfloat16), (["--save-dtype", "float32"], torch.float32)):
+        out = tmp_path / f"out{len(extra)}"
+        code, text, _ = run(["prune", str(src), "--drop", "1", "--device", "cpu", "--out", str(out), *extra], capsys)
+        assert code == 0
+        with safe_open(out / "model.safetensors", "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype}
+        size = (out / "model.safetensors").stat().st_size
+        assert f"{size / 1e6:.1f} MB" in text and json.loads((out / "pruning.json").read_text())["saved"]["bytes"] == size
+        assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4

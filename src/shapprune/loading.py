@@ -107,6 +107,27 @@ def _gguf_progress(progress: bool):
         gguf_utils.tqdm = original
 
 
+def source_dtype(src: ModelSource, trust_remote_code: bool = False) -> torch.dtype | None:
+    """The dtype the source keeps its weights in (from its config), read before loading converts them.
+
+    A GGUF file or a quantised checkpoint has no float dtype of its own: bf16 then. ``None`` when unknown.
+    """
+    if src.gguf_file:
+        return torch.bfloat16
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(src.location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    if getattr(cfg, "quantization_config", None):
+        return torch.bfloat16
+    found = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(found, str):
+        found = getattr(torch, found, None)
+    return found if isinstance(found, torch.dtype) else None
+
+
 def load_model(
     spec: str,
     device: str | None = None,
@@ -134,6 +155,7 @@ def load_model(
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
     log.info("loading %s (%s, %s)", src.name or spec, torch_dtype, device_map or dev)
+    stored = source_dtype(src, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.location, **kwargs)
         with _gguf_progress(progress):
@@ -157,6 +179,7 @@ def load_model(
         model.hf_quantizer = None
         model.is_quantized = False
     model._shapprune_source = src.name or spec
+    model._shapprune_source_dtype = stored
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -41,6 +41,8 @@ def add_arguments(p) -> None:
     add_model_args(p)
     p.add_argument("--drop", default=None, help="0-based layers to remove, e.g. 3,7 (manual pruning)")
     add_choice_args(p)
+    p.add_argument("--save-dtype", choices=("source", "float32", "bfloat16", "float16"), default="source",
+                   help="dtype of the saved weights (default: the source's; bf16 for a GGUF or quantised source)")
     p.add_argument("--out", default=None,
                    help="output directory; must not exist or be empty (default: shapprune-out/<model>-<method>-<time>)")
 
@@ -95,7 +97,7 @@ def run_manual(args) -> int:
     from ..errors import UserError
     from ..layers import find_layer_stack, parse_layer_list, remove_layers
     from ..output import atomic_dir, check_out_dir
-    from ..save import save_checkpoint
+    from ..save import save_checkpoint, save_dtype
 
     out = Path(args.out) if args.out else default_out(args.model, "manual")
     check_out_dir(out)
@@ -108,8 +110,8 @@ def run_manual(args) -> int:
     kept = remove_layers(model, drop)
     meta = {"source": args.model, "num_layers": num_layers, "removed": drop, "kept": kept, "method": "manual"}
     with atomic_dir(out) as tmp:
-        save_checkpoint(model, tokenizer, tmp, meta)
-    print(f"removed layers {drop} of {num_layers}; wrote {out}")
+        save_checkpoint(model, tokenizer, tmp, meta, dtype=save_dtype(model, args.save_dtype))
+    print(f"removed layers {drop} of {num_layers}; {saved_line(meta)}; wrote {out}")
     return 0
 
 
@@ -132,7 +134,7 @@ def run_method(args) -> int:
     from ..layers import remove_layers
     from ..output import atomic_dir, check_out_dir
     from ..report import write_outputs
-    from ..save import save_checkpoint
+    from ..save import save_checkpoint, save_dtype
 
     t0 = time.time()
     check_choice_args(args)
@@ -144,7 +146,7 @@ def run_method(args) -> int:
     remove_layers(model, record["removed"])
     with atomic_dir(out) as tmp:
         record["seconds"] = round(time.time() - t0, 3)
-        save_checkpoint(model, tokenizer, tmp, record)
+        save_checkpoint(model, tokenizer, tmp, record, dtype=save_dtype(model, args.save_dtype))
         write_outputs(tmp, record, (res.selection.extra or {}).get("info"))
     print_summary(record)
     print(f"wrote {out}")
@@ -162,3 +164,10 @@ def print_summary(record: dict) -> None:
         r2 = sur["heldout_r2"]
         print(f"surrogate {sur['kind']}: held-out R² {'n/a' if r2 is None else f'{r2:.4f}'}")
     print(f"evaluations: {ev['new']} new, {ev['reused']} reused; {record['seconds']:.1f} s")
+    if record.get("saved"):
+        print(saved_line(record))
+
+
+def saved_line(record: dict) -> str:
+    saved = record["saved"]
+    return f"saved {saved['dtype']} weights, {saved['bytes'] / 1e6:.1f} MB"
