@@ -386,3 +386,23 @@ def test_saved_in_the_source_dtype(tmp_path, capsys):
         size = (out / "model.safetensors").stat().st_size
         assert f"{size / 1e6:.1f} MB" in text and json.loads((out / "pruning.json").read_text())["saved"]["bytes"] == size
         assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+
+
+def test_layers_reads_no_weights(ckpt, tmp_path, capsys, monkeypatch):
+    """`layers` builds the model on the meta device from its config (issue 10, item 5); it loads the weights
+    only when the config alone can't tell."""
+    import shapprune.loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(shapprune.loading, "load_model", no_loading)
+    code, out, _ = run(["layers", ckpt, "--json"], capsys)
+    assert code == 0 and json.loads(out)["num_layers"] == 5
+    monkeypatch.undo()
+    calls = []
+    real = shapprune.loading.load_model
+    monkeypatch.setattr(shapprune.loading, "load_skeleton", lambda *a, **k: None)
+    monkeypatch.setattr(shapprune.loading, "load_model", lambda *a, **k: calls.append(a) or real(*a, **k))
+    code, out, _ = run(["layers", ckpt, "--json"], capsys)
+    assert code == 0 and json.loads(out)["num_layers"] == 5 and calls

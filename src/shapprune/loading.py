@@ -128,6 +128,26 @@ def source_dtype(src: ModelSource, trust_remote_code: bool = False) -> torch.dty
     return found if isinstance(found, torch.dtype) else None
 
 
+def load_skeleton(spec: str, trust_remote_code: bool = False):
+    """The model built from its config on the meta device (no weights read or downloaded), or ``None`` when
+    the config alone can't build it (then load the model). Enough for the layer stack of a 70B model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = resolve_spec(spec)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    try:
+        config = AutoConfig.from_pretrained(src.location, **kwargs)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - any failure means: fall back to loading the weights
+        log.debug("no meta-device skeleton for %s (%s); loading the model", spec, exc)
+        return None
+    model._shapprune_source = src.name or spec
+    return model
+
+
 def load_model(
     spec: str,
     device: str | None = None,
