@@ -406,3 +406,42 @@ def test_layers_reads_no_weights(ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(shapprune.loading, "load_model", lambda *a, **k: calls.append(a) or real(*a, **k))
     code, out, _ = run(["layers", ckpt, "--json"], capsys)
     assert code == 0 and json.loads(out)["num_layers"] == 5 and calls
+
+
+def test_store_info_prune_clear(tmp_path, capsys):
+    """`shapprune store info|prune|clear` (issue 10, item 7)."""
+    import time as _time
+
+    from shapprune.store import Evaluation, EvaluationStore
+
+    path = tmp_path / "s.sqlite"
+    store = EvaluationStore(path)
+    for model, data, masks in (("aaaa1111", "d1", ["11", "10"]), ("aaaa1111", "d2", ["11"]), ("bbbb2222", "d1", ["11"])):
+        for m in masks:
+            store.put(model, data, Evaluation(m, 1.0, 10, 1.1, 0.1))
+    store.db.execute("UPDATE evaluations SET created = ? WHERE model = 'bbbb2222'", (_time.time() - 3 * 86400,))
+    store.db.commit()
+    store.close()
+    s = ["store", "--store", str(path)]
+    code, out, _ = run([*s, "info", "--json"], capsys)
+    info = json.loads(out)
+    assert code == 0 and info["evaluations"] == 4 and info["calibrations"] == 2 and info["bytes"] > 0
+    assert {m["model"]: (m["calibrations"], m["evaluations"]) for m in info["models"]} == {
+        "aaaa1111": (2, 3), "bbbb2222": (1, 1)}
+    code, out, _ = run([*s, "info"], capsys)
+    assert code == 0 and "4 evaluations of 2 models on 2 calibrations" in out and "model aaaa1111" in out
+    code, out, _ = run([*s, "prune", "--older-than", "2d"], capsys)
+    assert code == 0 and "deleted 1 evaluations" in out
+    code, out, _ = run([*s, "prune", "--model", "aaaa"], capsys)
+    assert code == 0 and "deleted 3 evaluations" in out
+    assert EvaluationStore(path).count() == 0
+    for argv, message in (([*s, "prune"], "--model FINGERPRINT and/or --older-than"),
+                          ([*s, "clear"], "add --yes"),
+                          ([*s, "prune", "--older-than", "soon"], "30d"),
+                          (["store", "--store", str(tmp_path / "none.sqlite"), "info"], "no evaluation store at")):
+        code, _, err = run(argv, capsys)
+        assert code == 2
+        assert_one_line(err, message)
+    assert not (tmp_path / "none.sqlite").exists()
+    code, out, _ = run([*s, "clear", "--yes"], capsys)
+    assert code == 0 and "deleted 0 evaluations" in out

@@ -200,5 +200,38 @@ class EvaluationStore:
             args = [model, data]
         return int(self.db.execute(q, args).fetchone()[0])
 
+    def summary(self) -> dict:
+        """What the store holds: size, evaluations, and per model its calibrations, evaluations and dates."""
+        with self.locked("reading the summary"):
+            total, first, last = self.db.execute("SELECT COUNT(*), MIN(created), MAX(created) FROM evaluations").fetchone()
+            models = [
+                {"model": m, "calibrations": int(c), "evaluations": int(n), "first": f, "last": lt}
+                for m, c, n, f, lt in self.db.execute(
+                    "SELECT model, COUNT(DISTINCT data), COUNT(*), MIN(created), MAX(created) FROM evaluations "
+                    "GROUP BY model ORDER BY MAX(created) DESC"
+                )
+            ]
+            calibrations = int(self.db.execute("SELECT COUNT(DISTINCT data) FROM evaluations").fetchone()[0])
+        size = self.path.stat().st_size if self.path is not None and self.path.exists() else 0
+        return {"path": str(self.path), "bytes": size, "evaluations": int(total), "models": models,
+                "calibrations": calibrations, "first": first, "last": last}
+
+    def delete(self, model: str | None = None, before: float | None = None) -> int:
+        """Delete the evaluations of models whose fingerprint starts with ``model`` and/or created before the
+        Unix time ``before`` (everything when both are ``None``); returns how many, and compacts the file."""
+        where, params = [], []
+        if model is not None:
+            where.append("substr(model, 1, ?) = ?")
+            params += [len(model), model]
+        if before is not None:
+            where.append("created < ?")
+            params.append(float(before))
+        q = "DELETE FROM evaluations" + (" WHERE " + " AND ".join(where) if where else "")
+        with self.locked("deleting evaluations"):
+            with self.db:
+                n = self.db.execute(q, params).rowcount
+            self.db.execute("VACUUM")
+        return int(n)
+
     def close(self) -> None:
         self.db.close()

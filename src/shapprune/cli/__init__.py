@@ -16,6 +16,7 @@ COMMANDS = {
     "prune": "shapprune.cli.prune_cmd",
     "shapley": "shapprune.cli.shapley_cmd",
     "compare": "shapprune.cli.compare_cmd",
+    "store": "shapprune.cli.store_cmd",
 }
 
 
