@@ -445,3 +445,15 @@ def test_store_info_prune_clear(tmp_path, capsys):
     assert not (tmp_path / "none.sqlite").exists()
     code, out, _ = run([*s, "clear", "--yes"], capsys)
     assert code == 0 and "deleted 0 evaluations" in out
+
+
+def test_unwritable_store_is_not_called_corrupt(tmp_path, monkeypatch):
+    import sqlite3
+
+    from shapprune.errors import UserError
+    from shapprune.store import EvaluationStore
+
+    real = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda path, timeout: real(f"file:{path}?mode=ro", uri=True, timeout=timeout))
+    with pytest.raises(UserError, match="cannot write the evaluation store"):
+        EvaluationStore(tmp_path / "s.sqlite")

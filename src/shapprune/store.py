@@ -111,6 +111,12 @@ class EvaluationStore:
                 self._check()
         except UserError:
             raise
+        except sqlite3.OperationalError as exc:
+            if "readonly" not in str(exc) and "unable to open" not in str(exc):
+                raise UserError(f"{self.path} is not a shapprune evaluation store (unreadable or corrupt); "
+                                "pass another --store path or delete that file") from None
+            raise UserError(f"cannot write the evaluation store {self.path} ({exc}); "
+                            "pass another --store PATH you may write to") from None
         except sqlite3.DatabaseError:
             raise UserError(
                 f"{self.path} is not a shapprune evaluation store (unreadable or corrupt); "
