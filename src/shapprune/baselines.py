@@ -186,12 +186,12 @@ def select_taylor(ctx: SelectionContext, n: int) -> Selection:
     return Selection(removed=lowest(scores, n), values=scores.tolist(), extra={"score": "sum |w * dL/dw|"})
 
 
-def sleb_path(game, n: int) -> tuple[list[int], list[float]]:
+def sleb_path(game, n: int, progress: bool = True) -> tuple[list[int], list[float]]:
     """SLEB's greedy rounds: each removes the layer whose removal, given those removed, gives the lowest PPL."""
     num = game.n_players
     removed: list[int] = []
     ppls: list[float] = []
-    for _ in tqdm(range(n), desc="SLEB rounds", leave=False):
+    for _ in tqdm(range(n), desc="SLEB rounds", leave=False, disable=not progress):
         candidates = [i for i in range(num) if i not in removed]
         masks = np.stack([mask_without(num, removed + [i]) for i in candidates])
         ppl = game.perplexities(masks)
@@ -202,7 +202,7 @@ def sleb_path(game, n: int) -> tuple[list[int], list[float]]:
 
 
 def select_sleb(ctx: SelectionContext, n: int) -> Selection:
-    order, ppls = sleb_path(ctx.game, n)
+    order, ppls = sleb_path(ctx.game, n, progress=ctx.options.get("progress", True))
     return Selection(removed=order, values=None, extra={"order": order, "ppl_after_round": ppls})
 
 

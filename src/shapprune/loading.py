@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -92,12 +94,70 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
+@contextlib.contextmanager
+def _gguf_progress(progress: bool):
+    """Silence transformers' GGUF dequantisation bar (it has no switch of its own) unless ``progress``."""
+    if progress:
+        yield
+        return
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def source_dtype(src: ModelSource, trust_remote_code: bool = False) -> torch.dtype | None:
+    """The dtype the source keeps its weights in (from its config), read before loading converts them.
+
+    A GGUF file or a quantised checkpoint has no float dtype of its own: bf16 then. ``None`` when unknown.
+    """
+    if src.gguf_file:
+        return torch.bfloat16
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(src.location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    if getattr(cfg, "quantization_config", None):
+        return torch.bfloat16
+    found = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(found, str):
+        found = getattr(torch, found, None)
+    return found if isinstance(found, torch.dtype) else None
+
+
+def load_skeleton(spec: str, trust_remote_code: bool = False):
+    """The model built from its config on the meta device (no weights read or downloaded), or ``None`` when
+    the config alone can't build it (then load the model). Enough for the layer stack of a 70B model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = resolve_spec(spec)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    try:
+        config = AutoConfig.from_pretrained(src.location, **kwargs)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - any failure means: fall back to loading the weights
+        log.debug("no meta-device skeleton for %s (%s); loading the model", spec, exc)
+        return None
+    model._shapprune_source = src.name or spec
+    return model
+
+
 def load_model(
     spec: str,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     device_map: str | None = None,
     trust_remote_code: bool = False,
+    progress: bool = True,
 ):
     """Load ``(model, tokenizer)`` in eval mode.
 
@@ -107,6 +167,7 @@ def load_model(
         dtype: ``auto`` (bf16 where the hardware has it, else fp32), ``float32``, ``bfloat16`` or ``float16``.
         device_map: ``"auto"`` spreads a large model over all visible GPUs (accelerate); overrides ``device``.
         trust_remote_code: run code shipped with a hub model; off unless asked for.
+        progress: show the GGUF dequantisation bar (transformers draws it unconditionally).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -126,14 +187,16 @@ def load_model(
         if GgufConfig is not None:
             model_kwargs["quantization_config"] = GgufConfig(dequantize=True)
     log.info("loading %s (%s, %s)", src.name or spec, torch_dtype, device_map or dev)
+    stored = source_dtype(src, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            src.location,
-            dtype=torch_dtype,
-            device_map=device_map if device_map else None,
-            **model_kwargs,
-        )
+        with _gguf_progress(progress):
+            model = AutoModelForCausalLM.from_pretrained(
+                src.location,
+                dtype=torch_dtype,
+                device_map=device_map if device_map else None,
+                **model_kwargs,
+            )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
@@ -148,6 +211,7 @@ def load_model(
         model.hf_quantizer = None
         model.is_quantized = False
     model._shapprune_source = src.name or spec
+    model._shapprune_source_dtype = stored
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

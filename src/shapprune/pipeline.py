@@ -12,7 +12,8 @@ import numpy as np
 
 from .errors import UserError
 from .game import ModelGame, PerplexityEvaluator
-from .methods import Selection, SelectionContext, select
+from .layers import find_layer_stack
+from .methods import Selection, SelectionContext, check_selection, select
 from .store import EvaluationStore
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def choose_layers(model, tokenizer, windows, *, source: str, method: str, remove
     """Run ``method`` on a game over ``windows`` and build the record (``removed``/``kept`` ``None`` when
     ``remove`` is ``None``: values only)."""
     t0 = time.time()
+    check_selection(method, find_layer_stack(model).num_layers, remove or 1, budget, options)  # before any evaluation
     store = EvaluationStore(store_path)
     if evaluator is None:  # the paper's utility: calibration perplexity
         evaluator = PerplexityEvaluator(windows, batch_size=batch_size)

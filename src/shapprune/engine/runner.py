@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..archs import ARCHITECTURES
-from ..errors import OutOfMemory
+from ..errors import OutOfMemory, is_out_of_memory
 from ..loading import model_device
 from .head import head_logits, head_nll, logits_nll
 from .prefix import PrefixCache
@@ -43,9 +43,7 @@ class NLL:
         return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
 
 
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+is_oom = is_out_of_memory
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -110,10 +108,7 @@ class Runner:
                         self.prefix.drop_records()
                     _free_accelerator_memory()
                     if bs == 1:
-                        raise OutOfMemory(
-                            f"out of memory on {self.device} with one window per batch; use shorter windows "
-                            "(--seqlen), --batch-size 1, --dtype bfloat16, or spread the model over devices "
-                            "(--device-map auto)") from None
+                        raise OutOfMemory(f"on {self.device}, {desc or 'forward pass'}") from None
                     bs = max(1, bs // 2)
                     if batch_size is None:
                         self.batch_size = bs
