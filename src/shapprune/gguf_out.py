@@ -16,6 +16,7 @@ Reading and writing go through the ``gguf`` package's ``GGUFReader``/``GGUFWrite
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import tempfile
@@ -283,6 +284,9 @@ def write_pruned_gguf(src: str | os.PathLike, dst: str | os.PathLike, removed: S
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     os.close(fd)
+    quiet = logging.getLogger("gguf")  # the writer logs its plan at INFO
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     writer = GGUFWriter(tmp, plan.arch, endianess=reader.endianess)
     try:
         # The writer pads tensor data to its own alignment: make it the file's (general.alignment, default 32).
@@ -311,6 +315,8 @@ def write_pruned_gguf(src: str | os.PathLike, dst: str | os.PathLike, removed: S
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    finally:
+        quiet.setLevel(level)
     src_bytes, dst_bytes = os.path.getsize(src), os.path.getsize(dst)
     return {
         "file": dst.name,
