@@ -48,6 +48,8 @@ ARCHITECTURES: dict[str, Arch] = {
     "opt": Arch("model.decoder.layers"),
     "gpt_neox": Arch("gpt_neox.layers"),
     "mamba": Arch("backbone.layers"),
+    # LFM2: convolution blocks and attention blocks, told apart by `layer_types` (subset with the layers).
+    "lfm2": Arch("model.layers"),
     # RWKV halves hidden states every `rescale_every` blocks (counted by position) and pre-divides the
     # weights to match; with blocks skipped or removed the positions change, so rescaling is switched off.
     # Block 0 also owns the LayerNorm applied to the embeddings (`pre_ln`).

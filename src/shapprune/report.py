@@ -125,6 +125,12 @@ def render_report(record: dict, info: dict, has_sur_plot: bool) -> str:
     if r.get("removed") is not None:
         lines.append(f"- removed layers ({len(r['removed'])} of {r['num_layers']}): {r['removed']}")
         lines.append(f"- kept layers: {r['kept']}")
+    g = r.get("gguf")
+    if g:
+        b = g["bytes"]
+        types = ", ".join(f"{k} ×{v}" for k, v in g["tensor_types"].items())
+        lines.append(f"- output: `{g['file']}` ({g['architecture']}, {g['block_count']['pruned']} blocks), "
+                     f"{b['pruned']:,} bytes = {100 * b['ratio']:.1f}% of the source's {b['source']:,}; tensors {types}")
     c = r.get("calibration") or {}
     lines.append(f"- calibration: {c.get('windows')} windows × {c.get('seqlen')} tokens of `{c.get('data')}` "
                  f"({c.get('tokens')} predicted tokens)")

@@ -46,6 +46,9 @@ def add_arguments(p) -> None:
                    help="dtype of the saved weights (default: the source's; bf16 for a GGUF or quantised source)")
     p.add_argument("--out", default=None,
                    help="output directory; must not exist or be empty (default: shapprune-out/<model>-<method>-<time>)")
+    p.add_argument("--out-format", choices=("hf", "gguf"), default="hf",
+                   help="hf: a transformers checkpoint (default); gguf: from a GGUF source, a GGUF (model.gguf) for "
+                        "llama.cpp/Ollama with the kept tensors in their original quantization")
 
 
 def default_out(model: str, tag: str) -> Path:
@@ -96,6 +99,9 @@ def run(args) -> int:
 
 def run_manual(args) -> int:
     from ..errors import UserError
+
+    if args.out_format == "gguf":
+        return run_manual_gguf(args)
     from ..layers import find_layer_stack, parse_layer_list, remove_layers
     from ..output import atomic_dir, check_out_dir
     from ..save import save_checkpoint, save_dtype
@@ -114,6 +120,31 @@ def run_manual(args) -> int:
         save_checkpoint(model, tokenizer, tmp, meta, dtype=save_dtype(model, args.save_dtype))
     print(f"removed layers {drop} of {num_layers}; {saved_line(meta)}; wrote {out}")
     return 0
+
+
+def run_manual_gguf(args) -> int:
+    """``--drop`` into a GGUF: read the block count from the file; no model is loaded."""
+    from ..gguf_out import GGUF_NAME, gguf_source, inspect_gguf, write_pruned_gguf
+    from ..layers import kept_from, parse_layer_list
+    from ..output import atomic_dir, check_out_dir, write_json
+
+    out = Path(args.out) if args.out else default_out(args.model, "manual")
+    check_out_dir(out)
+    src = gguf_source(args.model)
+    _, num_layers = inspect_gguf(src)
+    drop = parse_layer_list(args.drop, num_layers, "--drop")
+    kept = kept_from(num_layers, drop=drop)
+    meta = {"source": args.model, "num_layers": num_layers, "removed": drop, "kept": kept, "method": "manual"}
+    with atomic_dir(out) as tmp:
+        meta["gguf"] = write_pruned_gguf(src, tmp / GGUF_NAME, drop)
+        write_json(tmp / "pruning.json", meta)
+    print(f"removed layers {drop} of {num_layers}; wrote {out / GGUF_NAME} ({_size_note(meta['gguf'])})")
+    return 0
+
+
+def _size_note(summary: dict) -> str:
+    b = summary["bytes"]
+    return f"{b['pruned'] / 1e6:.1f} MB, {100 * b['ratio']:.1f}% of the source's {b['source'] / 1e6:.1f} MB"
 
 
 def choose_from_args(args):
@@ -143,8 +174,16 @@ def run_method(args) -> int:
     check_data_early(args)
     out = Path(args.out) if args.out else default_out(args.model, args.method)
     check_out_dir(out)
+    gguf_src = gguf_num_layers = None
+    if args.out_format == "gguf":  # refuse an unusable source before the selection runs
+        from ..gguf_out import gguf_source, inspect_gguf
+
+        gguf_src = gguf_source(args.model)
+        gguf_num_layers = inspect_gguf(gguf_src)[1]
     model, tokenizer, res = choose_from_args(args)
     record = res.record
+    if gguf_src is not None:
+        return write_method_gguf(args, out, gguf_src, gguf_num_layers, record, res, t0)
     remove_layers(model, record["removed"])
     with atomic_dir(out) as tmp:
         record["seconds"] = round(time.time() - t0, 3)
@@ -175,3 +214,23 @@ def print_summary(record: dict) -> None:
 def saved_line(record: dict) -> str:
     saved = record["saved"]
     return f"saved {saved['dtype']} weights, {saved['bytes'] / 1e6:.1f} MB"
+
+
+def write_method_gguf(args, out: Path, src: Path, num_layers: int, record: dict, res, t0: float) -> int:
+    """The chosen layers removed from the source GGUF: ``model.gguf``, ``pruning.json`` and ``report.md``."""
+    from ..errors import UserError
+    from ..gguf_out import GGUF_NAME, write_pruned_gguf
+    from ..output import atomic_dir, write_json
+    from ..report import write_outputs
+
+    if record["num_layers"] != num_layers:
+        raise UserError(f"the loaded model has {record['num_layers']} layers but {src.name} has {num_layers} blocks; "
+                        "drop --out-format gguf to write a transformers checkpoint")
+    with atomic_dir(out) as tmp:
+        record["gguf"] = write_pruned_gguf(src, tmp / GGUF_NAME, record["removed"])
+        record["seconds"] = round(time.time() - t0, 3)
+        write_json(tmp / "pruning.json", record)
+        write_outputs(tmp, record, (res.selection.extra or {}).get("info"))
+    print_summary(record)
+    print(f"wrote {out / GGUF_NAME} ({_size_note(record['gguf'])})")
+    return 0
