@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .data import Windows
 from .methods import Selection, SelectionContext
+from .search import swap_neighbours
 from .store import mask_key
 from .surrogate import QuadraticSurrogate
 
@@ -69,16 +70,6 @@ def removals(mask: np.ndarray) -> np.ndarray:
     on = np.flatnonzero(mask)
     out = np.repeat(mask[None], len(on), axis=0)
     out[np.arange(len(on)), on] = False
-    return out
-
-
-def swap_neighbours(mask: np.ndarray) -> np.ndarray:
-    """Every mask reached by keeping one removed layer and removing one kept layer."""
-    on, off = np.flatnonzero(mask), np.flatnonzero(~mask)
-    out = np.repeat(mask[None], len(on) * len(off), axis=0)
-    rows = np.arange(len(out))
-    out[rows, np.repeat(on, len(off))] = False
-    out[rows, np.tile(off, len(on))] = True
     return out
 
 
