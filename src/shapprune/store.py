@@ -48,13 +48,16 @@ def model_fingerprint(model) -> str:
     h.update(f"{first.dtype}|{first.device.type}".encode())
     with torch.no_grad():
         for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
+            data = p.detach()
+            if hasattr(data, "dequantize") and type(data) not in (torch.Tensor, torch.nn.Parameter):
+                data = data.dequantize()  # torchao-quantized weights (--quantize-before-choosing)
+            flat = data.reshape(-1)
             step = max(1, flat.numel() // 4096)
             sample = flat[::step][:4096].to("cpu", torch.float64)
             h.update(name.encode())
             h.update(str(tuple(p.shape)).encode())
             h.update(sample.numpy().tobytes())
-            h.update(repr(float(p.detach().double().sum())).encode())
+            h.update(repr(float(data.double().sum())).encode())
     return h.hexdigest()[:20]
 
 

@@ -16,6 +16,8 @@ COMMANDS = {
     "prune": "shapprune.cli.prune_cmd",
     "shapley": "shapprune.cli.shapley_cmd",
     "compare": "shapprune.cli.compare_cmd",
+    "quantize": "shapprune.cli.quantize_cmd",
+    "bench": "shapprune.cli.bench_cmd",
 }
 
 

@@ -61,6 +61,9 @@ def add_arguments(p) -> None:
     add_model_args(p)
     p.add_argument("--drop", default=None, help="0-based layers to remove, e.g. 3,7 (manual pruning)")
     add_selection_args(p)
+    from .quantize_cmd import add_quantize_args
+
+    add_quantize_args(p)
     p.add_argument("--out", default=None,
                    help="output directory; must not exist or be empty (default: shapprune-out/<model>-<method>-<time>)")
 
@@ -115,10 +118,12 @@ def run_manual(args) -> int:
     from ..errors import UserError
     from ..layers import find_layer_stack, parse_layer_list, remove_layers
     from ..output import atomic_dir, check_out_dir
-    from ..save import save_checkpoint
+    from ..quantize import save_pruned
+    from .quantize_cmd import check_quantize_args
 
     out = Path(args.out) if args.out else default_out(args.model, "manual")
     check_out_dir(out)
+    check_quantize_args(args)
     model, tokenizer = load(args)
     stack = find_layer_stack(model)
     drop = parse_layer_list(args.drop, stack.num_layers, "--drop")
@@ -128,7 +133,7 @@ def run_manual(args) -> int:
     kept = remove_layers(model, drop)
     meta = {"source": args.model, "num_layers": num_layers, "removed": drop, "kept": kept, "method": "manual"}
     with atomic_dir(out) as tmp:
-        save_checkpoint(model, tokenizer, tmp, meta)
+        save_pruned(model, tokenizer, tmp, meta, args.quantize)
     print(f"removed layers {drop} of {num_layers}; wrote {out}")
     return 0
 
@@ -141,7 +146,9 @@ def choose_from_args(args):
     model, tokenizer = load(args)
     n = layers_to_remove(find_layer_stack(model).num_layers, args.remove, args.ratio)
     win = windows(args, tokenizer, model, split="calibration")
-    res = choose_layers(model, tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
+    from .quantize_cmd import game_model
+
+    res = choose_layers(game_model(model, args), tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
                         seed=args.seed, options=selection_options(args), store_path=store_path(args),
                         batch_size=args.batch_size, progress=not args.no_progress,
                         evaluator=utility_evaluator(args, tokenizer, win, args.batch_size))
@@ -151,12 +158,14 @@ def choose_from_args(args):
 def run_method(args) -> int:
     from ..layers import remove_layers
     from ..output import atomic_dir, check_out_dir
+    from ..quantize import save_pruned
     from ..report import write_outputs
-    from ..save import save_checkpoint
+    from .quantize_cmd import check_quantize_args
 
     t0 = time.time()
     check_selection_args(args)
     check_data_early(args)
+    check_quantize_args(args)
     out = Path(args.out) if args.out else default_out(args.model, args.method)
     check_out_dir(out)
     model, tokenizer, res = choose_from_args(args)
@@ -164,7 +173,7 @@ def run_method(args) -> int:
     remove_layers(model, record["removed"])
     with atomic_dir(out) as tmp:
         record["seconds"] = round(time.time() - t0, 3)
-        save_checkpoint(model, tokenizer, tmp, record)
+        save_pruned(model, tokenizer, tmp, record, args.quantize)
         write_outputs(tmp, record, (res.selection.extra or {}).get("info"))
     print_summary(record)
     print(f"wrote {out}")
