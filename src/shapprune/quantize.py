@@ -204,6 +204,10 @@ def save_pruned(model, tokenizer, directory: str | os.PathLike, metadata: dict |
     from .save import save_checkpoint
 
     directory = Path(directory)
+    already = scheme_of(model)
+    if already:
+        raise UserError(f"this model is already quantized ({already}); transformers cannot save a loaded torchao "
+                        "checkpoint again: prune the dense checkpoint, then quantize (--quantize)")
     if scheme is None:
         return save_checkpoint(model, tokenizer, directory, metadata)
     device = model_device(model)

@@ -170,6 +170,8 @@ def run_method(args) -> int:
     check_out_dir(out)
     model, tokenizer, res = choose_from_args(args)
     record = res.record
+    if args.quantize:
+        record["quantization"] = {"scheme": args.quantize, "chosen_on_quantized_model": args.quantize_before_choosing}
     remove_layers(model, record["removed"])
     with atomic_dir(out) as tmp:
         record["seconds"] = round(time.time() - t0, 3)
