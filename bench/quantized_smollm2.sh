@@ -8,8 +8,8 @@ w=${1:-runs/q}
 sp=(python -m shapprune)  # the checkout's own code (run with PYTHONPATH=src, or after pip install -e .)
 test_txt=../shared/data/wikitext-2/test.raw.txt
 tasks=piqa,hellaswag,arc_easy,boolq,openbookqa,lambada_openai
-ppl_windows=${PPL_WINDOWS:-8}
-zs_limit=${ZS_LIMIT:-50}
+ppl_windows=${PPL_WINDOWS:-4}   # the 4 test windows of bench/results/compare_smollm2.md
+zs_limit=${ZS_LIMIT:-40}
 N6=12,13,14,17,25,26
 N12=3,4,5,6,7,13,14,16,17,18,25,26
 mkdir -p "$w"
@@ -27,7 +27,7 @@ mkdir -p "$w"
 
 # speed and size of dense / pruned / quantized / pruned + quantized
 [ -d "$w/bench-quant" ] || "${sp[@]}" bench "$w/dense" "$w/pruned6" "$w/dense-int8wo" "$w/pruned6-int8wo" \
-  --prompt-lengths 128,512,1024 --decode-prompt 128 --decode-tokens 64 --repeats 3 --warmup 1 \
+  --prompt-lengths 128,512 --decode-prompt 128 --decode-tokens 32 --repeats 3 --warmup 1 \
   --no-progress --out "$w/bench-quant"
 
 for m in dense pruned6 dense-int8wo pruned6-int8wo; do

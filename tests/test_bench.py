@@ -147,3 +147,16 @@ def test_bench_cli(ckpt, tmp_path, capsys):
     assert "nothing to compare" in capsys.readouterr().err
     assert main(["bench", ckpt, str(tmp_path / "nope")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_speedup_arithmetic():
+    from shapprune.bench import _speedups
+
+    # 10 layers, 1 s outside the blocks, 9 s in them; removing 5 ideally leaves 1 + 4.5 s
+    row = _speedups(t_variant=5.5, t_orig=10.0, t_over=1.0, L=10, n=5)
+    assert row["speedup"] == pytest.approx(10 / 5.5)
+    assert row["block_speedup"] == pytest.approx(2.0) and row["block_of_ideal"] == pytest.approx(1.0)
+    assert row["ideal_speedup"] == pytest.approx(10 / 5.5) and row["of_ideal"] == pytest.approx(1.0)
+    slow = _speedups(t_variant=7.0, t_orig=10.0, t_over=1.0, L=10, n=5)
+    assert slow["block_of_ideal"] == pytest.approx((9 / 6) / 2)
+    assert _speedups(5.0, 10.0, None, 10, 5) == {"speedup": 2.0}
