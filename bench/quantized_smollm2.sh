@@ -13,6 +13,9 @@ zs_limit=${ZS_LIMIT:-40}
 N6=12,13,14,17,25,26
 N12=3,4,5,6,7,13,14,16,17,18,25,26
 mkdir -p "$w"
+# One torch thread: on a 2-core machine shared with other jobs, two threads per process spend most of each small
+# op waiting for the other thread to be scheduled (a tiny model's decode step: 170 ms with 2 threads, 25 ms with 1).
+export OMP_NUM_THREADS=1
 
 # the four checkpoints: dense (the GGUF dequantized to fp32), pruned N=6, and both quantized int8 weight-only
 [ -d "$w/dense" ] || python bench/save_dense.py smollm2-135m "$w/dense"
@@ -22,12 +25,12 @@ mkdir -p "$w"
 
 # speed of the pruned model, N = 6 and 12, against the original (one process, interleaved repeats)
 [ -d "$w/bench-pruned" ] || "${sp[@]}" bench smollm2-135m --drop $N6 --drop $N12 \
-  --prompt-lengths 128,512,1024 --decode-prompt 128 --decode-tokens 64 --repeats 5 --warmup 1 \
+  --prompt-lengths 128,512 --decode-prompt 128 --decode-tokens 32 --repeats 4 --warmup 1 --threads 1 \
   --no-progress --out "$w/bench-pruned"
 
 # speed and size of dense / pruned / quantized / pruned + quantized
 [ -d "$w/bench-quant" ] || "${sp[@]}" bench "$w/dense" "$w/pruned6" "$w/dense-int8wo" "$w/pruned6-int8wo" \
-  --prompt-lengths 128,512 --decode-prompt 128 --decode-tokens 32 --repeats 3 --warmup 1 \
+  --prompt-lengths 128,512 --decode-prompt 128 --decode-tokens 32 --repeats 3 --warmup 1 --threads 1 \
   --no-progress --out "$w/bench-quant"
 
 for m in dense pruned6 dense-int8wo pruned6-int8wo; do

@@ -39,6 +39,8 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds before the counted repeats (default 1)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="sequences per pass (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt tokens (default 0)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for torch (default: torch's own choice); 1 is steadier on a shared machine")
     p.add_argument("--no-overhead", action="store_true",
                    help="skip the run with no blocks that measures the time of embedding and head")
     p.add_argument("--out", default=None, help="write bench.json and bench.md here (must not exist or be empty)")
@@ -66,6 +68,11 @@ def run(args) -> int:
         check_loadable(args.model)
     if args.out:
         check_out_dir(args.out)
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     def load(spec: str):
         return load_model(spec, device=args.device, dtype=args.dtype, device_map=args.device_map,
