@@ -42,7 +42,7 @@ SCHEMES = {
                                ("cpu", "cuda")),
     "int8-dynamic": Scheme("int8-dynamic", "int8 weights per channel, activations quantized to int8 per token "
                            "at run time", ("cpu", "cuda")),
-    "int4-weight-only": Scheme("int4-weight-only", "int4 weights in groups of 128 (bf16 on CUDA only)", ("cuda",)),
+    "int4-weight-only": Scheme("int4-weight-only", "int4 weights in groups of 64, tinygemm layout (bf16, CUDA only)", ("cuda",)),
 }
 
 #: files transformers writes for the weights and config; everything else in a checkpoint is copied along.
@@ -82,7 +82,9 @@ def torchao_config(scheme: str):
         return Int8WeightOnlyConfig()
     if scheme == "int8-dynamic":
         return Int8DynamicActivationInt8WeightConfig()
-    return Int4WeightOnlyConfig(group_size=128)
+    # tinygemm's packed layout (torch's own _weight_int4pack_mm on CUDA; no extra kernel package needed, unlike the
+    # default "plain" format), groups of 64 so that hidden sizes like SmolLM2's 576 are quantized, not skipped
+    return Int4WeightOnlyConfig(group_size=64, int4_packing_format="tile_packed_to_4d")
 
 
 def quantization_of(config) -> dict | None:
