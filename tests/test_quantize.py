@@ -180,3 +180,16 @@ def test_quantize_before_choosing(monkeypatch, tmp_path, capsys):
     orig = tiny_model("llama")
     q = quantized_copy(orig, "int8-weight-only")
     assert is_quantized(q.model.layers[0].mlp.up_proj) and not is_quantized(orig.model.layers[0].mlp.up_proj)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="int4 weight-only runs on CUDA only")
+def test_int4_round_trip_on_cuda(ckpt, tmp_path):
+    dense = tmp_path / "dense"
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+    model.save_pretrained(dense)
+    out = quantize_checkpoint(dense, tmp_path / "q4", "int4-weight-only", device="cuda", dtype="bfloat16")
+    ref = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.bfloat16, device_map="cuda",
+                                               quantization_config=TorchAoConfig(torchao_config("int4-weight-only")))
+    loaded = AutoModelForCausalLM.from_pretrained(out, device_map="cuda")
+    ids = tiny_inputs().cuda()
+    assert torch.equal(logits(loaded, ids), logits(ref, ids))
