@@ -15,8 +15,8 @@ repeats with the min–max spread.
   ``(t_orig − t_overhead) / (t_variant − t_overhead)``, compared with the ideal ``L/(L−N)``, and the
   end-to-end ideal is ``t_orig / (t_overhead + (t_orig − t_overhead)·(L−N)/L)``.
 
-Memory: on CUDA, the peak of ``torch.cuda.max_memory_allocated`` above what was allocated before, during the
-longest prefill plus a decode run; on CPU, the peak resident set size above the RSS before (the kernel's
+Memory (in the first counted round, when the weights are resident): on CUDA, the peak of
+``torch.cuda.max_memory_allocated`` above what was allocated before, during the prefills plus a decode run; on CPU, the peak resident set size above the RSS before (the kernel's
 high-water mark, reset through ``/proc/self/clear_refs``). The weights themselves are counted separately.
 """
 
@@ -309,6 +309,9 @@ def run_bench(variants: Sequence[Variant], settings: BenchSettings, overhead: bo
     raw = {v.name: {"prefill": {t: [] for t in settings.prompt_lengths}, "decode_tps": [], "decode_steps": [],
                     "memory": None} for v in runs}
     rounds = settings.warmup + settings.repeats
+    # memory is measured in the first counted round: by then the weights are resident (a checkpoint's weights
+    # are memory-mapped and paged in on first use, which the warm-up round absorbs)
+    mem_round = min(settings.warmup, rounds - 1)
     total = rounds * len(runs) * (len(settings.prompt_lengths) + 1)
     bar = tqdm(total=total, desc="bench", unit="run", disable=not progress, leave=False)
     for r in range(rounds):
@@ -316,8 +319,7 @@ def run_bench(variants: Sequence[Variant], settings: BenchSettings, overhead: bo
         for v in runs:
             device = model_device(v.model)
             with _masked(v):
-                # the first round measures memory too (a warm-up round when there is one)
-                mem_ctx = peak_memory(device) if r == 0 else contextlib.nullcontext({})
+                mem_ctx = peak_memory(device) if r == mem_round else contextlib.nullcontext({})
                 with mem_ctx as mem:
                     for t in settings.prompt_lengths:
                         s = prefill_seconds(v.model, prompts[t])
@@ -326,7 +328,7 @@ def run_bench(variants: Sequence[Variant], settings: BenchSettings, overhead: bo
                         bar.update(1)
                     steps = decode_step_seconds(v.model, decode_prompt, settings.decode_tokens)
                     bar.update(1)
-                if r == 0:
+                if r == mem_round:
                     raw[v.name]["memory"] = dict(mem)
             if counted:
                 raw[v.name]["decode_tps"].append(bs * len(steps) / sum(steps))
