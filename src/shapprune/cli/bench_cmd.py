@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .common import add_model_args, positive_int
+from .common import add_model_args, positive_int, show_progress
 
 HELP = "measure prefill/decode speed, latency, memory and size of the original and pruned (or quantized) models"
 log = logging.getLogger("shapprune")
@@ -44,7 +44,6 @@ def add_arguments(p) -> None:
     p.add_argument("--no-overhead", action="store_true",
                    help="skip the run with no blocks that measures the time of embedding and head")
     p.add_argument("--out", default=None, help="write bench.json and bench.md here (must not exist or be empty)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
@@ -99,7 +98,7 @@ def run(args) -> int:
     settings = BenchSettings(prompt_lengths=tuple(args.prompt_lengths), decode_prompt=args.decode_prompt,
                              decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup,
                              batch_size=args.batch_size, seed=args.seed)
-    result = run_bench(variants, settings, overhead=not args.no_overhead, progress=not args.no_progress)
+    result = run_bench(variants, settings, overhead=not args.no_overhead, progress=show_progress(args))
     result["model"] = args.model
     if "shapprune" in Path(sys.argv[0]).name or sys.argv[0].endswith("__main__.py"):
         result["command"] = "shapprune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
