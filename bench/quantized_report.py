@@ -47,6 +47,9 @@ def quantized_table():
             rows[f"{task} {r.get('headline', 'acc')} (n={r['n']})"] = [
                 fmt(z["tasks"][task][z["tasks"][task].get("headline", "acc")], 3) if z else "-" for z in zs]
         rows["zero-shot mean"] = [fmt(z["mean"], 3) if z else "-" for z in zs]
+        if "lambada_openai" in z0["tasks"]:
+            rows["lambada_openai perplexity of the target"] = [
+                fmt(z["tasks"]["lambada_openai"]["perplexity"], 1) if z else "-" for z in zs]
     if bench:
         for t in bench["settings"]["prompt_lengths"]:
             rows[f"prefill {t} tok/s"] = [stat(v["prefill"][str(t)]["tokens_per_s"]) for v in vs]
