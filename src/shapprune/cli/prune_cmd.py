@@ -148,8 +148,8 @@ def choose_from_args(args):
     win = windows(args, tokenizer, model, split="calibration")
     from .quantize_cmd import game_model
 
-    res = choose_layers(game_model(model, args), tokenizer, win, source=args.model, method=args.method, remove=n,
-                        budget=args.budget, seed=args.seed, options=selection_options(args), store_path=store_path(args),
+    res = choose_layers(game_model(model, args), tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
+                        seed=args.seed, options=selection_options(args), store_path=store_path(args),
                         batch_size=args.batch_size, progress=not args.no_progress,
                         evaluator=utility_evaluator(args, tokenizer, win, args.batch_size))
     return model, tokenizer, res
