@@ -35,8 +35,8 @@ def quantized_table():
         vs = bench["variants"]
         rows["layers"] = [str(v["layers"]) for v in vs]
         rows["parameters (M)"] = [f"{v['parameters']['total'] / 1e6:.1f}" for v in vs]
-        rows["checkpoint (model.safetensors, MB)"] = [fmt(v["checkpoint_bytes"] / 2**20, 1) for v in vs]
-        rows["weights in memory (MB)"] = [fmt(v["weight_bytes"] / 2**20, 1) for v in vs]
+        rows["checkpoint (model.safetensors, MiB)"] = [fmt(v["checkpoint_bytes"] / 2**20, 1) for v in vs]
+        rows["weights in memory (MiB)"] = [fmt(v["weight_bytes"] / 2**20, 1) for v in vs]
     if any(ppl):
         p0 = next(p for p in ppl if p)
         rows[f"test perplexity ({p0['windows']} × {p0['seqlen']} tokens)"] = [
@@ -47,6 +47,9 @@ def quantized_table():
             rows[f"{task} {r.get('headline', 'acc')} (n={r['n']})"] = [
                 fmt(z["tasks"][task][z["tasks"][task].get("headline", "acc")], 3) if z else "-" for z in zs]
         rows["zero-shot mean"] = [fmt(z["mean"], 3) if z else "-" for z in zs]
+        if "lambada_openai" in z0["tasks"]:
+            rows["lambada_openai perplexity of the target"] = [
+                fmt(z["tasks"]["lambada_openai"]["perplexity"], 1) if z else "-" for z in zs]
     if bench:
         for t in bench["settings"]["prompt_lengths"]:
             rows[f"prefill {t} tok/s"] = [stat(v["prefill"][str(t)]["tokens_per_s"]) for v in vs]
@@ -55,7 +58,7 @@ def quantized_table():
         rows["decode speed-up"] = [fmt(v["decode"]["speedup"]) for v in vs]
         rows["decode latency p50 / p90 (ms)"] = [
             f"{v['decode']['latency_ms']['p50']:.1f} / {v['decode']['latency_ms']['p90']:.1f}" for v in vs]
-        rows["peak activation + KV memory (MB)"] = [fmt((v["peak_memory"] or {}).get("peak_bytes", 0) / 2**20, 1)
+        rows["peak RSS above the weights, prefill + decode (MiB)"] = [fmt((v["peak_memory"] or {}).get("peak_bytes", 0) / 2**20, 1)
                                                     for v in vs]
     out = ["| | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     out += [f"| {k} | " + " | ".join(v) + " |" for k, v in rows.items()]
