@@ -57,7 +57,9 @@ def test_prune_manual_round_trip(ckpt, data, tmp_path, capsys):
     code, _, _ = run(["prune", ckpt, "--drop", "1,3", "--out", str(out)], capsys)
     assert code == 0
     meta = json.loads((out / "pruning.json").read_text())
+    saved = meta.pop("saved")
     assert meta == {"source": ckpt, "num_layers": 5, "removed": [1, 3], "kept": [0, 2, 4], "method": "manual"}
+    assert saved["dtype"] == "float32" and saved["bytes"] == (out / "model.safetensors").stat().st_size
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
         p.name for p in out.iterdir()}
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -83,6 +85,11 @@ def bad_cases(ckpt, data, tmp_path):
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
+    mine = tmp_path / "mine.json"
+    mine.write_text("mine")
+    sel = ["--data", data, "--seqlen", "32", "--max-windows", "2", "--store", str(tmp_path / "full" / "s.sqlite")]
+    cmp = ["compare", ckpt, "--remove", "1", "--eval-data", data, "--eval-seqlen", "32", "--out", str(tmp_path / "c"),
+           *sel]
     return {
         "out of range": (["eval", ckpt, "--drop", "7", "--data", data, "--seqlen", "32"], "out of range"),
         "negative": (["eval", ckpt, "--drop", "-1", "--data", data, "--seqlen", "32"], "out of range"),
@@ -96,12 +103,52 @@ def bad_cases(ckpt, data, tmp_path):
         "non-empty out": (["prune", ckpt, "--drop", "1", "--out", str(full)], "not empty"),
         "missing model": (["layers", str(tmp_path / "no-model")], "does not exist"),
         "bad seqlen": (["eval", ckpt, "--seqlen", "0"], "positive integer"),
+        # issue 10: overwrites (2), compare's hidden errors (3), options checked early (4), budgets (6), paths (8)
+        "json exists": (["eval", ckpt, *sel[:6], "--json", str(mine)], "--force"),
+        "shapley json exists": (["shapley", ckpt, *sel, "--json", str(mine)], "--force"),
+        "unknown method": (["prune", ckpt, "--remove", "1", "--method", "nope", *sel], "unknown method 'nope'"),
+        "unknown estimator": (["shapley", ckpt, "--estimator", "surogate", *sel], "unknown estimator 'surogate'"),
+        "unknown surrogate": (["prune", ckpt, "--remove", "1", "--surrogate", "svm", *sel], "unknown surrogate"),
+        "bad strata": (["shapley", ckpt, "--strata", "a", *sel], "comma-separated integers"),
+        "ignored estimator": (["prune", ckpt, "--remove", "1", "--method", "sleb", "--estimator", "kernel", *sel],
+                              "--estimator would be ignored by sleb"),
+        "ignored budget": (["shapley", ckpt, "--method", "shortgpt", "--budget", "9", *sel], "--budget would be ignored"),
+        "ignored strata": (["shapley", ckpt, "--estimator", "kernel", "--strata", "2,3", *sel],
+                           "--strata would be ignored by --estimator kernel"),
+        "ignored with drop": (["prune", ckpt, "--drop", "1", "--estimator", "kernel"], "would be ignored"),
+        "compare estimator": ([*cmp, "--methods", "shapley", "--estimator", "surogate"], "unknown estimator"),
+        "compare strata": ([*cmp, "--methods", "shapley", "--strata", "a"], "comma-separated integers"),
+        "compare surrogate": ([*cmp, "--methods", "shapley", "--surrogate", "svm"], "unknown surrogate"),
+        "compare ignored": ([*cmp, "--methods", "ppl,sleb", "--estimator", "kernel"], "would be ignored by ppl, sleb"),
+        "compare budget": ([*cmp, "--methods", "ppl,shapley", "--estimator", "permutation", "--budget", "5"],
+                           "give at least 26"),
+        "permutation budget": (["shapley", ckpt, "--estimator", "permutation", "--budget", "23", *sel],
+                               "give at least 26"),
+        "kernel budget": (["shapley", ckpt, "--estimator", "kernel", "--budget", "11", *sel], "give at least 12"),
+        "surrogate budget": (["shapley", ckpt, "--strata", "2,3,4", "--budget", "14", *sel], "give at least 15"),
+        "exact budget": (["shapley", ckpt, "--estimator", "exact", "--budget", "31", *sel], "give at least 32"),
+        "exhaustive budget": (["prune", ckpt, "--remove", "2", "--method", "exhaustive", "--budget", "9", *sel],
+                              "needs 10 evaluations"),
+        "out under a file": (["prune", ckpt, "--drop", "1", "--out", str(mine / "x")], "is a file"),
+        "json under a file": (["eval", ckpt, *sel[:6], "--json", str(mine / "x.json")], "is a file"),
     }
 
 
-@pytest.mark.parametrize("case", ["out of range", "negative", "duplicated", "not a number", "all layers",
-                                  "prune all", "missing data", "empty data", "short data", "non-empty out",
-                                  "missing model", "bad seqlen"])
+CASES = ["out of range", "negative", "duplicated", "not a number", "all layers", "prune all", "missing data",
+         "empty data", "short data", "non-empty out", "missing model", "bad seqlen", "json exists",
+         "shapley json exists", "unknown method", "unknown estimator", "unknown surrogate", "bad strata",
+         "ignored estimator", "ignored budget", "ignored strata", "ignored with drop", "compare estimator",
+         "compare strata", "compare surrogate", "compare ignored", "compare budget", "permutation budget",
+         "kernel budget", "surrogate budget", "exact budget", "exhaustive budget", "out under a file",
+         "json under a file"]
+#: cases refused from the command line alone, before any model is loaded
+BEFORE_LOADING = ["json exists", "shapley json exists", "unknown method", "unknown estimator", "unknown surrogate",
+                  "bad strata", "ignored estimator", "ignored budget", "ignored strata", "ignored with drop",
+                  "compare estimator", "compare strata", "compare surrogate", "compare ignored", "out under a file",
+                  "json under a file"]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_exit_2(case, ckpt, data, tmp_path, capsys):
     argv, message = bad_cases(ckpt, data, tmp_path)[case]
     before = sorted(p.name for p in tmp_path.rglob("*"))
@@ -111,12 +158,31 @@ def test_bad_input_is_one_line_exit_2(case, ckpt, data, tmp_path, capsys):
         code = exc.value.code
         err = capsys.readouterr().err
     assert code == 2
-    lines = [ln for ln in err.splitlines() if ln.strip() and "INFO" not in ln]
-    assert len(lines) == 1, err
-    assert message in lines[0] and "Traceback" not in err
+    assert_one_line(err, message)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
     if case == "non-empty out":
         assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "mine.json").read_text() == "mine"
+
+
+def assert_one_line(err: str, message: str) -> None:
+    lines = [ln for ln in err.splitlines() if ln.strip() and "INFO" not in ln]
+    assert len(lines) == 1, err
+    assert message in lines[0] and "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", BEFORE_LOADING)
+def test_options_are_checked_before_the_model_loads(case, ckpt, data, tmp_path, capsys, monkeypatch):
+    import shapprune.loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(shapprune.loading, "load_model", no_loading)
+    argv, message = bad_cases(ckpt, data, tmp_path)[case]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert_one_line(err, message)
 
 
 class _noraise:
@@ -144,3 +210,250 @@ def test_real_process_has_no_traceback(ckpt, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("shapprune eval: error: --drop: layer 99 is out of range")
+
+
+# ------------------------------------------------------------------------------------------- issue 10
+
+
+def test_outputs_follow_the_umask(ckpt, data, tmp_path, capsys):
+    """A pruned checkpoint and every JSON file are readable by others when the umask allows it."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "pruned"
+        assert run(["prune", ckpt, "--drop", "1", "--out", str(out)], capsys)[0] == 0
+        e = tmp_path / "e.json"
+        assert run(["eval", ckpt, "--data", data, "--seqlen", "32", "--max-windows", "1", "--json", str(e)],
+                   capsys)[0] == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "pruning.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((out / "config.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE(e.stat().st_mode) == 0o644
+
+
+def test_json_is_never_overwritten_without_force(ckpt, data, tmp_path, capsys):
+    mine = tmp_path / "mine.json"
+    mine.write_text("mine")
+    argv = ["eval", ckpt, "--data", data, "--seqlen", "32", "--max-windows", "1", "--json", str(mine)]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "--force" in err and mine.read_text() == "mine"
+    code, _, _ = run([*argv, "--force"], capsys)
+    assert code == 0 and json.loads(mine.read_text())["windows"] == 1
+
+
+def _oom(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def _out_of_memory(*args, **kwargs):
+    from shapprune.errors import OutOfMemory
+
+    raise OutOfMemory("8 windows of 2048 tokens")
+
+
+def _disk_full(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device", str(args[2]) if len(args) > 2 else "model.safetensors")
+
+
+def _denied(path, *args, **kwargs):
+    import errno
+
+    raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+
+#: failures while running (issue 10, items 7 and 8): (argv, what to patch, replacement, message)
+RUNTIME = {
+    "torch out of memory": (["eval", "{ckpt}", "--data", "{data}", "--seqlen", "32"], "shapprune.ppl.sequence_nll",
+                            _oom, "--seqlen"),
+    "OutOfMemory": (["eval", "{ckpt}", "--data", "{data}", "--seqlen", "32"], "shapprune.ppl.sequence_nll",
+                    _out_of_memory, "--device-map"),
+    "disk full": (["prune", "{ckpt}", "--drop", "1", "--out", "{tmp}/o"], "shapprune.save.save_checkpoint",
+                  _disk_full, "No space left on device"),
+    "permission denied": (["eval", "{ckpt}", "--data", "{data}", "--seqlen", "32", "--max-windows", "1",
+                           "--no-progress", "--json", "{tmp}/e.json"],
+                          "shapprune.output.write_json", _denied, "Permission denied on"),
+}
+
+
+@pytest.mark.parametrize("case", list(RUNTIME))
+def test_runtime_failures_are_one_line(case, ckpt, data, tmp_path, capsys, monkeypatch):
+    argv, target, replacement, message = RUNTIME[case]
+    monkeypatch.setattr(target, replacement)
+    argv = [a.format(ckpt=ckpt, data=data, tmp=tmp_path) for a in argv]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert_one_line(err, message)
+    if "memory" in case.lower():
+        for flag in ("--seqlen", "--batch-size", "--device-map", "--dtype"):
+            assert flag in err
+    assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".o.tmp")]
+
+
+def test_locked_store_is_one_line(ckpt, data, tmp_path, capsys, monkeypatch):
+    import sqlite3
+
+    from shapprune.store import EvaluationStore
+
+    path = tmp_path / "s.sqlite"
+    EvaluationStore(path).close()
+    holder = sqlite3.connect(str(path), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process writing for a long time
+    monkeypatch.setenv("SHAPPRUNE_STORE_TIMEOUT", "0.2")
+    try:
+        code, _, err = run(["shapley", ckpt, "--method", "ppl", "--data", data, "--seqlen", "32", "--max-windows", "2",
+                            "--store", str(path), "--no-progress"], capsys)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert code == 2
+    assert_one_line(err, "stayed locked by another process for 0.2 s")
+    assert "--store" in err
+
+
+def _open_store(path: str, barrier) -> str:
+    from shapprune.store import EvaluationStore
+
+    barrier.wait()
+    try:
+        EvaluationStore(path).close()
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return f"{type(exc).__name__}: {exc}"
+    return "ok"
+
+
+def test_concurrent_store_creation(tmp_path):
+    """Several processes creating the same store at once all get a working store (no "corrupt store")."""
+    import multiprocessing as mp
+
+    from shapprune.store import EvaluationStore
+
+    for attempt in range(3):
+        path = str(tmp_path / f"s{attempt}.sqlite")
+        ctx = mp.get_context("fork")
+        with ctx.Manager() as manager:
+            barrier = manager.Barrier(4)
+            with ctx.Pool(4) as pool:
+                results = pool.starmap(_open_store, [(path, barrier)] * 4)
+        assert results == ["ok"] * 4
+        assert EvaluationStore(path).count() == 0
+
+
+@pytest.mark.parametrize("quiet", [["--no-progress"], ["-q"]])
+def test_no_bar_with_no_progress_or_quiet(quiet, ckpt, data, tmp_path, capsys):
+    """Every bar obeys --no-progress and --quiet: SLEB's rounds, evaluations, perplexity (issue 10, item 9)."""
+    top, sub = (quiet, []) if quiet == ["-q"] else ([], quiet)
+    common = ["--data", data, "--seqlen", "32", "--max-windows", "2", *sub]
+    code, _, err = run([*top, "shapley", ckpt, "--method", "sleb", "--remove", "2", "--store",
+                        str(tmp_path / "s.sqlite"), *common], capsys)
+    assert code == 0 and "SLEB" not in err and "%|" not in err, err
+    code, _, err = run([*top, "eval", ckpt, *common], capsys)
+    assert code == 0 and "%|" not in err, err
+
+
+def test_gguf_bar_obeys_progress():
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from shapprune.loading import _gguf_progress
+
+    original = gguf_utils.tqdm
+    with _gguf_progress(False):
+        assert gguf_utils.tqdm(range(2)).disable
+    assert gguf_utils.tqdm is original
+
+
+def test_saved_in_the_source_dtype(tmp_path, capsys):
+    """A bf16 source is saved in bf16 (not the fp32 it was computed in), unless --save-dtype says otherwise;
+    the summary reports the size (issue 10, item 11)."""
+    from safetensors import safe_open
+
+    from tiny import tiny_model, tiny_tokenizer
+
+    src = tmp_path / "bf16"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    for extra, dtype in (([], torch.bfloat16), (["--save-dtype", "float32"], torch.float32)):
+        out = tmp_path / f"out{len(extra)}"
+        code, text, _ = run(["prune", str(src), "--drop", "1", "--device", "cpu", "--out", str(out), *extra], capsys)
+        assert code == 0
+        with safe_open(out / "model.safetensors", "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype}
+        size = (out / "model.safetensors").stat().st_size
+        assert f"{size / 1e6:.1f} MB" in text and json.loads((out / "pruning.json").read_text())["saved"]["bytes"] == size
+        assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+
+
+def test_layers_reads_no_weights(ckpt, tmp_path, capsys, monkeypatch):
+    """`layers` builds the model on the meta device from its config (issue 10, item 5); it loads the weights
+    only when the config alone can't tell."""
+    import shapprune.loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(shapprune.loading, "load_model", no_loading)
+    code, out, _ = run(["layers", ckpt, "--json"], capsys)
+    assert code == 0 and json.loads(out)["num_layers"] == 5
+    monkeypatch.undo()
+    calls = []
+    real = shapprune.loading.load_model
+    monkeypatch.setattr(shapprune.loading, "load_skeleton", lambda *a, **k: None)
+    monkeypatch.setattr(shapprune.loading, "load_model", lambda *a, **k: calls.append(a) or real(*a, **k))
+    code, out, _ = run(["layers", ckpt, "--json"], capsys)
+    assert code == 0 and json.loads(out)["num_layers"] == 5 and calls
+
+
+def test_store_info_prune_clear(tmp_path, capsys):
+    """`shapprune store info|prune|clear` (issue 10, item 7)."""
+    import time as _time
+
+    from shapprune.store import Evaluation, EvaluationStore
+
+    path = tmp_path / "s.sqlite"
+    store = EvaluationStore(path)
+    for model, data, masks in (("aaaa1111", "d1", ["11", "10"]), ("aaaa1111", "d2", ["11"]), ("bbbb2222", "d1", ["11"])):
+        for m in masks:
+            store.put(model, data, Evaluation(m, 1.0, 10, 1.1, 0.1))
+    store.db.execute("UPDATE evaluations SET created = ? WHERE model = 'bbbb2222'", (_time.time() - 3 * 86400,))
+    store.db.commit()
+    store.close()
+    s = ["store", "--store", str(path)]
+    code, out, _ = run([*s, "info", "--json"], capsys)
+    info = json.loads(out)
+    assert code == 0 and info["evaluations"] == 4 and info["calibrations"] == 2 and info["bytes"] > 0
+    assert {m["model"]: (m["calibrations"], m["evaluations"]) for m in info["models"]} == {
+        "aaaa1111": (2, 3), "bbbb2222": (1, 1)}
+    code, out, _ = run([*s, "info"], capsys)
+    assert code == 0 and "4 evaluations of 2 models on 2 calibrations" in out and "model aaaa1111" in out
+    code, out, _ = run([*s, "prune", "--older-than", "2d"], capsys)
+    assert code == 0 and "deleted 1 evaluations" in out
+    code, out, _ = run([*s, "prune", "--model", "aaaa"], capsys)
+    assert code == 0 and "deleted 3 evaluations" in out
+    assert EvaluationStore(path).count() == 0
+    for argv, message in (([*s, "prune"], "--model FINGERPRINT and/or --older-than"),
+                          ([*s, "clear"], "add --yes"),
+                          ([*s, "prune", "--older-than", "soon"], "30d"),
+                          (["store", "--store", str(tmp_path / "none.sqlite"), "info"], "no evaluation store at")):
+        code, _, err = run(argv, capsys)
+        assert code == 2
+        assert_one_line(err, message)
+    assert not (tmp_path / "none.sqlite").exists()
+    code, out, _ = run([*s, "clear", "--yes"], capsys)
+    assert code == 0 and "deleted 0 evaluations" in out
+
+
+def test_unwritable_store_is_not_called_corrupt(tmp_path, monkeypatch):
+    import sqlite3
+
+    from shapprune.errors import UserError
+    from shapprune.store import EvaluationStore
+
+    real = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda path, timeout: real(f"file:{path}?mode=ro", uri=True, timeout=timeout))
+    with pytest.raises(UserError, match="cannot write the evaluation store"):
+        EvaluationStore(tmp_path / "s.sqlite")

@@ -21,10 +21,10 @@ def setup(tmp_path, monkeypatch):
     return ck, str(data), tmp_path
 
 
-def compare(ck, data, out, methods="all", remove="1,2"):
+def compare(ck, data, out, methods="all", remove="1,2", budget=("--budget", "40")):
     return main(["-q", "compare", ck, "--remove", remove, "--methods", methods, "--data", data, "--seqlen", "32",
                  "--max-windows", "4", "--eval-data", data, "--eval-seqlen", "64", "--eval-max-windows", "2",
-                 "--budget", "40", "--out", str(out)])
+                 *budget, "--out", str(out)])
 
 
 def test_compare_all_methods(setup, capsys):
@@ -49,8 +49,8 @@ def test_compare_all_methods(setup, capsys):
 
 def test_compare_reuses_the_store(setup, capsys):
     ck, data, tmp = setup
-    assert compare(ck, data, tmp / "a", methods="ppl,sleb") == 0
-    assert compare(ck, data, tmp / "b", methods="ppl,sleb") == 0
+    assert compare(ck, data, tmp / "a", methods="ppl,sleb", budget=()) == 0
+    assert compare(ck, data, tmp / "b", methods="ppl,sleb", budget=()) == 0
     ev = json.loads((tmp / "b" / "analysis.json").read_text())["evaluations"]
     assert ev["calibration"]["new"] == 0 and ev["test"]["new"] == 0
     capsys.readouterr()
@@ -66,3 +66,25 @@ def test_bad_arguments(setup, capsys):
     (tmp / "full" / "x").write_text("x")
     assert compare(ck, data, tmp / "full") == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_a_failing_method_is_an_error_not_a_skipped_row(setup, capsys, monkeypatch):
+    """Only exhaustive's C(L, N) > budget skips a row; any other method's error stops compare (issue 10, item 3)."""
+    import shapprune.compare
+
+    real = shapprune.compare.select
+
+    def select(name, ctx, n):
+        if name == "ppl":
+            raise UserError("something the user must fix")
+        return real(name, ctx, n)
+
+    monkeypatch.setattr(shapprune.compare, "select", select)
+    ck, data, tmp = setup
+    assert compare(ck, data, tmp / "c", methods="last,ppl", budget=()) == 2
+    err = capsys.readouterr().err
+    assert "ppl, N=1: something the user must fix" in err and not (tmp / "c").exists()
+    assert compare(ck, data, tmp / "d", methods="last,exhaustive", remove="1,2",
+                   budget=("--exhaustive-budget", "5")) == 0
+    analysis = json.loads((tmp / "d" / "analysis.json").read_text())
+    assert analysis["skipped"] == [{"method": "exhaustive", "n": 2, "reason": analysis["skipped"][0]["reason"]}]

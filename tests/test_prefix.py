@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from shapprune.data import Windows
+from shapprune.engine.prefix import common_prefix
 from shapprune.game import ModelGame, PerplexityEvaluator
 from shapprune.layers import prepare_model
-from shapprune.prefix import common_prefix
 from tiny import ARCH_NAMES, tiny_inputs, tiny_model
 
 

@@ -9,7 +9,7 @@ from conftest import WIKI_VALID, need
 from shapprune.cli import main
 
 KEYS = ["source", "num_layers", "removed", "kept", "method", "estimator", "values", "stderr", "calibration",
-        "budget", "evaluations", "surrogate", "calibration_ppl", "seed", "versions", "seconds"]
+        "budget", "evaluations", "surrogate", "calibration_ppl", "seed", "versions", "seconds", "saved"]
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs. ") * 40
 
@@ -94,7 +94,7 @@ def test_rerun_reuses_store_and_shapley_command(tiny, tmp_path):
     assert main(["shapley", "tiny", "--remove", "1", *tiny, *args, "--json", str(tmp_path / "s.json")]) == 0
     a = json.loads((tmp_path / "a" / "pruning.json").read_text())
     s = json.loads((tmp_path / "s.json").read_text())
-    assert list(s) == KEYS and s["evaluations"]["new"] == 0 and s["values"] == a["values"]
+    assert list(s) == KEYS[:-1] and s["evaluations"]["new"] == 0 and s["values"] == a["values"]  # no "saved"
     assert s["removed"] == a["removed"]
     assert main(["shapley", "tiny", *tiny, *args, "--json", str(tmp_path / "t.json")]) == 0
     t = json.loads((tmp_path / "t.json").read_text())
@@ -156,3 +156,17 @@ def test_layers_to_remove():
     for remove, ratio in [(30, None), (0, None), (None, 0.99), (None, 0.0), (3, 0.1)]:
         with pytest.raises(UserError):
             layers_to_remove(30, remove, ratio)
+
+
+@pytest.mark.parametrize("method,plot", [("shapley", "shapley.png"), ("ppl", "ppl_without_layer.png"),
+                                         ("shortgpt", "block_influence.png"), ("taylor", "taylor.png")])
+def test_value_plot_is_named_after_what_it_shows(method, plot, tmp_path):
+    """A BI, PPL or Taylor plot is never called shapley.png (issue 10, item 10)."""
+    from shapprune.report import write_outputs
+
+    record = {"source": "m", "method": method, "values": [0.1, 0.3, 0.2], "stderr": None, "removed": [0],
+              "kept": [1, 2], "num_layers": 3, "estimator": "surrogate" if method == "shapley" else None}
+    write_outputs(tmp_path, record, None)
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == [plot]
+    assert f"]({plot})" in (tmp_path / "report.md").read_text()

@@ -91,3 +91,20 @@ def test_bad_strata_and_budget():
         check_strata([5, 5], 30)
     with pytest.raises(UserError, match="too small"):
         stratified_masks(30, 3, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("L,small,large", [(30, 40, 80), (30, 41, 103), (12, 25, 60), (80, 20, 45)])
+def test_a_larger_budget_contains_the_smaller_one(L, small, large):
+    """Raising --budget with the same seed pays only for the difference (issue 10, item 12)."""
+    a = stratified_masks(L, small, np.random.default_rng(7))
+    b = stratified_masks(L, large, np.random.default_rng(7))
+    keys_b = {m.tobytes() for m in b.masks}
+    assert all(m.tobytes() in keys_b for m in a.masks)
+    assert len(b) == large
+
+
+def test_sample_stratum_prefixes():
+    for L, k in ((10, 4), (40, 13)):  # by rank (shuffled list, then sequential draws)
+        a = sample_stratum(L, k, 5, np.random.default_rng(1))
+        b = sample_stratum(L, k, 50, np.random.default_rng(1))
+        assert np.array_equal(a, b[:5])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -501,12 +500,9 @@ def test_agreement_with_lm_eval_local_task_configs(model, tok, task_dir, tmp_pat
 def test_smollm2_piqa(smollm2):
     path = need(SHARED / "data" / "zeroshot" / "piqa.jsonl")
     model, tokenizer = smollm2
-    t0 = time.time()
     res = evaluate_tasks(model, tokenizer, ["piqa"], task_dir=path.parent, limit=8, batch_size=16, progress=False)
-    seconds = time.time() - t0
     piqa = res["tasks"]["piqa"]
     assert piqa["n"] == 8 and 0.0 <= piqa["acc"] <= 1.0 and 0.0 <= piqa["acc_norm"] <= 1.0
-    assert seconds < 120
     # one item's choice log-likelihood against a plain forward
     (doc,) = load_task_docs(path, "piqa", limit=1)
     ctx, cont = encode_pair(tokenizer, *doc.requests[0])

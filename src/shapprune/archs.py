@@ -22,6 +22,9 @@ class Arch:
         config_overrides: config values that removal needs (e.g. RWKV's ``rescale_every=0``).
         first_block_modules: submodules that only the first block owns but that belong to the stack's input
             (RWKV's ``pre_ln`` on the embeddings); they move to whichever block comes first.
+        split_head: the model is ``base_model`` (returning final-normed hidden states) followed by a plain
+            ``Linear`` output embedding, so the engine may apply the head itself, only where needed.
+        logit_softcap: config attribute of a final logit soft-cap ``c·tanh(z/c)`` the head applies (Gemma 2).
     """
 
     path: str | None = None
@@ -29,6 +32,8 @@ class Arch:
     per_layer_keys: tuple[str, ...] = ("layer_types",)
     config_overrides: dict = field(default_factory=dict)
     first_block_modules: tuple[str, ...] = ()
+    split_head: bool = True
+    logit_softcap: str | None = None
 
 
 ARCHITECTURES: dict[str, Arch] = {
@@ -37,7 +42,7 @@ ARCHITECTURES: dict[str, Arch] = {
     "qwen2": Arch("model.layers"),
     "qwen3": Arch("model.layers"),
     "gemma": Arch("model.layers"),
-    "gemma2": Arch("model.layers"),
+    "gemma2": Arch("model.layers", logit_softcap="final_logit_softcapping"),
     "phi3": Arch("model.layers"),
     "gpt2": Arch("transformer.h"),
     "opt": Arch("model.decoder.layers"),

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .engine.head import logits_nll
+from .engine.runner import Runner
 from .errors import UserError
 from .layers import find_layer_stack
-from .loading import model_device
 from .methods import Selection, SelectionContext
-from .ppl import token_nll
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _hidden(output):
 
 
 def block_io(model, input_ids: torch.Tensor, batch_size: int = 8, progress: bool = True):
-    """One pass with hooks on every block.
+    """One pass with hooks on every block, through the engine's runner (batching, out-of-memory back-off).
 
     Returns ``(cos_sum [L], tokens, x_in [L, n, H], x_out [L, n, H])``: the sum over all tokens of
     cos(input, output) of each block, and each block's input and output at the last token of each window.
@@ -73,6 +73,7 @@ def block_io(model, input_ids: torch.Tensor, batch_size: int = 8, progress: bool
     last_in: list[list[torch.Tensor]] = [[] for _ in range(num)]
     last_out: list[list[torch.Tensor]] = [[] for _ in range(num)]
     current: dict[int, torch.Tensor] = {}
+    batch: dict[int, tuple[float, torch.Tensor, torch.Tensor]] = {}  # this batch's, committed on success
 
     def pre_hook(i):
         def f(module, args, kwargs):
@@ -82,24 +83,32 @@ def block_io(model, input_ids: torch.Tensor, batch_size: int = 8, progress: bool
     def post_hook(i):
         def f(module, args, kwargs, output):
             x, y = current.pop(i).float(), _hidden(output).float()
-            cos_sum[i] += torch.nn.functional.cosine_similarity(x, y, dim=-1).double().sum().item()
-            last_in[i].append(x[:, -1].cpu())
-            last_out[i].append(y[:, -1].cpu())
+            cos = torch.nn.functional.cosine_similarity(x, y, dim=-1).double().sum().item()
+            batch[i] = (cos, x[:, -1].cpu(), y[:, -1].cpu())
         return f
+
+    runner = Runner(model, batch_size=batch_size)
+    tokens = 0
+
+    def step(a: int, b: int) -> None:
+        nonlocal tokens
+        batch.clear()
+        current.clear()
+        ids = input_ids[a:b].to(runner.device)
+        runner.hidden(ids) if runner.split else model(input_ids=ids, use_cache=False)
+        for i, (cos, xi, yi) in batch.items():
+            cos_sum[i] += cos
+            last_in[i].append(xi)
+            last_out[i].append(yi)
+        tokens += ids.numel()
 
     handles = []
     for i, layer in enumerate(stack.layers):
         handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(post_hook(i), with_kwargs=True))
-    device = model_device(model)
-    tokens = 0
     try:
         with torch.inference_mode():
-            for s in tqdm(range(0, input_ids.shape[0], batch_size), desc="hidden states", disable=not progress,
-                          leave=False):
-                ids = input_ids[s : s + batch_size].to(device)
-                model(input_ids=ids, use_cache=False)
-                tokens += ids.numel()
+            runner.batches(input_ids.shape[0], step, desc="hidden states", progress=progress)
     finally:
         for h in handles:
             h.remove()
@@ -111,34 +120,42 @@ def block_io(model, input_ids: torch.Tensor, batch_size: int = 8, progress: bool
 def taylor_scores(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = True) -> np.ndarray:
     """Shortened-LLaMA's Taylor criterion: per block, Σ |w · ∂loss/∂w| over its weights.
 
-    The loss is the mean token NLL over all calibration windows; gradients accumulate batch by batch.
+    The loss is the mean token NLL over all calibration windows; each batch's gradients are added to the
+    totals only once the batch has succeeded, so an out-of-memory retry never counts a batch twice.
     """
     stack = find_layer_stack(model)
     params = list(model.parameters())
     saved = [p.requires_grad for p in params]
-    device = model_device(model)
+    layer_params = [[p for p in layer.parameters()] for layer in stack.layers]
+    flat = [p for ps in layer_params for p in ps]
+    grads = [torch.zeros_like(p, dtype=torch.float32) for p in flat]
     total = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    runner = Runner(model, batch_size=batch_size)
+
+    def step(a: int, b: int) -> None:
+        ids = input_ids[a:b].to(runner.device)
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = logits_nll(logits[:, :-1], ids[:, 1:]).sum() / total
+        parts = torch.autograd.grad(loss, flat, allow_unused=True)
+        for acc, g in zip(grads, parts, strict=True):
+            if g is not None:
+                acc += g.float()
+
     try:
         for p in params:
+            p.requires_grad_(False)
+        for p in flat:
             p.requires_grad_(True)
-            p.grad = None
         with torch.enable_grad():
-            for s in tqdm(range(0, input_ids.shape[0], batch_size), desc="gradients", disable=not progress,
-                          leave=False):
-                ids = input_ids[s : s + batch_size].to(device)
-                logits = model(input_ids=ids, use_cache=False).logits
-                loss = token_nll(logits[:, :-1], ids[:, 1:]).sum() / total
-                loss.backward()
-        scores = np.array([
-            sum(float((p.detach().float() * p.grad.float()).abs().sum()) for p in layer.parameters()
-                if p.grad is not None)
-            for layer in stack.layers
-        ])
+            runner.batches(input_ids.shape[0], step, desc="gradients", progress=progress)
+        scores, k = [], 0
+        for ps in layer_params:
+            scores.append(sum(float((p.detach().float() * grads[k + j]).abs().sum()) for j, p in enumerate(ps)))
+            k += len(ps)
     finally:
         for p, r in zip(params, saved, strict=True):
-            p.grad = None
             p.requires_grad_(r)
-    return scores
+    return np.array(scores)
 
 
 # ------------------------------------------------------------------------------------------------- methods
@@ -169,12 +186,12 @@ def select_taylor(ctx: SelectionContext, n: int) -> Selection:
     return Selection(removed=lowest(scores, n), values=scores.tolist(), extra={"score": "sum |w * dL/dw|"})
 
 
-def sleb_path(game, n: int) -> tuple[list[int], list[float]]:
+def sleb_path(game, n: int, progress: bool = True) -> tuple[list[int], list[float]]:
     """SLEB's greedy rounds: each removes the layer whose removal, given those removed, gives the lowest PPL."""
     num = game.n_players
     removed: list[int] = []
     ppls: list[float] = []
-    for _ in tqdm(range(n), desc="SLEB rounds", leave=False):
+    for _ in tqdm(range(n), desc="SLEB rounds", leave=False, disable=not progress):
         candidates = [i for i in range(num) if i not in removed]
         masks = np.stack([mask_without(num, removed + [i]) for i in candidates])
         ppl = game.perplexities(masks)
@@ -185,7 +202,7 @@ def sleb_path(game, n: int) -> tuple[list[int], list[float]]:
 
 
 def select_sleb(ctx: SelectionContext, n: int) -> Selection:
-    order, ppls = sleb_path(ctx.game, n)
+    order, ppls = sleb_path(ctx.game, n, progress=ctx.options.get("progress", True))
     return Selection(removed=order, values=None, extra={"order": order, "ppl_after_round": ppls})
 
 

@@ -24,7 +24,11 @@ from .methods import METHODS, SelectionContext, select
 log = logging.getLogger(__name__)
 
 #: ``--methods all`` runs cheap methods first, so partial results come early; the exhaustive optimum is last.
-ORDER = ("last", "random", "shortgpt", "angular", "taylor", "ppl", "sleb", "shapley", "search", "exhaustive")
+#: methods whose refusal of one N (exhaustive: C(L, N) above its budget) skips that row, listed as skipped;
+#: any other method's error stops the comparison, so that no row is ever silently dropped.
+SKIPPABLE = ("exhaustive",)
+
+ORDER = ("last", "random", "shortgpt", "angular", "taylor", "ppl", "sleb", "shapprune", "shapley", "search", "exhaustive")
 
 
 def all_methods() -> list[str]:
@@ -108,6 +112,8 @@ def run_comparison(model, tokenizer, calib_windows, calib_game: ModelGame, test_
             try:
                 sel = select(name, ctx, n)
             except UserError as exc:
+                if name not in SKIPPABLE:
+                    raise UserError(f"{name}, N={n}: {exc}") from None
                 log.warning("%s, N=%d skipped: %s", name, n, exc)
                 skipped.append({"method": name, "n": n, "reason": str(exc)})
                 continue
@@ -135,7 +141,7 @@ def table1_analysis(calib_game: ModelGame, test_game: ModelGame, exhaustive_budg
     num = calib_game.n_players
     singles = calib_game.perplexities(np.stack([mask_without(num, [i]) for i in range(num)]))
     static = lowest(singles, 2)
-    greedy = sorted(sleb_path(calib_game, 2)[0])
+    greedy = sorted(sleb_path(calib_game, 2, progress=calib_game.progress)[0])
     out = {"static": static, "greedy": greedy}
     pairs = [(i, j) for i in range(num) for j in range(i + 1, num)]
     if len(pairs) <= (exhaustive_budget or DEFAULT_EXHAUSTIVE_BUDGET):

@@ -15,15 +15,19 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from .engine.prefix import PrefixCache, default_max_bytes, trie_order
+from .engine.runner import SCORING_VERSION, Runner, as_runner
 from .layers import find_layer_stack, keep_layers
-from .prefix import PrefixCache
 from .store import Evaluation, EvaluationStore, mask_key, model_fingerprint
 
 log = logging.getLogger(__name__)
 
 
 class Evaluator(Protocol):
-    """Scores a model as it currently runs (with any mask applied) by a summed negative log-likelihood."""
+    """Scores a model as it currently runs (with any mask applied) by a summed negative log-likelihood.
+
+    ``nll`` gets the game's :class:`~shapprune.engine.Runner`, which owns batching, out-of-memory back-off,
+    the head and prefix reuse; an evaluator only says what is scored."""
 
     def fingerprint(self) -> str:
         """A stable hash of the evaluation data and scoring (part of the store key)."""
@@ -31,8 +35,8 @@ class Evaluator(Protocol):
     def describe(self) -> dict:
         """What is evaluated, for reports (e.g. data, seqlen, windows, tokens)."""
 
-    def nll(self, model) -> tuple[float, int]:
-        """Summed NLL (nats) and the number of tokens it covers."""
+    def nll(self, runner: Runner) -> tuple[float, int]:
+        """Summed NLL (nats) and the number of tokens it covers (a bare model is wrapped in a runner)."""
 
 
 class PerplexityEvaluator:
@@ -43,16 +47,14 @@ class PerplexityEvaluator:
         self.batch_size = batch_size
 
     def fingerprint(self) -> str:
-        return "ppl:" + self.windows.fingerprint()
+        return f"ppl:v{SCORING_VERSION}:" + self.windows.fingerprint()
 
     def describe(self) -> dict:
         d = self.windows.describe()
         return {k: d[k] for k in ("data", "seqlen", "windows", "tokens")}
 
-    def nll(self, model) -> tuple[float, int]:
-        from .ppl import sequence_nll
-
-        res = sequence_nll(model, self.windows.input_ids, batch_size=self.batch_size, progress=False)
+    def nll(self, runner: Runner) -> tuple[float, int]:
+        res = as_runner(runner, self.batch_size).sequence_nll(self.windows.input_ids)
         return res.nll, res.tokens
 
 
@@ -71,13 +73,24 @@ class ModelGame:
 
     ``game(masks)`` returns utilities ``PPL(full) / PPL(mask)``; :meth:`evaluate` returns the raw records.
     ``new`` and ``reused`` count real evaluations performed and answers taken from the store.
+
+    Missing masks are evaluated here (:meth:`evaluate_keys`) or, with ``backend``, by its ``evaluate(keys)``
+    (e.g. a pool of workers); the store on this side stays the single record of results. Masks are evaluated
+    in prefix-trie order, and the layer outputs of the last mask evaluated are kept
+    between calls (``reuse_prefix``; at most ``max_prefix_bytes``, by default a quarter of the free memory),
+    so a mask shares its prefix with the previous one even across calls.
     """
 
     def __init__(self, model, evaluator: Evaluator, store: EvaluationStore | None = None, progress: bool = True,
-                 reuse_prefix: bool = True):
+                 reuse_prefix: bool = True, max_prefix_bytes: int | None = None, backend=None):
         self.model = model
+        self.backend = backend  # None: evaluate here; else an object with evaluate(keys) -> [Evaluation]
         self.reuse_prefix = reuse_prefix
         self.evaluator = evaluator
+        self.runner = Runner(model, batch_size=getattr(evaluator, "batch_size", 16))
+        if reuse_prefix:
+            budget = default_max_bytes(self.runner.device) if max_prefix_bytes is None else max_prefix_bytes
+            self.runner.prefix = PrefixCache(budget)
         self.store = store if store is not None else EvaluationStore(None)
         self.progress = progress
         self.n_players = find_layer_stack(model).num_layers
@@ -85,8 +98,6 @@ class ModelGame:
         self.data_fp = evaluator.fingerprint()
         self.new = 0
         self.reused = 0
-        self.layers_run = 0  # layer forward passes done with prefix reuse on
-        self.layers_reused = 0  # ... and replayed from the previous mask instead
         self.seconds = 0.0
         self.full = self.evaluate(np.ones((1, self.n_players), dtype=bool))[0]
 
@@ -102,33 +113,46 @@ class ModelGame:
         known = self.store.get_many(self.model_fp, self.data_fp, unique)
         missing = [k for k in unique if k not in known]
         self.reused += len(unique) - len(missing)
-        # Sorted, masks sharing a prefix are adjacent: the layers they share run once (shapprune.prefix).
-        missing.sort(reverse=True)
-        cache = PrefixCache() if self.reuse_prefix and len(missing) > 1 else None
-        bar = tqdm(missing, desc=desc, unit="mask", disable=not self.progress or len(missing) < 2, leave=False)
+        order = trie_order(missing)
+        if self.backend is not None and order:
+            results = self.backend.evaluate(order)  # a distributed backend: same records, computed elsewhere
+        else:
+            results = self.evaluate_keys(order, desc)
+        for ev in results:
+            self.store.put(self.model_fp, self.data_fp, ev)
+            known[ev.mask] = ev
+            self.new += 1
+            self.seconds += ev.seconds
+        return [known[k] for k in keys]
+
+    def evaluate_keys(self, keys: list[str], desc: str = "evaluating masks"):
+        """Evaluate mask keys here, in the order given (trie order shares the most), yielding each
+        :class:`Evaluation` as soon as it is done; nothing is read from or written to the store."""
+        cache = self.runner.prefix
+        bar = tqdm(keys, desc=desc, unit="mask", disable=not self.progress or len(keys) < 2, leave=False)
         for key in bar:
             kept = [i for i, c in enumerate(key) if c == "1"]
             t0 = time.perf_counter()
             with keep_layers(self.model, kept) as stack:
-                if cache is None:
-                    nll, tokens = self.evaluator.nll(self.model)
-                else:
-                    live = getattr(stack.parent, stack.attr) if len(kept) < self.n_players else None
-                    if live is None:  # all layers kept: the stack is the model's own list; don't touch it
-                        nll, tokens = self.evaluator.nll(self.model)
+                live = getattr(stack.parent, stack.attr) if len(kept) < self.n_players else None
+                if cache is None or live is None:  # all layers kept: the stack is the model's own list
+                    if cache is not None:
                         cache.clear()
-                    else:
-                        with cache.run(key, kept, live):
-                            nll, tokens = self.evaluator.nll(self.model)
-            ev = Evaluation(key, float(nll), int(tokens), _ppl(nll, tokens), time.perf_counter() - t0)
-            self.store.put(self.model_fp, self.data_fp, ev)
-            known[key] = ev
-            self.new += 1
-            self.seconds += ev.seconds
-        if cache is not None:
-            self.layers_run += cache.layers_run
-            self.layers_reused += cache.layers_reused
-        return [known[k] for k in keys]
+                    nll, tokens = self.evaluator.nll(self.runner)
+                else:
+                    with cache.run(key, kept, live):
+                        nll, tokens = self.evaluator.nll(self.runner)
+            yield Evaluation(key, float(nll), int(tokens), _ppl(nll, tokens), time.perf_counter() - t0)
+
+    @property
+    def layers_run(self) -> int:
+        """Layer forward calls computed while prefix reuse was on."""
+        return self.runner.prefix.layers_run if self.runner.prefix is not None else 0
+
+    @property
+    def layers_reused(self) -> int:
+        """... and replayed from the previous mask instead."""
+        return self.runner.prefix.layers_reused if self.runner.prefix is not None else 0
 
     def perplexities(self, masks: np.ndarray) -> np.ndarray:
         return np.array([e.perplexity for e in self.evaluate(masks)])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -79,14 +81,74 @@ _DTYPES = {
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto`` (or None) is bf16 on CUDA and fp32 elsewhere."""
+    """``auto`` (or None) is bf16 where the hardware computes it natively (CUDA; CPUs with AMX or AVX512-BF16)
+    and fp32 elsewhere (:func:`shapprune.engine.hardware.auto_dtype`)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "", "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        from .engine.hardware import auto_dtype
+
+        return auto_dtype(device)
     if dtype not in _DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     return _DTYPES[dtype]
+
+
+@contextlib.contextmanager
+def _gguf_progress(progress: bool):
+    """Silence transformers' GGUF dequantisation bar (it has no switch of its own) unless ``progress``."""
+    if progress:
+        yield
+        return
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def source_dtype(src: ModelSource, trust_remote_code: bool = False) -> torch.dtype | None:
+    """The dtype the source keeps its weights in (from its config), read before loading converts them.
+
+    A GGUF file or a quantised checkpoint has no float dtype of its own: bf16 then. ``None`` when unknown.
+    """
+    if src.gguf_file:
+        return torch.bfloat16
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(src.location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    if getattr(cfg, "quantization_config", None):
+        return torch.bfloat16
+    found = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(found, str):
+        found = getattr(torch, found, None)
+    return found if isinstance(found, torch.dtype) else None
+
+
+def load_skeleton(spec: str, trust_remote_code: bool = False):
+    """The model built from its config on the meta device (no weights read or downloaded), or ``None`` when
+    the config alone can't build it (then load the model). Enough for the layer stack of a 70B model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = resolve_spec(spec)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    try:
+        config = AutoConfig.from_pretrained(src.location, **kwargs)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - any failure means: fall back to loading the weights
+        log.debug("no meta-device skeleton for %s (%s); loading the model", spec, exc)
+        return None
+    model._shapprune_source = src.name or spec
+    return model
 
 
 def load_model(
@@ -95,15 +157,17 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device_map: str | None = None,
     trust_remote_code: bool = False,
+    progress: bool = True,
 ):
     """Load ``(model, tokenizer)`` in eval mode.
 
     Args:
         spec: hub id, local checkpoint directory, path to a ``.gguf`` file, or an alias from :data:`ALIASES`.
         device: ``cpu``, ``cuda``, ``cuda:N``…; default CUDA when available.
-        dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
+        dtype: ``auto`` (bf16 where the hardware has it, else fp32), ``float32``, ``bfloat16`` or ``float16``.
         device_map: ``"auto"`` spreads a large model over all visible GPUs (accelerate); overrides ``device``.
         trust_remote_code: run code shipped with a hub model; off unless asked for.
+        progress: show the GGUF dequantisation bar (transformers draws it unconditionally).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,15 +177,26 @@ def load_model(
     kwargs = {"trust_remote_code": trust_remote_code}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
+    model_kwargs = dict(kwargs)
+    if src.gguf_file:
+        # Unpacked into plain Linear weights of the asked dtype: no packed weights cast at every matmul.
+        try:
+            from transformers import GgufConfig
+        except ImportError:  # older transformers always dequantize
+            GgufConfig = None
+        if GgufConfig is not None:
+            model_kwargs["quantization_config"] = GgufConfig(dequantize=True)
     log.info("loading %s (%s, %s)", src.name or spec, torch_dtype, device_map or dev)
+    stored = source_dtype(src, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            src.location,
-            dtype=torch_dtype,
-            device_map=device_map if device_map else None,
-            **kwargs,
-        )
+        with _gguf_progress(progress):
+            model = AutoModelForCausalLM.from_pretrained(
+                src.location,
+                dtype=torch_dtype,
+                device_map=device_map if device_map else None,
+                **model_kwargs,
+            )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
@@ -136,6 +211,7 @@ def load_model(
         model.hf_quantizer = None
         model.is_quantized = False
     model._shapprune_source = src.name or spec
+    model._shapprune_source_dtype = stored
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

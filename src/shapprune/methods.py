@@ -13,8 +13,12 @@ from typing import Any
 
 from .errors import UserError
 
+#: what ``prune --remove N`` uses when no ``--method`` is given
+DEFAULT_METHOD = "shapprune"
+
 #: method name -> "module:function"
 METHODS: dict[str, str] = {
+    "shapprune": "shapprune.multifidelity:select_shapprune",
     "search": "shapprune.search:select_search",
     "shapley": "shapprune.shapley:select_shapley",
     "shortgpt": "shapprune.baselines:select_shortgpt",
@@ -26,6 +30,59 @@ METHODS: dict[str, str] = {
     "random": "shapprune.baselines:select_random",
     "exhaustive": "shapprune.baselines:select_exhaustive",
 }
+
+
+#: The method-specific options each method reads (``ctx.budget``, ``ctx.options[...]``, ``ctx.game``'s utility);
+#: the command line refuses one given to a method that would ignore it. A method without an entry reads none.
+#: ``utility`` marks methods that score masks through ``ctx.game`` (so ``--utility task:...`` changes them).
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "shapprune": ("budget", "utility"),
+    "search": ("budget", "utility"),
+    "shapley": ("budget", "estimator", "surrogate", "strata", "utility", "paper_recipe"),
+    "ppl": ("utility",),
+    "sleb": ("utility",),
+    "exhaustive": ("budget", "utility"),
+}
+
+
+#: method name -> "module:function" checking ``(num_layers, n, budget, options)`` before any evaluation
+#: (e.g. a budget below the method's minimum); methods without an entry need no check.
+METHOD_CHECKS: dict[str, str] = {
+    "shapley": "shapprune.shapley:check_shapley",
+    "exhaustive": "shapprune.methods:check_exhaustive",
+}
+
+
+def check_selection(name: str, num_layers: int, n: int, budget: int | None, options: dict | None = None) -> None:
+    """Run ``name``'s check from :data:`METHOD_CHECKS` (once the layer count is known, before evaluating)."""
+    target = METHOD_CHECKS.get(check_method(name))
+    if target:
+        module, func = target.split(":")
+        getattr(importlib.import_module(module), func)(num_layers, n, budget, dict(options or {}))
+
+
+def check_exhaustive(num_layers: int, n: int, budget: int | None, options: dict) -> None:
+    """The exhaustive method's budget caps ``C(L, N)``: refuse a smaller one, naming the evaluations needed."""
+    from math import comb
+
+    from .baselines import DEFAULT_EXHAUSTIVE_BUDGET
+
+    cap = int(options.get("exhaustive_budget") or budget or DEFAULT_EXHAUSTIVE_BUDGET)
+    if comb(num_layers, n) > cap:
+        raise UserError(f"exhaustive search over {n} of {num_layers} layers needs {comb(num_layers, n)} evaluations, "
+                        f"more than the budget {cap}; give --budget {comb(num_layers, n)} or use a smaller N")
+
+
+def method_options(name: str) -> tuple[str, ...]:
+    """The options ``name`` reads (see :data:`METHOD_OPTIONS`)."""
+    return METHOD_OPTIONS.get(name, ())
+
+
+def check_method(name: str) -> str:
+    """``name`` if it is registered, else a :class:`UserError` listing the registry."""
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return name
 
 
 @dataclass
@@ -53,9 +110,7 @@ class Selection:
 
 
 def get_method(name: str):
-    if name not in METHODS:
-        raise UserError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    module, func = METHODS[name].split(":")
+    module, func = METHODS[check_method(name)].split(":")
     return getattr(importlib.import_module(module), func)
 
 

@@ -12,7 +12,8 @@ import numpy as np
 
 from .errors import UserError
 from .game import ModelGame, PerplexityEvaluator
-from .methods import Selection, SelectionContext, select
+from .layers import find_layer_stack
+from .methods import Selection, SelectionContext, check_selection, select
 from .store import EvaluationStore
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,16 @@ class SelectionResult:
 
 def choose_layers(model, tokenizer, windows, *, source: str, method: str, remove: int | None,
                   budget: int | None, seed: int, options: dict, store_path: str | None,
-                  batch_size: int = 16, progress: bool = True, evaluator=None) -> SelectionResult:
+                  batch_size: int = 16, progress: bool = True, evaluator=None,
+                  reuse_prefix: bool = True) -> SelectionResult:
     """Run ``method`` on a game over ``windows`` and build the record (``removed``/``kept`` ``None`` when
     ``remove`` is ``None``: values only)."""
     t0 = time.time()
+    check_selection(method, find_layer_stack(model).num_layers, remove or 1, budget, options)  # before any evaluation
     store = EvaluationStore(store_path)
     if evaluator is None:  # the paper's utility: calibration perplexity
         evaluator = PerplexityEvaluator(windows, batch_size=batch_size)
-    game = ModelGame(model, evaluator, store, progress=progress)
+    game = ModelGame(model, evaluator, store, progress=progress, reuse_prefix=reuse_prefix)
     L = game.n_players
     log.info("game over %d layers; full calibration perplexity %.4f", L, game.full_perplexity)
     ctx = SelectionContext(model=model, tokenizer=tokenizer, windows=windows, game=game, seed=seed, budget=budget,

@@ -1,4 +1,5 @@
-"""Human-readable evidence of a layer selection: ``report.md``, ``shapley.png`` and ``surrogate.png``."""
+"""Human-readable evidence of a layer selection: ``report.md``, a plot of the per-layer values named after
+what they are (``shapley.png``, ``block_influence.png``, ...) and ``surrogate.png``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,20 @@ import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+#: method -> (file name, what its per-layer values are); other methods get ``<method>_values.png``
+VALUE_PLOTS: dict[str, tuple[str, str]] = {
+    "shapley": ("shapley.png", "estimated Shapley value"),
+    "search": ("quadratic_shapley.png", "Shapley value of the quadratic surrogate"),
+    "shortgpt": ("block_influence.png", "block influence 1 − cos(x_in, x_out)"),
+    "ppl": ("ppl_without_layer.png", "calibration perplexity without the layer"),
+    "taylor": ("taylor.png", "Taylor score Σ|w·∂L/∂w|"),
+}
+
+
+def value_plot(method: str) -> tuple[str, str]:
+    """``(file name, y-axis label)`` of the per-layer value plot of ``method``."""
+    return VALUE_PLOTS.get(method, (f"{method}_values.png", f"{method} score per layer"))
 
 
 def _fmt(x, digits: int = 4) -> str:
@@ -27,8 +42,9 @@ def _plt():
 
 
 def plot_values(path: str | os.PathLike, values: list[float], stderr: list | None, removed: list[int] | None,
-                title: str) -> Path:
-    """Per-layer values with error bars (±1.96 standard errors); removed layers in red."""
+                title: str, ylabel: str = "estimated value", note: str | None = None) -> Path:
+    """Per-layer values with error bars (±1.96 standard errors); removed layers in red; ``note`` under the
+    axis says what the error bars leave out."""
     plt = _plt()
     L = len(values)
     removed = set(removed or [])
@@ -39,12 +55,14 @@ def plot_values(path: str | os.PathLike, values: list[float], stderr: list | Non
     colors = ["#d62728" if i in removed else "#1f77b4" for i in range(L)]
     ax.bar(range(L), values, yerr=err, color=colors, capsize=2, ecolor="black", linewidth=0)
     ax.set_xlabel("layer (0-based)")
-    ax.set_ylabel("estimated value")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.set_xticks(range(L))
     ax.tick_params(axis="x", labelsize=6)
     ax.axhline(0, color="gray", linewidth=0.5)
-    fig.tight_layout()
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=6, color="#444444", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.05 if note else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
@@ -74,15 +92,20 @@ def plot_surrogate(path: str | os.PathLike, measured: list[float], predicted: li
 
 
 def write_outputs(directory: str | os.PathLike, record: dict, info: dict | None) -> list[Path]:
-    """Write ``report.md``, ``shapley.png`` (when there are values) and ``surrogate.png`` (when there is a
-    surrogate with held-out points) into ``directory``."""
+    """Write ``report.md``, the value plot of :func:`value_plot` (when there are values) and ``surrogate.png``
+    (when there is a surrogate with held-out points) into ``directory``."""
     directory = Path(directory)
     written = []
     info = info or {}
     values, stderr, removed = record.get("values"), record.get("stderr"), record.get("removed")
     title = f"{record['source']}: {record['method']}" + (f" / {record['estimator']}" if record.get("estimator") else "")
     if values:
-        written.append(plot_values(directory / "shapley.png", values, stderr, removed, title))
+        name, ylabel = value_plot(record["method"])
+        note = None
+        if stderr is not None and record.get("surrogate") and record.get("estimator") == "surrogate":
+            note = ("error bars: Monte Carlo error of Stage 2 only; the surrogate's own error is not included "
+                    f"(held-out R² {_fmt(record['surrogate'].get('heldout_r2'))})")
+        written.append(plot_values(directory / name, values, stderr, removed, title, ylabel, note))
     held = info.get("heldout") or {}
     sur = record.get("surrogate")
     has_sur_plot = bool(sur and held.get("measured"))
@@ -128,12 +151,15 @@ def render_report(record: dict, info: dict, has_sur_plot: bool) -> str:
                      f"Spearman {_fmt(sur['heldout_spearman'])}, Kendall τ {_fmt(sur['heldout_kendall'])}.")
         lines.append("")
         lines.append("![held-out predictions](surrogate.png)" if has_sur_plot else "(too few held-out masks to plot)")
+        if sur.get("warning"):
+            lines += ["", f"**Warning:** {sur['warning']}."]
     else:
         lines.append("No surrogate: this estimator used the real utility only (no `surrogate.png`).")
     if info.get("stderr_note"):
         lines += ["", f"Standard errors: {info['stderr_note']}."]
     if r.get("values"):
-        lines += ["", "## Per-layer values", "", "![values](shapley.png)", "",
+        name, ylabel = value_plot(r["method"])
+        lines += ["", f"## Per-layer values: {ylabel}", "", f"![{ylabel}]({name})", "",
                   "| layer | value | std. error | rank (1 = least important) | removed |",
                   "|---:|---:|---:|---:|:---:|"]
         order = sorted(range(len(r["values"])), key=lambda i: (r["values"][i], i))

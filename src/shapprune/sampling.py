@@ -105,10 +105,16 @@ def unrank_combination(rank: int, n: int, k: int) -> list[int]:
     return out
 
 
+#: strata up to this many masks are drawn as a prefix of one shuffled list of all their ranks
+_SHUFFLE_LIMIT = 1 << 20
+
+
 def sample_stratum(num_layers: int, k: int, n: int, rng: np.random.Generator) -> np.ndarray:
     """``n`` distinct masks with exactly ``k`` ones, uniform among the ``C(L, k)`` such masks.
 
-    If the stratum holds no more than ``n`` masks, all of them are returned (in a seeded random order).
+    Nested: for a given Generator state, the masks for ``n`` are the first ``n`` of those for any larger
+    ``n`` (a prefix of one random order of the stratum), so a run with a larger budget contains a smaller
+    one. If the stratum holds no more than ``n`` masks, all of them are returned (in a seeded random order).
     """
     L = int(num_layers)
     total = math.comb(L, k)
@@ -116,23 +122,33 @@ def sample_stratum(num_layers: int, k: int, n: int, rng: np.random.Generator) ->
     out = np.zeros((n, L), dtype=bool)
     if n == 0:
         return out
-    if total < _RANK_LIMIT:
-        ranks = rng.permutation(total) if n == total else rng.choice(total, size=n, replace=False)
-        for row, r in enumerate(ranks.tolist()):
+    if total <= _SHUFFLE_LIMIT:
+        for row, r in enumerate(rng.permutation(total)[:n].tolist()):
             out[row, unrank_combination(r, L, k)] = True
         return out
-    seen: set[bytes] = set()
+    seen: set[int] = set()
     row = 0
-    while row < n:  # collisions are astronomically rare here (C(L, k) >= 2**62)
-        idx = rng.choice(L, size=k, replace=False)
-        m = np.zeros(L, dtype=bool)
-        m[idx] = True
-        key = np.packbits(m).tobytes()
-        if key not in seen:
+    while row < n:  # sequential draws without repeats: each prefix is independent of n
+        if total < _RANK_LIMIT:
+            r = int(rng.integers(total))
+            if r in seen:
+                continue
+            seen.add(r)
+            out[row, unrank_combination(r, L, k)] = True
+        else:  # ranks overflow int64; collisions are astronomically rare (C(L, k) >= 2**62)
+            idx = rng.choice(L, size=k, replace=False)
+            key = hash(tuple(sorted(idx.tolist())))
+            if key in seen:
+                continue
             seen.add(key)
-            out[row] = m
-            row += 1
+            out[row, idx] = True
+        row += 1
     return out
+
+
+def stratum_rng(seed: int, k: int) -> np.random.Generator:
+    """The Generator of stratum ``k`` for a run seeded ``seed``: independent of the budget and other strata."""
+    return np.random.default_rng([int(seed), int(k)])
 
 
 def stratified_masks(num_layers: int, budget: int, rng: np.random.Generator,
@@ -140,7 +156,10 @@ def stratified_masks(num_layers: int, budget: int, rng: np.random.Generator,
     """Stage 1: ``budget`` masks split evenly over ``strata`` (default :func:`default_strata`).
 
     Deterministic for a given Generator state. Masks of different strata differ in their counts, so no mask
-    appears twice.
+    appears twice. Nested in the budget: ``rng`` gives one seed (a fixed number of draws, whatever the budget),
+    each stratum draws from its own Generator (:func:`stratum_rng`) a prefix of one random order of its masks,
+    and every stratum's share grows with the budget, so the masks for a budget are among those for any larger
+    budget with the same Generator state; raising ``--budget`` pays only for the difference.
     """
     L = int(num_layers)
     strata = default_strata(L) if strata is None else check_strata(strata, L)
@@ -149,8 +168,9 @@ def stratified_masks(num_layers: int, budget: int, rng: np.random.Generator,
             f"--budget {budget} is too small for {len(strata)} strata; give at least one evaluation per stratum"
         )
     alloc = split_budget(budget, strata, L)
+    seed = int(rng.integers(2**63))
     parts, labels = [], []
     for k, n in zip(strata, alloc, strict=True):
-        parts.append(sample_stratum(L, k, n, rng))
+        parts.append(sample_stratum(L, k, n, stratum_rng(seed, k)))
         labels.append(np.full(n, k, dtype=np.int64))
     return StratifiedSample(masks=np.concatenate(parts), strata=np.concatenate(labels))

@@ -11,43 +11,55 @@ import logging
 import numpy as np
 
 from .baselines import lowest
-from .errors import UserError
-from .estimators import ESTIMATORS, estimate
+from .estimators import budget_limits, check_budget, check_estimator, estimate
 from .methods import Selection, SelectionContext
+from .sampling import check_strata
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ESTIMATOR = "surrogate"
-#: real evaluations by default: ~100 masks of 10×128 tokens on SmolLM2-135M take a few minutes on 2 CPU cores
-DEFAULT_BUDGET = 100
 
 
-def default_budget(estimator: str, num_layers: int, surrogate: str | None = None) -> int:
-    """A budget that finishes in minutes on a small model on a CPU, and is valid for the estimator."""
-    if estimator == "exact" and surrogate is None:
-        return 2**num_layers
-    if estimator == "permutation":
-        return max(DEFAULT_BUDGET, 2 * (2 * num_layers + 2))
-    return DEFAULT_BUDGET
+def default_budget(estimator: str, num_layers: int, surrogate: str | None = None,
+                   num_strata: int | None = None) -> int:
+    """The estimator's default budget: a sensible answer on a small model in minutes on a CPU
+    (see :func:`shapprune.estimators.budget_limits`)."""
+    return budget_limits(estimator, num_layers, surrogate, num_strata)[1]
+
+
+def resolve(num_layers: int, budget: int | None, options: dict) -> tuple[str, str | None, list[int] | None, int]:
+    """``(estimator, surrogate, strata, budget)`` from the options, checked; the budget defaults per estimator."""
+    name = check_estimator(options.get("estimator") or DEFAULT_ESTIMATOR)
+    surrogate = options.get("surrogate")
+    if name == "surrogate" and surrogate is None:
+        surrogate = "mlp"
+    strata = options.get("strata")
+    if strata is not None:
+        strata = check_strata(strata, num_layers)
+    budget = check_budget(name, budget, num_layers, surrogate, None if strata is None else len(strata))
+    return name, surrogate, strata, budget
+
+
+def check_shapley(num_layers: int, n: int, budget: int | None, options: dict) -> None:
+    """Refuse bad options (strata out of range, a budget below the minimum) before any evaluation."""
+    resolve(num_layers, budget, options)
 
 
 def select_shapley(ctx: SelectionContext, n: int) -> Selection:
     """Remove the ``n`` layers with the lowest estimated Shapley values."""
     opts = ctx.options or {}
-    name = opts.get("estimator") or DEFAULT_ESTIMATOR
-    if name not in ESTIMATORS:
-        raise UserError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
-    surrogate = opts.get("surrogate")
-    if name == "surrogate" and surrogate is None:
-        surrogate = "mlp"
     L = int(ctx.game.n_players)
-    budget = int(ctx.budget) if ctx.budget is not None else default_budget(name, L, surrogate)
+    name, surrogate, strata, budget = resolve(L, ctx.budget, opts)
     rng = np.random.default_rng(ctx.seed)
     kwargs = {"progress": bool(opts.get("progress", True))}
     if surrogate is not None:
         kwargs["surrogate"] = surrogate
-    if opts.get("strata") is not None:
-        kwargs["strata"] = [int(k) for k in opts["strata"]]
+    if strata is not None:
+        kwargs["strata"] = strata
+    if opts.get("paper_recipe") and name == "surrogate":
+        from .surrogate import MLPConfig
+
+        kwargs["mlp"] = MLPConfig(min_steps_per_epoch=1, center=False)  # the published optimiser, exactly
     log.info("shapley: estimator %s%s, budget %d, seed %d", name,
              f" (surrogate {surrogate})" if surrogate else "", budget, ctx.seed)
     est = estimate(name, ctx.game, budget, rng, **kwargs)
@@ -60,4 +72,29 @@ def select_shapley(ctx: SelectionContext, n: int) -> Selection:
         "surrogate": est.info.get("surrogate"),
         "info": est.info,
     }
+    trust = surrogate_trust(extra["surrogate"], budget, L)
+    if trust is not None:
+        extra["surrogate"] = dict(extra["surrogate"] or {}, trusted=trust["trusted"], warning=trust["warning"])
+        if not trust["trusted"]:
+            log.warning(trust["warning"])
     return Selection(removed=lowest(values, n), values=[float(v) for v in values], stderr=stderr, extra=extra)
+
+
+#: below these held-out scores the surrogate's ranking of layers is mostly noise
+MIN_R2 = 0.8
+MIN_SPEARMAN = 0.8
+
+
+def surrogate_trust(metrics: dict | None, budget: int, num_layers: int) -> dict | None:
+    """Whether the surrogate's held-out fit is good enough for its values to be trusted, and if not, a plain
+    warning with the budget to try (the paper's 8,000 masks for 32 layers, scaled to ``num_layers``)."""
+    if not metrics or metrics.get("heldout_r2") is None:
+        return None
+    r2, rho = metrics["heldout_r2"], metrics.get("heldout_spearman")
+    trusted = r2 >= MIN_R2 and (rho is None or rho >= MIN_SPEARMAN)
+    need = max(2 * budget, int(round(8000 * num_layers / 32)))
+    warning = (f"the surrogate's held-out R² is {r2:.2f} and Spearman {rho if rho is None else round(rho, 2)} "
+               f"(trusted from {MIN_R2} and {MIN_SPEARMAN}): these Shapley values are mostly noise at budget "
+               f"{budget}; the paper used 8,000 masks for 32 layers, so try --budget {need}, or use the default "
+               "method (--method shapprune)")
+    return {"trusted": trusted, "warning": None if trusted else warning}

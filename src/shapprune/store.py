@@ -7,6 +7,7 @@ A file that is not a shapprune store is refused, never mixed in.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import StoreLocked, UserError
 
 SCHEMA = "shapprune-evaluation-store/1"
 
@@ -38,7 +39,13 @@ def mask_key(mask: Iterable[bool]) -> str:
 
 
 def model_fingerprint(model) -> str:
-    """A stable hash of a model's config, dtype, device type and weights (a strided sample of each tensor)."""
+    """A stable hash of a model's config, dtype, device type and weights.
+
+    Each tensor contributes its name, shape, dtype and a strided sample of at most 4,096 of its values, read
+    as raw bytes in its own dtype, and the float64 sum of all its values, accumulated by the reduction
+    itself: nothing larger than the sample is ever copied (a float64 copy of a 70B model's embedding alone
+    would be gigabytes).
+    """
     h = hashlib.sha256()
     cfg = model.config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype"):
@@ -50,11 +57,10 @@ def model_fingerprint(model) -> str:
         for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)
             step = max(1, flat.numel() // 4096)
-            sample = flat[::step][:4096].to("cpu", torch.float64)
-            h.update(name.encode())
-            h.update(str(tuple(p.shape)).encode())
-            h.update(sample.numpy().tobytes())
-            h.update(repr(float(p.detach().double().sum())).encode())
+            sample = flat[::step][:4096].contiguous().to("cpu")
+            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
+            h.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+            h.update(repr(float(torch.sum(p.detach(), dtype=torch.float64))).encode())
     return h.hexdigest()[:20]
 
 
@@ -69,44 +75,103 @@ class Evaluation:
     seconds: float
 
 
-class EvaluationStore:
-    """Mask evaluations in SQLite. ``path=None`` keeps them in memory only."""
+#: seconds a process waits for another one's lock on the store (``$SHAPPRUNE_STORE_TIMEOUT`` overrides)
+LOCK_TIMEOUT = 120.0
 
-    def __init__(self, path: str | os.PathLike | None = None):
+
+def lock_timeout() -> float:
+    try:
+        return float(os.environ.get("SHAPPRUNE_STORE_TIMEOUT") or LOCK_TIMEOUT)
+    except ValueError:
+        raise UserError("SHAPPRUNE_STORE_TIMEOUT must be a number of seconds, e.g. 120") from None
+
+
+def _is_locked(exc: sqlite3.Error) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc).lower()
+
+
+class EvaluationStore:
+    """Mask evaluations in SQLite. ``path=None`` keeps them in memory only.
+
+    Two processes may open (and create) the same store at once: creation runs in one ``BEGIN IMMEDIATE``
+    transaction, so the second waits and then finds a complete store. A lock held by another process for
+    longer than ``timeout`` seconds raises :class:`~shapprune.errors.StoreLocked` (one line, no traceback).
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, timeout: float | None = None):
         self.path = Path(path).expanduser() if path is not None else None
+        self.timeout = lock_timeout() if timeout is None else float(timeout)
         if self.path is not None:
             if self.path.exists() and not self.path.is_file():
                 raise UserError(f"--store {self.path} is not a file; give a path for the evaluation store")
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            existed = self.path.exists() and self.path.stat().st_size > 0
-        else:
-            existed = False
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"cannot create the folder of the evaluation store {self.path}: {exc.strerror}; "
+                                "pass another --store PATH") from None
         try:
-            self.db = sqlite3.connect(str(self.path) if self.path is not None else ":memory:", timeout=120)
-            if existed:
+            self.db = sqlite3.connect(str(self.path) if self.path is not None else ":memory:", timeout=self.timeout)
+            with self.locked("opening"):
+                self._create_if_empty()
                 self._check()
-            else:
-                self._create()
+        except UserError:
+            raise
+        except sqlite3.OperationalError as exc:
+            if "readonly" not in str(exc) and "unable to open" not in str(exc):
+                raise UserError(f"{self.path} is not a shapprune evaluation store (unreadable or corrupt); "
+                                "pass another --store path or delete that file") from None
+            raise UserError(f"cannot write the evaluation store {self.path} ({exc}); "
+                            "pass another --store PATH you may write to") from None
         except sqlite3.DatabaseError:
             raise UserError(
                 f"{self.path} is not a shapprune evaluation store (unreadable or corrupt); "
                 "pass another --store path or delete that file"
             ) from None
 
-    def _create(self) -> None:
-        with self.db:
-            self.db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA,))
-            self.db.execute(
-                "CREATE TABLE evaluations (model TEXT NOT NULL, data TEXT NOT NULL, mask TEXT NOT NULL,"
-                " nll REAL NOT NULL, tokens INTEGER NOT NULL, perplexity REAL NOT NULL, seconds REAL NOT NULL,"
-                " created REAL NOT NULL, PRIMARY KEY (model, data, mask))"
-            )
+    @contextlib.contextmanager
+    def locked(self, what: str):
+        """Turn "database is locked" (after ``timeout`` seconds of waiting) into :class:`StoreLocked`."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if not _is_locked(exc):
+                raise
+            raise StoreLocked(
+                f"the evaluation store {self.path} stayed locked by another process for {self.timeout:g} s while "
+                f"{what}; wait for the other shapprune run to finish, or pass another --store PATH "
+                "(SHAPPRUNE_STORE_TIMEOUT sets the wait in seconds)"
+            ) from None
+
+    def _create_if_empty(self) -> None:
+        """Create the tables in a file with none (a new store); a file with other tables is left alone."""
+        db = self.db
+        db.isolation_level = None  # explicit transactions
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+                db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA,))
+                db.execute(
+                    "CREATE TABLE evaluations (model TEXT NOT NULL, data TEXT NOT NULL, mask TEXT NOT NULL,"
+                    " nll REAL NOT NULL, tokens INTEGER NOT NULL, perplexity REAL NOT NULL, seconds REAL NOT NULL,"
+                    " created REAL NOT NULL, PRIMARY KEY (model, data, mask))"
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.isolation_level = ""
 
     def _check(self) -> None:
         try:
             row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             self.db.execute("SELECT model, data, mask, nll, tokens, perplexity, seconds FROM evaluations LIMIT 1")
+        except sqlite3.OperationalError as exc:
+            if _is_locked(exc):
+                raise
+            row = None
         except sqlite3.DatabaseError:
             row = None
         if row is None or row[0] != SCHEMA:
@@ -116,6 +181,10 @@ class EvaluationStore:
             )
 
     def get_many(self, model: str, data: str, masks: list[str]) -> dict[str, Evaluation]:
+        with self.locked("reading evaluations"):
+            return self._get_many(model, data, masks)
+
+    def _get_many(self, model: str, data: str, masks: list[str]) -> dict[str, Evaluation]:
         found: dict[str, Evaluation] = {}
         for start in range(0, len(masks), 500):
             part = masks[start : start + 500]
@@ -129,7 +198,7 @@ class EvaluationStore:
         return found
 
     def put(self, model: str, data: str, ev: Evaluation) -> None:
-        with self.db:
+        with self.locked("writing an evaluation"), self.db:
             self.db.execute(
                 "INSERT OR REPLACE INTO evaluations VALUES (?,?,?,?,?,?,?,?)",
                 (model, data, ev.mask, ev.nll, ev.tokens, ev.perplexity, ev.seconds, time.time()),
@@ -141,6 +210,39 @@ class EvaluationStore:
             q += " WHERE model=? AND data=?"
             args = [model, data]
         return int(self.db.execute(q, args).fetchone()[0])
+
+    def summary(self) -> dict:
+        """What the store holds: size, evaluations, and per model its calibrations, evaluations and dates."""
+        with self.locked("reading the summary"):
+            total, first, last = self.db.execute("SELECT COUNT(*), MIN(created), MAX(created) FROM evaluations").fetchone()
+            models = [
+                {"model": m, "calibrations": int(c), "evaluations": int(n), "first": f, "last": lt}
+                for m, c, n, f, lt in self.db.execute(
+                    "SELECT model, COUNT(DISTINCT data), COUNT(*), MIN(created), MAX(created) FROM evaluations "
+                    "GROUP BY model ORDER BY MAX(created) DESC"
+                )
+            ]
+            calibrations = int(self.db.execute("SELECT COUNT(DISTINCT data) FROM evaluations").fetchone()[0])
+        size = self.path.stat().st_size if self.path is not None and self.path.exists() else 0
+        return {"path": str(self.path), "bytes": size, "evaluations": int(total), "models": models,
+                "calibrations": calibrations, "first": first, "last": last}
+
+    def delete(self, model: str | None = None, before: float | None = None) -> int:
+        """Delete the evaluations of models whose fingerprint starts with ``model`` and/or created before the
+        Unix time ``before`` (everything when both are ``None``); returns how many, and compacts the file."""
+        where, params = [], []
+        if model is not None:
+            where.append("substr(model, 1, ?) = ?")
+            params += [len(model), model]
+        if before is not None:
+            where.append("created < ?")
+            params.append(float(before))
+        q = "DELETE FROM evaluations" + (" WHERE " + " AND ".join(where) if where else "")
+        with self.locked("deleting evaluations"):
+            with self.db:
+                n = self.db.execute(q, params).rowcount
+            self.db.execute("VACUUM")
+        return int(n)
 
     def close(self) -> None:
         self.db.close()

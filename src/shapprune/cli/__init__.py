@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from ..errors import UserError
+from ..errors import OutOfMemory, UserError, is_out_of_memory
 
 #: subcommand name -> module exposing ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = {
@@ -16,6 +16,7 @@ COMMANDS = {
     "prune": "shapprune.cli.prune_cmd",
     "shapley": "shapprune.cli.shapley_cmd",
     "compare": "shapprune.cli.compare_cmd",
+    "store": "shapprune.cli.store_cmd",
 }
 
 
@@ -51,6 +52,21 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.WARNING)
 
 
+def os_error_message(exc: OSError) -> str:
+    """One line for an operating-system error: what failed, on which path, and what to do."""
+    import errno
+
+    where = f" on {exc.filename}" if exc.filename else ""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    hint = {errno.ENOSPC: "free some disk space or write elsewhere (--out/--json/--store)",
+            errno.EDQUOT: "free some quota or write elsewhere (--out/--json/--store)",
+            errno.EACCES: "choose a path you may write to (--out/--json/--store)",
+            errno.EPERM: "choose a path you may write to (--out/--json/--store)",
+            errno.EROFS: "choose a path on a writable filesystem (--out/--json/--store)"}.get(
+        exc.errno, "check the path and try again")
+    return f"{what}{where}; {hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -65,8 +81,16 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.disable_progress_bar()
     try:
         return int(args._run(args) or 0)
-    except UserError as exc:
+    except UserError as exc:  # OutOfMemory, StoreLocked, ... included
         sys.stderr.write(f"shapprune {args.command}: error: {exc}\n")
+        return 2
+    except OSError as exc:  # disk full, permission denied, ... on an output path
+        sys.stderr.write(f"shapprune {args.command}: error: {os_error_message(exc)}\n")
+        return 2
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        sys.stderr.write(f"shapprune {args.command}: error: {OutOfMemory(type(exc).__name__)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("shapprune: interrupted\n")

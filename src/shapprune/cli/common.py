@@ -24,6 +24,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--device-map", default=None, help="'auto' spreads a large model over all visible GPUs")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (also off with --quiet)")
+
+
+def show_progress(args) -> bool:
+    """Progress bars unless ``--no-progress`` or ``--quiet``."""
+    return not (getattr(args, "no_progress", False) or getattr(args, "quiet", False))
 
 
 def add_data_args(p: argparse.ArgumentParser, data: str, seqlen: int, max_windows: int | None,
@@ -42,11 +48,33 @@ def add_data_args(p: argparse.ArgumentParser, data: str, seqlen: int, max_window
                    help=f"windows per forward pass; halves on out-of-memory (default: {batch_size})")
 
 
+def add_json_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """``--json PATH`` and ``--force``: an existing file is refused unless ``--force`` is given (every command)."""
+    p.add_argument("--json", default=None, metavar="PATH", help=f"{help}; an existing file is refused unless --force")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+
+
+def check_json_early(args) -> None:
+    """Refuse an existing ``--json`` file (without ``--force``) before any work starts."""
+    from ..output import check_new_file
+
+    if getattr(args, "json", None):
+        check_new_file(args.json, force=args.force)
+
+
+def write_json_arg(args, obj) -> None:
+    """Write ``--json`` (refusing a file that appeared meanwhile, unless ``--force``)."""
+    from ..output import write_json
+
+    if getattr(args, "json", None):
+        write_json(args.json, obj, force=args.force)
+
+
 def load(args):
     from ..loading import load_model
 
     return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=args.trust_remote_code, progress=show_progress(args))
 
 
 def windows(args, tokenizer, model, split: str):
@@ -94,3 +122,108 @@ def utility_evaluator(args, tokenizer, windows, batch_size: int = 16):
 
     return make_evaluator(args.utility, tokenizer=tokenizer, windows=windows, task_dir=args.task_dir,
                           limit=args.task_limit, batch_size=batch_size)
+
+
+# ------------------------------------------------------------------------------------ layer-selection options
+#: option (as in :data:`shapprune.methods.METHOD_OPTIONS`) -> its flag
+FLAGS = {"budget": "--budget", "estimator": "--estimator", "surrogate": "--surrogate", "strata": "--strata",
+         "utility": "--utility", "paper_recipe": "--paper-recipe"}
+
+BUDGET_HELP = ("what it counts depends on the method. shapley: real evaluations — Stage-1 masks for the "
+               "surrogate estimator (at least 5 per stratum; default 100, or 10 per stratum if more), distinct "
+               "masks for permutation (at least and by default one cycle of ⌈L/2⌉ antithetic pairs, about L²), "
+               "kernel (at least 2L+2; default max(100, 4L+2)) and exact (2^L). exhaustive: the largest C(L, N) "
+               "it may enumerate (default 5000). shapprune (the default): calibration tokens in full evaluations (a "
+               "screen on a quarter of the windows counts a quarter; default 45%% of SLEB's path, about 0.45·N·L). "
+               "search: real evaluations (at least its greedy path). "
+               "A budget too small for a meaningful answer is refused, with the minimum")
+
+
+def int_list(text: str, flag: str = "--strata") -> list[int]:
+    """``"18,21,24"`` -> ``[18, 21, 24]``; anything else is a :class:`UserError` naming ``flag``."""
+    try:
+        vals = [int(p) for p in str(text).split(",") if p.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated integers, e.g. 18,21,24, got {text!r}") from None
+    if not vals:
+        raise UserError(f"{flag} needs at least one integer, e.g. 18,21,24")
+    return vals
+
+
+def add_selection_args(p: argparse.ArgumentParser, batch_size: int = 16) -> None:
+    """The options ``prune``, ``shapley`` and ``compare`` share: estimator, budget, the game's data and store.
+
+    Values are checked by :func:`check_selection_args` (against the registries), before a model is loaded."""
+    p.add_argument("--estimator", default=None,
+                   help="Shapley estimator for --method shapley: surrogate (default, the paper's two-stage method), "
+                        "permutation, kernel or exact (shapprune.estimators.ESTIMATORS)")
+    p.add_argument("--surrogate", default=None,
+                   help="surrogate for --estimator surrogate (default mlp) or exact (enumerate the surrogate): "
+                        "mlp or quadratic")
+    p.add_argument("--budget", type=positive_int, default=None, help=BUDGET_HELP)
+    p.add_argument("--strata", default=None, metavar="K,K,...",
+                   help="counts of kept layers for Stage 1, e.g. 18,21,24 (default: 5 from L-2 to L-round(0.45L))")
+    p.add_argument("--paper-recipe", action="store_true", default=None,
+                   help="shapley: fit the MLP surrogate with the published optimiser exactly (0/1 masks, batch 300, "
+                        "300 epochs) instead of shapprune's adaptation for small samples")
+    add_data_args(p, data="wikitext2", seqlen=128, max_windows=10, batch_size=batch_size)
+    p.add_argument("--store", default=None, metavar="PATH",
+                   help="SQLite evaluation store (default: $SHAPPRUNE_STORE or ~/.cache/shapprune/evaluations.sqlite)")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="evaluate every mask from its first layer (default: masks sharing their first layers "
+                        "reuse those layers' outputs; results are identical, only slower without)")
+
+
+def given_options(args) -> list[str]:
+    """The method-specific options (keys of :data:`FLAGS`) the user set."""
+    out = [k for k in ("budget", "estimator", "surrogate", "strata", "paper_recipe")
+           if getattr(args, k, None) is not None]
+    if getattr(args, "utility", "ppl") != "ppl":
+        out.append("utility")
+    return out
+
+
+def check_selection_args(args, methods: list[str]) -> None:
+    """Check the shared selection options for ``methods`` before a model is loaded.
+
+    Unknown methods, estimators and surrogates and malformed strata are errors, and so is an option that
+    every chosen method would ignore (``--estimator`` with ``--method sleb``). ``args.strata`` becomes a list.
+    """
+    from ..estimators import ESTIMATOR_OPTIONS, check_estimator
+    from ..methods import check_method, method_options
+    from ..surrogate import SURROGATES
+
+    for m in methods:
+        check_method(m)
+    if args.estimator is not None:
+        check_estimator(args.estimator)
+    if args.surrogate is not None and args.surrogate not in SURROGATES:
+        raise UserError(f"unknown surrogate {args.surrogate!r}; choose one of {', '.join(SURROGATES)}")
+    if isinstance(args.strata, str):
+        args.strata = int_list(args.strata)
+    if args.strata is not None and min(args.strata) < 1:
+        raise UserError(f"--strata {min(args.strata)}: each stratum keeps at least 1 layer")
+    for opt in given_options(args):
+        users = [m for m in methods if opt in method_options(m)]
+        if not users:
+            which = ", ".join(m for m in methods)
+            using = ", ".join(m for m in dict.fromkeys(_methods_using(opt))) or "no method"
+            raise UserError(f"{FLAGS[opt]} would be ignored by {which}; it applies to {using} only")
+    estimator = args.estimator or "surrogate"
+    if any("estimator" in method_options(m) for m in methods):
+        for opt in ("surrogate", "strata"):
+            if getattr(args, opt) is not None and opt not in ESTIMATOR_OPTIONS.get(estimator, ()):
+                users = ", ".join(e for e, o in ESTIMATOR_OPTIONS.items() if opt in o)
+                raise UserError(f"{FLAGS[opt]} would be ignored by --estimator {estimator}; it applies to {users} only")
+
+
+def _methods_using(opt: str) -> list[str]:
+    from ..methods import METHODS, method_options
+
+    return [m for m in METHODS if opt in method_options(m)]
+
+
+def selection_options(args) -> dict:
+    """``ctx.options`` for the methods, from checked arguments."""
+    return {"estimator": args.estimator, "surrogate": args.surrogate, "strata": args.strata,
+            "paper_recipe": bool(getattr(args, "paper_recipe", None)), "progress": show_progress(args)}

@@ -6,7 +6,17 @@ import logging
 import time
 from pathlib import Path
 
-from .common import add_data_args, add_model_args, check_data_early, load, positive_int, windows
+from .common import (
+    add_model_args,
+    add_selection_args,
+    check_data_early,
+    check_selection_args,
+    load,
+    positive_int,
+    selection_options,
+    show_progress,
+    windows,
+)
 
 HELP = "compare layer-selection methods: test perplexity vs layers removed (results.json/.md, plot)"
 log = logging.getLogger("shapprune")
@@ -16,29 +26,31 @@ def add_arguments(p) -> None:
     add_model_args(p)
     p.add_argument("--remove", required=True, help="layer counts to remove, e.g. 3,6,9,12")
     p.add_argument("--methods", default="all", help="all, or a comma-separated list of methods")
-    add_data_args(p, data="wikitext2", seqlen=128, max_windows=10, batch_size=16)
+    add_selection_args(p)
     p.add_argument("--eval-data", default="wikitext2", help="test data (default: wikitext2 test split)")
     p.add_argument("--eval-seqlen", type=positive_int, default=2048, help="test window length (default: 2048)")
     p.add_argument("--eval-max-windows", type=positive_int, default=None, help="test windows (default: all)")
-    p.add_argument("--budget", type=positive_int, default=None,
-                   help="real evaluations for shapley (default: its own, 100)")
     p.add_argument("--search-budget", type=positive_int, default=None,
                    help="real evaluations for search (default: its greedy path + 2·L)")
-    p.add_argument("--exhaustive-budget", type=positive_int, default=500,
-                   help="largest C(L, N) the exhaustive method may evaluate; larger N are skipped (default: 500)")
-    p.add_argument("--estimator", default=None, help="shapley estimator (surrogate, permutation, exact, kernel)")
-    p.add_argument("--surrogate", default=None, help="shapley surrogate (mlp, quadratic)")
-    p.add_argument("--strata", default=None, help="shapley strata, e.g. 18,21,24")
+    p.add_argument("--exhaustive-budget", type=positive_int, default=None,
+                   help="largest C(L, N) the exhaustive method may evaluate; larger N are skipped and listed "
+                        "(default: the method's own, 5000)")
     p.add_argument("--tasks", default=None, help="also zero-shot tasks, e.g. piqa,arc_easy (with --task-dir)")
     p.add_argument("--task-dir", default=None, help="directory of local task files <name>.jsonl")
     p.add_argument("--limit", type=positive_int, default=None, help="first N items of each task")
     p.add_argument("--no-table1", action="store_true", help="skip the N=2 static/greedy/exhaustive analysis")
-    p.add_argument("--store", default=None, metavar="PATH", help="SQLite evaluation store (default: shared cache)")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
 
 
 def run(args) -> int:
-    from ..compare import parse_counts, parse_methods, plot_ppl_vs_removed, results_markdown, run_comparison
+    from ..compare import (
+        SKIPPABLE,
+        parse_counts,
+        parse_methods,
+        plot_ppl_vs_removed,
+        results_markdown,
+        run_comparison,
+    )
     from ..data import make_windows
     from ..game import ModelGame, PerplexityEvaluator
     from ..output import atomic_dir, check_out_dir, write_json
@@ -46,11 +58,11 @@ def run(args) -> int:
 
     t0 = time.time()
     methods = parse_methods(args.methods)
+    check_selection_args(args, methods)
     counts = parse_counts(args.remove)
     out = Path(args.out)
     check_out_dir(out)
     check_data_early(args)
-    strata = [int(s) for s in args.strata.split(",")] if args.strata else None
     task_fn = None
     if args.tasks:
         from ..zeroshot import check_limit, load_tasks, parse_tasks
@@ -60,24 +72,33 @@ def run(args) -> int:
         if args.task_dir:
             load_tasks(names, args.task_dir, args.limit)  # fail early on missing files
     model, tokenizer = load(args)
+    from ..layers import find_layer_stack
+    from ..methods import check_selection
+
+    for name in methods:  # a bad budget or strata fails here, before any evaluation
+        if name not in SKIPPABLE:
+            check_selection(name, find_layer_stack(model).num_layers, min(counts), args.budget,
+                            selection_options(args))
     calib = windows(args, tokenizer, model, split="calibration")
     test = make_windows(tokenizer, args.eval_data, args.eval_seqlen, max_windows=args.eval_max_windows,
                         split="evaluation", bos=args.bos, model=model)
     store = EvaluationStore(args.store or default_store_path())
-    calib_game = ModelGame(model, PerplexityEvaluator(calib, args.batch_size), store)
+    calib_game = ModelGame(model, PerplexityEvaluator(calib, args.batch_size), store,
+                           reuse_prefix=not args.no_prefix_reuse, progress=show_progress(args))
     counts = parse_counts(args.remove, calib_game.n_players)
-    test_game = ModelGame(model, PerplexityEvaluator(test, max(1, args.batch_size // 8)), store)
+    test_game = ModelGame(model, PerplexityEvaluator(test, max(1, args.batch_size // 8)), store,
+                          progress=show_progress(args))
     if args.tasks:
         from ..zeroshot import evaluate_tasks
 
         def task_fn(kept):
-            return evaluate_tasks(model, tokenizer, names, args.task_dir, args.limit, args.batch_size, kept=kept)
+            return evaluate_tasks(model, tokenizer, names, args.task_dir, args.limit, args.batch_size, kept=kept,
+                                  progress=show_progress(args))
 
-    options = {"estimator": args.estimator, "surrogate": args.surrogate, "strata": strata,
-               "exhaustive_budget": args.exhaustive_budget}
+    options = {**selection_options(args), "exhaustive_budget": args.exhaustive_budget}
     cmp = run_comparison(model, tokenizer, calib, calib_game, test_game, methods=methods, counts=counts,
                          seed=args.seed, budget=args.budget, options=options, batch_size=args.batch_size,
-                         table1=not args.no_table1, task_fn=task_fn, budgets={"search": args.search_budget})
+                         table1=not args.no_table1, task_fn=task_fn, budgets={"search": args.search_budget, "exhaustive": args.exhaustive_budget})
     header = {"model": args.model, "calibration": calib.describe(), "test": test.describe(),
               "store": str(store.path), "seed": args.seed, "seconds": round(time.time() - t0, 1)}
     with atomic_dir(out) as tmp:

@@ -5,7 +5,19 @@ from __future__ import annotations
 import logging
 import time
 
-from .common import add_data_args, add_model_args, check_data_early, drop_or_keep, load, positive_int, windows
+from .common import (
+    add_data_args,
+    add_json_arg,
+    add_model_args,
+    check_data_early,
+    check_json_early,
+    drop_or_keep,
+    load,
+    positive_int,
+    show_progress,
+    windows,
+    write_json_arg,
+)
 
 HELP = "measure perplexity or zero-shot accuracy (--tasks), optionally with layers dropped (--drop) or kept (--keep)"
 log = logging.getLogger("shapprune")
@@ -28,10 +40,11 @@ def add_arguments(p) -> None:
                    help="read <task>.jsonl files from DIR (offline); without it tasks come from lm-eval")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="score only the first N items of each task")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
+    add_json_arg(p, "also write the result as JSON")
 
 
 def run(args) -> int:
+    check_json_early(args)
     if args.tasks is not None:
         return run_tasks(args)
     from ..errors import UserError
@@ -43,7 +56,6 @@ def run(args) -> int:
 
 def run_ppl(args) -> int:
     from ..layers import find_layer_stack, keep_layers
-    from ..output import write_json
     from ..ppl import sequence_nll
 
     check_data_early(args)
@@ -54,7 +66,8 @@ def run_ppl(args) -> int:
     win = windows(args, tokenizer, model, split="evaluation")
     t0 = time.time()
     with keep_layers(model, kept):
-        res = sequence_nll(model, win.input_ids, batch_size=args.batch_size or DEFAULT_BATCH["ppl"])
+        res = sequence_nll(model, win.input_ids, batch_size=args.batch_size or DEFAULT_BATCH["ppl"],
+                           progress=show_progress(args))
     result = {
         "model": args.model,
         "num_layers": stack.num_layers,
@@ -69,14 +82,12 @@ def run_ppl(args) -> int:
     }
     print(f"perplexity {res.perplexity:.4f} ({win.num_windows} windows × {win.seqlen} tokens of {win.data}; "
           f"removed {removed or 'none'})")
-    if args.json:
-        write_json(args.json, result)
+    write_json_arg(args, result)
     return 0
 
 
 def run_tasks(args) -> int:
     from ..layers import find_layer_stack
-    from ..output import write_json
     from ..zeroshot import check_lm_eval_available, evaluate_tasks, load_tasks, parse_tasks
 
     names = parse_tasks(args.tasks)
@@ -90,11 +101,11 @@ def run_tasks(args) -> int:
     kept = drop_or_keep(args, stack.num_layers)
     removed = [i for i in range(stack.num_layers) if i not in kept]
     res = evaluate_tasks(model, tokenizer, names, task_dir=args.task_dir, limit=args.limit,
-                         batch_size=args.batch_size or DEFAULT_BATCH["tasks"], kept=kept)
+                         batch_size=args.batch_size or DEFAULT_BATCH["tasks"], kept=kept,
+                         progress=show_progress(args))
     result = {"model": args.model, "removed": removed, "tasks": res["tasks"], "mean": res["mean"]}
     print(format_table(result))
-    if args.json:
-        write_json(args.json, result)
+    write_json_arg(args, result)
     return 0
 
 

@@ -6,7 +6,7 @@ import json
 
 from .common import add_model_args, load
 
-HELP = "show the layer stack found in a model (path, count, block class)"
+HELP = "show the layer stack found in a model (path, count, block class), from its config when possible"
 
 
 def add_arguments(p) -> None:
@@ -16,8 +16,12 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..layers import find_layer_stack
+    from ..loading import load_skeleton
 
-    model, _ = load(args)
+    # built on the meta device from the config: no weights read (a 70B hub model answers in seconds)
+    model = load_skeleton(args.model, trust_remote_code=args.trust_remote_code)
+    if model is None:
+        model, _ = load(args)
     stack = find_layer_stack(model)
     info = {"model": args.model, "model_type": model.config.model_type, "path": stack.path,
             "num_layers": stack.num_layers, "block_class": stack.block_class}

@@ -3,18 +3,21 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
 
 from .common import (
-    add_data_args,
+    FLAGS,
     add_model_args,
+    add_selection_args,
     add_utility_args,
     check_data_early,
+    check_selection_args,
+    given_options,
     load,
-    positive_int,
+    selection_options,
+    show_progress,
     utility_evaluator,
     windows,
 )
@@ -22,45 +25,25 @@ from .common import (
 HELP = "remove layers (chosen by --remove N/--ratio R, or given by --drop) and write a standard checkpoint"
 log = logging.getLogger("shapprune")
 
-ESTIMATOR_CHOICES = ("surrogate", "permutation", "exact", "kernel")
 
-
-def int_list(text: str) -> list[int]:
-    try:
-        vals = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 18,21,24, got {text!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("expected at least one integer, e.g. 18,21,24")
-    return vals
-
-
-def add_selection_args(p) -> None:
-    """Options shared by ``prune`` and ``shapley``: the method, the estimator, the game's data and store."""
+def add_choice_args(p) -> None:
+    """``prune`` and ``shapley``: how many layers, by which method, and the shared selection options."""
     p.add_argument("--remove", type=int, default=None, metavar="N", help="number of layers to remove")
     p.add_argument("--ratio", type=float, default=None, metavar="R",
                    help="fraction of layers to remove, 0 < R < 1 (N = round(R·L))")
-    p.add_argument("--method", default="shapley",
-                   help="layer-selection method from shapprune.methods.METHODS (default: shapley)")
-    p.add_argument("--estimator", choices=ESTIMATOR_CHOICES, default=None,
-                   help="Shapley estimator (default: surrogate, the paper's two-stage method)")
-    p.add_argument("--surrogate", choices=("mlp", "quadratic"), default=None,
-                   help="surrogate for --estimator surrogate (default mlp) or exact (enumerate the surrogate)")
-    p.add_argument("--budget", type=positive_int, default=None,
-                   help="real mask evaluations (default: 100; exact: 2^L)")
-    p.add_argument("--strata", type=int_list, default=None,
-                   help="counts of kept layers for Stage 1, e.g. 18,21,24 (default: 5 from L-2 to L-round(0.45L))")
-    add_data_args(p, data="wikitext2", seqlen=128, max_windows=10, batch_size=16)
+    p.add_argument("--method", default="shapprune",
+                   help="layer-selection method from shapprune.methods.METHODS (default: shapprune, the screened "
+                        "greedy path + surrogate-ranked swap search; shapley: the paper's Shapley ranking)")
+    add_selection_args(p)
     add_utility_args(p)
-    p.add_argument("--store", default=None, metavar="PATH",
-                   help="SQLite evaluation store (default: $SHAPPRUNE_STORE or ~/.cache/shapprune/evaluations.sqlite)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_arguments(p) -> None:
     add_model_args(p)
     p.add_argument("--drop", default=None, help="0-based layers to remove, e.g. 3,7 (manual pruning)")
-    add_selection_args(p)
+    add_choice_args(p)
+    p.add_argument("--save-dtype", choices=("source", "float32", "bfloat16", "float16"), default="source",
+                   help="dtype of the saved weights (default: the source's; bf16 for a GGUF or quantised source)")
     p.add_argument("--out", default=None,
                    help="output directory; must not exist or be empty (default: shapprune-out/<model>-<method>-<time>)")
     p.add_argument("--out-format", choices=("hf", "gguf"), default="hf",
@@ -73,10 +56,11 @@ def default_out(model: str, tag: str) -> Path:
     return Path("shapprune-out") / f"{safe}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_selection_args(args) -> None:
+def check_choice_args(args) -> None:
     """Fail on bad option values before a model is loaded."""
     from ..errors import UserError
 
+    check_selection_args(args, [args.method])
     if args.remove is not None and args.remove < 1:
         raise UserError(f"--remove {args.remove}: remove at least 1 layer")
     if args.ratio is not None and not 0 < args.ratio < 1:
@@ -92,10 +76,6 @@ def check_selection_args(args) -> None:
         load_tasks(tasks, args.task_dir, args.task_limit)  # missing or malformed files fail here
 
 
-def selection_options(args) -> dict:
-    return {"estimator": args.estimator, "surrogate": args.surrogate, "strata": args.strata}
-
-
 def store_path(args) -> str:
     from ..store import default_store_path
 
@@ -108,6 +88,9 @@ def run(args) -> int:
     if args.drop is not None:
         if args.remove is not None or args.ratio is not None:
             raise UserError("--drop names the layers itself; leave out --remove/--ratio")
+        ignored = [FLAGS[o] for o in given_options(args)] + (["--method"] if args.method != "shapley" else [])
+        if ignored:
+            raise UserError(f"--drop names the layers itself; {', '.join(ignored)} would be ignored, leave it out")
         return run_manual(args)
     if args.remove is None and args.ratio is None:
         raise UserError("say how many layers to remove (--remove N or --ratio R), or which (--drop 3,7)")
@@ -121,7 +104,7 @@ def run_manual(args) -> int:
         return run_manual_gguf(args)
     from ..layers import find_layer_stack, parse_layer_list, remove_layers
     from ..output import atomic_dir, check_out_dir
-    from ..save import save_checkpoint
+    from ..save import save_checkpoint, save_dtype
 
     out = Path(args.out) if args.out else default_out(args.model, "manual")
     check_out_dir(out)
@@ -134,8 +117,8 @@ def run_manual(args) -> int:
     kept = remove_layers(model, drop)
     meta = {"source": args.model, "num_layers": num_layers, "removed": drop, "kept": kept, "method": "manual"}
     with atomic_dir(out) as tmp:
-        save_checkpoint(model, tokenizer, tmp, meta)
-    print(f"removed layers {drop} of {num_layers}; wrote {out}")
+        save_checkpoint(model, tokenizer, tmp, meta, dtype=save_dtype(model, args.save_dtype))
+    print(f"removed layers {drop} of {num_layers}; {saved_line(meta)}; wrote {out}")
     return 0
 
 
@@ -174,7 +157,8 @@ def choose_from_args(args):
     win = windows(args, tokenizer, model, split="calibration")
     res = choose_layers(model, tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
                         seed=args.seed, options=selection_options(args), store_path=store_path(args),
-                        batch_size=args.batch_size, progress=not args.no_progress,
+                        batch_size=args.batch_size, progress=show_progress(args),
+                        reuse_prefix=not args.no_prefix_reuse,
                         evaluator=utility_evaluator(args, tokenizer, win, args.batch_size))
     return model, tokenizer, res
 
@@ -183,10 +167,10 @@ def run_method(args) -> int:
     from ..layers import remove_layers
     from ..output import atomic_dir, check_out_dir
     from ..report import write_outputs
-    from ..save import save_checkpoint
+    from ..save import save_checkpoint, save_dtype
 
     t0 = time.time()
-    check_selection_args(args)
+    check_choice_args(args)
     check_data_early(args)
     out = Path(args.out) if args.out else default_out(args.model, args.method)
     check_out_dir(out)
@@ -203,7 +187,7 @@ def run_method(args) -> int:
     remove_layers(model, record["removed"])
     with atomic_dir(out) as tmp:
         record["seconds"] = round(time.time() - t0, 3)
-        save_checkpoint(model, tokenizer, tmp, record)
+        save_checkpoint(model, tokenizer, tmp, record, dtype=save_dtype(model, args.save_dtype))
         write_outputs(tmp, record, (res.selection.extra or {}).get("info"))
     print_summary(record)
     print(f"wrote {out}")
@@ -220,7 +204,16 @@ def print_summary(record: dict) -> None:
     if sur:
         r2 = sur["heldout_r2"]
         print(f"surrogate {sur['kind']}: held-out R² {'n/a' if r2 is None else f'{r2:.4f}'}")
+        if sur.get("warning"):
+            print(f"warning: {sur['warning']}")
     print(f"evaluations: {ev['new']} new, {ev['reused']} reused; {record['seconds']:.1f} s")
+    if record.get("saved"):
+        print(saved_line(record))
+
+
+def saved_line(record: dict) -> str:
+    saved = record["saved"]
+    return f"saved {saved['dtype']} weights, {saved['bytes'] / 1e6:.1f} MB"
 
 
 def write_method_gguf(args, out: Path, src: Path, num_layers: int, record: dict, res, t0: float) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-from .common import add_model_args, check_data_early
-from .prune_cmd import add_selection_args, check_selection_args, choose_from_args, print_summary
+from .common import add_json_arg, add_model_args, check_data_early, check_json_early, write_json_arg
+from .prune_cmd import add_choice_args, check_choice_args, choose_from_args, print_summary
 
 HELP = "estimate per-layer Shapley values (and, with --remove N, which layers to remove) without saving a model"
 log = logging.getLogger("shapprune")
@@ -14,19 +14,22 @@ log = logging.getLogger("shapprune")
 
 def add_arguments(p) -> None:
     add_model_args(p)
-    add_selection_args(p)
-    p.add_argument("--json", default=None, metavar="PATH", help="write the pruning.json record here")
+    add_choice_args(p)
+    p.set_defaults(method="shapley")  # this command is about the paper's values
+    add_json_arg(p, "write the pruning.json record here")
     p.add_argument("--report", default=None, metavar="DIR",
-                   help="also write report.md, shapley.png and surrogate.png into this new directory")
+                   help="also write report.md, the per-layer value plot (shapley.png for shapley) and surrogate.png "
+                        "into this new directory")
 
 
 def run(args) -> int:
-    from ..output import atomic_dir, check_out_dir, write_json
+    from ..output import atomic_dir, check_out_dir
     from ..report import write_outputs
 
     t0 = time.time()
-    check_selection_args(args)
+    check_choice_args(args)
     check_data_early(args)
+    check_json_early(args)
     if args.report:
         check_out_dir(args.report)
     _, _, res = choose_from_args(args)
@@ -37,8 +40,7 @@ def run(args) -> int:
         order = sorted(range(num_layers), key=lambda i: (record["values"][i], i))
         print("layers from least to most important: " + ",".join(map(str, order)))
     print_summary(record)
-    if args.json:
-        write_json(args.json, record)
+    write_json_arg(args, record)
     if args.report:
         with atomic_dir(args.report) as tmp:
             write_outputs(tmp, record, (res.selection.extra or {}).get("info"))

@@ -22,13 +22,68 @@ ESTIMATORS: dict[str, str] = {
     "kernel": "shapprune.estimators.kernel:estimate",
 }
 
+#: options each estimator reads besides the budget (the command line refuses the others)
+ESTIMATOR_OPTIONS: dict[str, tuple[str, ...]] = {
+    "surrogate": ("surrogate", "strata"),
+    "exact": ("surrogate", "strata"),
+}
+
+
+def check_estimator(name: str) -> str:
+    """``name`` if it is registered, else a :class:`UserError` listing the registry."""
+    if name not in ESTIMATORS:
+        raise UserError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
+    return name
+
 
 def get_estimator(name: str):
     """The ``estimate`` function registered as ``name``."""
-    if name not in ESTIMATORS:
-        raise UserError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
-    module, func = ESTIMATORS[name].split(":")
+    module, func = ESTIMATORS[check_estimator(name)].split(":")
     return getattr(importlib.import_module(module), func)
+
+
+#: the default budget of the estimators that have no size-dependent one
+DEFAULT_BUDGET = 100
+
+
+def budget_limits(name: str, num_layers: int, surrogate: str | None = None,
+                  num_strata: int | None = None) -> tuple[int, int, str]:
+    """``(minimum, default, what)`` budget of estimator ``name`` on ``num_layers`` players.
+
+    The minimum is the smallest budget that gives a meaningful answer (``what`` says why); the default is one
+    that gives a sensible answer on a small model in minutes. The budget counts distinct real evaluations.
+    """
+    L = int(num_layers)
+    check_estimator(name)
+    if name == "surrogate" or (name == "exact" and surrogate is not None):
+        if num_strata is None:
+            from ..sampling import default_strata
+
+            num_strata = len(default_strata(L))
+        return (5 * num_strata, max(DEFAULT_BUDGET, 10 * num_strata),
+                f"fitting a surrogate over {num_strata} strata (5 masks per stratum)")
+    if name == "exact":
+        return 2**L, 2**L, f"enumerating all 2^{L} coalitions"
+    if name == "permutation":
+        # one cycle of ⌈L/2⌉ pairs, in which every layer joins last once; a pair costs at most 2(L-1) masks
+        # besides the empty and full ones. Fewer pairs leave some layers unmeasured (value 0): two pairs removed
+        # SmolLM2's layer 0 (test PPL 5e4)
+        cycle = 2 * ((L + 1) // 2) * (L - 1) + 2
+        return cycle, cycle, f"one cycle of {(L + 1) // 2} antithetic pairs over {L} layers (each layer last once)"
+    if name == "kernel":
+        return 2 * L + 2, max(DEFAULT_BUDGET, 4 * L + 2), f"KernelSHAP over {L} layers ({L} coalition pairs)"
+    return 1, DEFAULT_BUDGET, "one evaluation"
+
+
+def check_budget(name: str, budget: int | None, num_layers: int, surrogate: str | None = None,
+                 num_strata: int | None = None) -> int:
+    """``budget`` (or the estimator's default when ``None``), refusing one below the minimum."""
+    low, default, what = budget_limits(name, num_layers, surrogate, num_strata)
+    if budget is None:
+        return default
+    if budget < low:
+        raise UserError(f"--budget {budget} is too small for {what}; give at least {low} (default {default})")
+    return int(budget)
 
 
 def estimate(name: str, game, budget: int | None, rng, **options) -> ShapleyEstimate:
@@ -36,4 +91,4 @@ def estimate(name: str, game, budget: int | None, rng, **options) -> ShapleyEsti
     return get_estimator(name)(game, budget, rng, **options)
 
 
-__all__ = ["ESTIMATORS", "BudgetExceeded", "CachedGame", "ShapleyEstimate", "estimate", "get_estimator"]
+__all__ = ["ESTIMATORS", "ESTIMATOR_OPTIONS", "budget_limits", "check_budget", "check_estimator", "BudgetExceeded", "CachedGame", "ShapleyEstimate", "estimate", "get_estimator"]

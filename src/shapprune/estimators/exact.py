@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from ..errors import UserError
+from . import check_budget
 from .base import CachedGame, ShapleyEstimate
 
 MAX_PLAYERS = 24
@@ -52,9 +53,7 @@ def estimate(game, budget: int | None, rng: np.random.Generator, surrogate: str 
         fit, cg, info = stage1_and_fit(game, budget, rng, surrogate=surrogate, progress=progress, **options)
         phi = shapley_from_table(fit.surrogate(masks), L)
         return ShapleyEstimate(phi, None, cg.evaluations, {**info, "stage2": "exact enumeration of the surrogate"})
-    if budget is not None and budget < 2**L:
-        raise UserError(f"--estimator exact needs a budget of 2^{L} = {2**L} evaluations; "
-                        f"raise --budget or use another estimator")
+    budget = check_budget("exact", budget, L)
     cg = CachedGame(game, budget)
     phi = shapley_from_table(cg(masks), L)
     return ShapleyEstimate(phi, np.zeros(L), cg.evaluations, {"stage2": None})

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from . import check_budget
 from .base import CachedGame, ShapleyEstimate
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,7 @@ def estimate(game, budget: int | None, rng: np.random.Generator, chunk: int = 16
     L = int(game.n_players)
     if L < 2:
         raise UserError("KernelSHAP needs at least 2 players")
-    if budget is None:
-        raise UserError("the kernel estimator needs --budget (real evaluations)")
-    if budget < 6:
-        raise UserError(f"--budget {budget} is too small for KernelSHAP; give at least 6 (many more for useful values)")
+    budget = check_budget("kernel", budget, L)
     cg = CachedGame(game, budget)
     ends = np.zeros((2, L), dtype=bool)
     ends[1] = True

@@ -1,6 +1,12 @@
-"""Antithetic permutation sampling on the real utility (no surrogate).
+"""Antithetic permutation sampling on the real utility (no surrogate), stratified by the last player.
 
-Each sample is a pair: a uniformly random permutation and its reverse. Walking a permutation from the empty
+Each sample is a pair: a permutation and its reverse. The pairs come in cycles of ``⌈L/2⌉``: a cycle draws a
+random order of the players, and its pair ``j`` puts ``order[2j]`` last and ``order[2j+1]`` first (so last in
+the reverse walk), the others in a uniformly random order between them. Over a cycle every player joins last
+exactly once — on a utility that is ~0 away from the full model (a small model's perplexity ratio), a
+player's marginal contribution is only seen near the end of a walk, and plain random permutations leave many
+players (the vital layer 0 among them) at exactly 0 for hundreds of evaluations. Each walk is a sample
+conditional on its last player, and the last players are spread evenly, so complete cycles are unbiased. Walking a permutation from the empty
 coalition to the full one, each player's marginal contribution is the utility gained when it joins; the
 pair's average is one sample of ``φ``. Every walk telescopes, so ``Σφ = v(N) − v(∅)`` holds exactly. The
 standard error is the spread of the pair samples over ``√pairs``. The budget bounds the distinct real
@@ -15,7 +21,7 @@ import logging
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import UserError
+from . import check_budget
 from .base import CachedGame, ShapleyEstimate
 
 log = logging.getLogger(__name__)
@@ -36,23 +42,37 @@ def walk_marginals(perm: np.ndarray, values: np.ndarray) -> np.ndarray:
     return out
 
 
+def pair_permutation(order: np.ndarray, j: int, rng: np.random.Generator) -> np.ndarray:
+    """Pair ``j`` of a cycle: ``order[2j mod L]`` last, ``order[(2j+1) mod L]`` first, the rest shuffled."""
+    L = order.shape[0]
+    last, first = int(order[(2 * j) % L]), int(order[(2 * j + 1) % L])
+    middle = np.array([p for p in range(L) if p not in (first, last)], dtype=np.int64)
+    return np.concatenate([[first], rng.permutation(middle), [last]]).astype(np.int64)
+
+
+def permutation_pairs(L: int, rng: np.random.Generator):
+    """The endless, budget-independent sequence of pair permutations (see the module docstring)."""
+    per_cycle = (L + 1) // 2
+    while True:
+        order = rng.permutation(L)
+        for j in range(per_cycle):
+            yield pair_permutation(order, j, rng)
+
+
 def estimate(game, budget: int | None, rng: np.random.Generator, chunk: int = 4, progress: bool = True,
              **_ignored) -> ShapleyEstimate:
     """Antithetic permutation estimate within ``budget`` distinct real evaluations."""
     L = int(game.n_players)
-    if budget is None:
-        raise UserError("the permutation estimator needs --budget (real evaluations)")
-    if budget < 2 * L + 2:
-        raise UserError(f"--budget {budget} is too small for one antithetic pair of permutations over {L} layers; "
-                        f"give at least {2 * L + 2} (several times that for useful standard errors)")
+    budget = check_budget("permutation", budget, L)
     cg = CachedGame(game, budget)
     samples: list[np.ndarray] = []
     bar = tqdm(total=budget, desc="permutation sampling", unit="eval", disable=not progress, leave=False)
     full = False
+    sequence = permutation_pairs(L, rng)
     while not full:
         pairs, walks = [], []
         for _ in range(chunk):
-            perm = rng.permutation(L)
+            perm = next(sequence)
             w = np.concatenate([walk_masks(perm), walk_masks(perm[::-1])])
             if cg.cost(np.concatenate([*walks, w])) + cg.evaluations > budget:
                 full = True

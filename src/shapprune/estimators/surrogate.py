@@ -16,9 +16,9 @@ import logging
 
 import numpy as np
 
-from ..errors import UserError
 from ..sampling import check_strata, default_strata, stratified_masks
 from ..surrogate import MLPConfig, fit_surrogate
+from . import check_budget
 from .base import CachedGame, ShapleyEstimate
 
 log = logging.getLogger(__name__)
@@ -30,11 +30,7 @@ def stage1_and_fit(game, budget: int | None, rng: np.random.Generator, surrogate
     """Stage 1 (``budget`` stratified real evaluations) and the surrogate fit. Returns (fit, game, info)."""
     L = int(game.n_players)
     strata = default_strata(L) if strata is None else check_strata(strata, L)
-    if budget is None:
-        raise UserError("the surrogate estimator needs --budget (real evaluations for Stage 1)")
-    if budget < 5 * len(strata):
-        raise UserError(f"--budget {budget} is too small to fit a surrogate over {len(strata)} strata; "
-                        f"give at least {5 * len(strata)}")
+    budget = check_budget("surrogate", budget, L, num_strata=len(strata))
     sample = stratified_masks(L, budget, rng, strata)
     cg = CachedGame(game, budget)
     log.info("stage 1: %d real evaluations over strata %s", len(sample), strata)

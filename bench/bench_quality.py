@@ -1,0 +1,121 @@
+"""Benchmark: the default method (``shapprune``) against SLEB (and any other method) on held-out text and tasks.
+
+    python bench/bench_quality.py [--calibrations 10x128,32x512] [--counts 3,6,9,12] [--methods sleb,shapprune]
+                                  [--test-windows 148] [--tasks-at 6,12 --task-limit 200]
+                                  [--out bench/results/quality.md]
+
+Calibration: the first windows of ``valid.tokens.txt`` (in order); test: the first ``--test-windows`` windows
+of 2,048 tokens of ``test.raw.txt`` (148 is all of them). Every method starts from an empty in-memory store of
+its own per calibration (shared across N, so a later N reuses what an earlier one evaluated, as a user's store
+would; ``cost`` counts everything the method asked for, reused or not). ``cost`` is in full evaluations: the
+calibration tokens processed divided by the tokens of one evaluation on all windows (a screen on a quarter of
+the windows counts a quarter). Zero-shot: the six shared tasks of ``../shared/data/zeroshot`` (first
+``--task-limit`` items each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TASKS = "piqa,hellaswag,arc_easy,boolq,openbookqa,lambada_openai"
+
+
+def main() -> None:
+    from shapprune import load_model, make_windows
+    from shapprune.baselines import mask_without
+    from shapprune.game import ModelGame, PerplexityEvaluator
+    from shapprune.methods import SelectionContext, select
+    from shapprune.store import EvaluationStore
+    from shapprune.zeroshot import evaluate_tasks
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--calib", default="../shared/data/wikitext-2/valid.tokens.txt")
+    ap.add_argument("--test", default="../shared/data/wikitext-2/test.raw.txt")
+    ap.add_argument("--task-dir", default="../shared/data/zeroshot")
+    ap.add_argument("--calibrations", default="10x128")
+    ap.add_argument("--counts", default="3,6,9,12")
+    ap.add_argument("--methods", default="sleb,shapprune")
+    ap.add_argument("--test-windows", type=int, default=148)
+    ap.add_argument("--tasks-at", default="6,12")
+    ap.add_argument("--task-limit", type=int, default=200)
+    ap.add_argument("--out", default="bench/results/quality.md")
+    a = ap.parse_args()
+
+    model, tok = load_model(a.model, device="cpu", dtype=a.dtype)
+    num = None
+    test = make_windows(tok, a.test, 2048, max_windows=a.test_windows, split="evaluation")
+    test_game = ModelGame(model, PerplexityEvaluator(test, batch_size=1), EvaluationStore(None), progress=False)
+    counts = [int(x) for x in a.counts.split(",")]
+    methods = a.methods.split(",")
+    rows, task_rows = [], []
+    tasks_at = {int(x) for x in a.tasks_at.split(",") if x}
+    for spec in a.calibrations.split(","):
+        w, t = (int(x) for x in spec.split("x"))
+        calib = make_windows(tok, a.calib, t, max_windows=w)
+        for method in methods:
+            game = ModelGame(model, PerplexityEvaluator(calib, batch_size=16), EvaluationStore(None), progress=False)
+            num = game.n_players
+            for n in counts:
+                asked_before = game.new + game.reused
+                t0 = time.perf_counter()
+                sel = select(method, SelectionContext(model=model, tokenizer=tok, windows=calib, game=game), n)
+                secs = time.perf_counter() - t0
+                cost = sel.extra.get("cost_full_equivalents", game.new + game.reused - asked_before)
+                mask = mask_without(num, sel.removed)[None]
+                row = {"calibration": spec, "method": method, "n": n, "removed": sel.removed,
+                       "calib_ppl": float(game.perplexities(mask)[0]), "test_ppl": float(test_game.perplexities(mask)[0]),
+                       "cost": float(cost), "seconds": round(secs, 1)}
+                if n in tasks_at and spec == a.calibrations.split(",")[0]:
+                    kept = [i for i in range(num) if i not in sel.removed]
+                    res = evaluate_tasks(model, tok, TASKS.split(","), a.task_dir, a.task_limit, 16, kept=kept,
+                                         progress=False)
+                    task_rows.append({"method": method, "n": n, "mean": res["mean"],
+                                      **{k: v.get(v["headline"]) for k, v in res["tasks"].items()},
+                                      "items": {k: v["n"] for k, v in res["tasks"].items()}})
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    full_test = test_game.full_perplexity
+    lines = [f"# Default method vs SLEB on held-out text\n\nMade by `python {' '.join(sys.argv)}` on "
+             f"{platform.machine()}, {torch.get_num_threads()} threads, dtype {next(model.parameters()).dtype}. "
+             f"Test: {test.num_windows} windows x 2048 tokens of `test.raw.txt` (full model {full_test:.2f}). "
+             "Cost: calibration tokens processed, in full evaluations (SLEB: one per candidate).\n",
+             "| calibration | method | N | cost (full evals) | seconds | calib PPL | test PPL | removed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['calibration']} | {r['method']} | {r['n']} | {r['cost']:.1f} | {r['seconds']} | "
+                     f"{r['calib_ppl']:.2f} | {r['test_ppl']:.2f} | {r['removed']} |")
+    lines += ["\n## Against SLEB\n", "| calibration | N | test PPL SLEB | test PPL shapprune | change | cost ratio |",
+              "|---|---|---|---|---|---|"]
+    by = {(r["calibration"], r["method"], r["n"]): r for r in rows}
+    for spec in a.calibrations.split(","):
+        for n in counts:
+            s, d = by.get((spec, "sleb", n)), by.get((spec, "shapprune", n))
+            if s and d:
+                lines.append(f"| {spec} | {n} | {s['test_ppl']:.2f} | {d['test_ppl']:.2f} | "
+                             f"{(d['test_ppl'] / s['test_ppl'] - 1):+.1%} | {d['cost'] / s['cost']:.2f} |")
+    if task_rows:
+        names = TASKS.split(",")
+        lines += [f"\n## Zero-shot (first {a.task_limit} items of each task; headline metric: acc_norm where lm-eval "
+                  "reports it, else acc)\n",
+                  "| method | N | mean | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+        for r in task_rows:
+            lines.append(f"| {r['method']} | {r['n']} | {r['mean']:.4f} | "
+                         + " | ".join(f"{r[k]:.4f}" if r.get(k) is not None else "-" for k in names) + " |")
+        lines.append("\nItems per task: " + ", ".join(f"{k} {v}" for k, v in task_rows[0]["items"].items()) + ".")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(a.out).write_text(text)
+    Path(a.out).with_suffix(".json").write_text(json.dumps({"rows": rows, "tasks": task_rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The LM head as pure functions of the final hidden states: summed NLL without materialising the logits.
+
+``NLL = logsumexp(z) − z[target]`` with ``z = h·Wᵀ (+ b)``, computed over ``chunk`` positions at a time: the
+projection runs in the model's dtype (as the model's own head does), the log-sum-exp in fp32. No fp32 copy of
+the ``[tokens, vocab]`` logits and no log-softmax over it is ever made.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                softcap: float | None = None) -> torch.Tensor:
+    """fp32 logits of ``hidden`` ``[..., H]`` under the head ``weight`` ``[V, H]``, as the model computes them
+    (projection in the weight's dtype, then ``softcap·tanh(z/softcap)`` when the model caps its logits)."""
+    z = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    return z
+
+
+def default_chunk(vocab: int, budget_elements: int = 1 << 23) -> int:
+    """Positions per chunk so that one chunk of fp32 logits stays near ``budget_elements`` (32 MiB)."""
+    return max(16, budget_elements // max(1, vocab))
+
+
+def head_nll(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None, softcap: float | None = None, chunk: int | None = None) -> torch.Tensor:
+    """Per-row summed NLL (float64 ``[b]``) of ``targets`` ``[b, t]`` given final hidden states ``[b, t, H]``.
+
+    ``mask`` (``[b, t]``, 1 = count) drops padding positions.
+    """
+    b, t = targets.shape
+    flat_h = hidden.reshape(b * t, -1)
+    flat_y = targets.reshape(-1)
+    flat_m = mask.reshape(-1) if mask is not None else None
+    per_pos = torch.empty(b * t, dtype=torch.float32, device=hidden.device)
+    step = chunk or default_chunk(weight.shape[0])
+    for s in range(0, b * t, step):
+        z = head_logits(flat_h[s : s + step], weight, bias, softcap)
+        per_pos[s : s + step] = torch.logsumexp(z, dim=-1) - z.gather(-1, flat_y[s : s + step, None]).squeeze(-1)
+    if flat_m is not None:
+        per_pos = per_pos * flat_m.to(per_pos.dtype)
+    return per_pos.view(b, t).double().sum(1)
+
+
+def logits_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
+               chunk: int = 256) -> torch.Tensor:
+    """Per-row summed NLL of ``targets`` ``[b, t]`` under already computed ``logits`` ``[b, t, V]``
+    (log-softmax in fp32 over ``chunk`` positions at a time); differentiable, for gradient-based scores."""
+    b, t = targets.shape
+    out = torch.zeros(b, dtype=torch.float64, device=logits.device)
+    for s in range(0, t, chunk):
+        lp = torch.log_softmax(logits[:, s : s + chunk].float(), dim=-1)
+        nll = -lp.gather(-1, targets[:, s : s + chunk, None]).squeeze(-1)
+        if mask is not None:
+            nll = nll * mask[:, s : s + chunk].to(nll.dtype)
+        out = out + nll.double().sum(1)
+    return out

@@ -1,0 +1,199 @@
+"""One runner for every measurement: batching, out-of-memory back-off, device, the LM head, prefix reuse.
+
+Perplexity (:meth:`Runner.sequence_nll`), zero-shot log-likelihoods (:mod:`shapprune.zeroshot.scoring`),
+hidden-state statistics and gradient scores (:mod:`shapprune.baselines`) all call :meth:`Runner.batches`,
+so there is one batch policy and one out-of-memory path. The body of the model (embeddings, blocks, final
+norm) runs through :meth:`Runner.hidden`; the LM head is applied only where it is needed, by the pure
+functions of :mod:`shapprune.engine.head`. The device and dtype come from the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..archs import ARCHITECTURES
+from ..errors import OutOfMemory, is_out_of_memory
+from ..loading import model_device
+from .head import head_logits, head_nll, logits_nll
+from .prefix import PrefixCache
+
+log = logging.getLogger(__name__)
+
+#: Bumped whenever the numbers a scorer produces may change; part of every stored evaluation's key.
+SCORING_VERSION = 2
+
+
+@dataclass
+class NLL:
+    """Summed negative log-likelihood (nats) over ``tokens`` predicted tokens, and per window."""
+
+    nll: float
+    tokens: int
+    per_window: list[float]
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
+
+
+is_oom = is_out_of_memory
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether ``model.forward`` can compute the LM head on the last positions only (most HF causal LMs)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _free_accelerator_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Runner:
+    """Runs a model (as it currently runs: with any mask applied) over batches.
+
+    Args:
+        model: a causal LM whose ``config.model_type`` is in :data:`shapprune.archs.ARCHITECTURES` (others
+            run through the model's own head).
+        batch_size: the starting batch size; it halves on out-of-memory and stays halved.
+        prefix: a :class:`PrefixCache` to record and replay layer outputs between masks (set by the game).
+    """
+
+    def __init__(self, model, batch_size: int = 16, prefix: PrefixCache | None = None):
+        self.model = model
+        self.device = model_device(model)
+        self.batch_size = max(1, int(batch_size))
+        self.prefix = prefix
+        arch = ARCHITECTURES.get(getattr(model.config, "model_type", ""))
+        self.body = None
+        self.head = None
+        self.softcap = None
+        if arch is not None and arch.split_head:
+            base = getattr(model, "base_model", None)
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            if base is not None and base is not model and isinstance(head, torch.nn.Linear):
+                self.body, self.head = base, head
+                if arch.logit_softcap:
+                    self.softcap = getattr(model.config, arch.logit_softcap, None) or None
+
+    # ------------------------------------------------------------------------------------------- batching
+    def batches(self, n: int, step: Callable[[int, int], None], desc: str = "", progress: bool = False,
+                batch_size: int | None = None) -> None:
+        """Call ``step(start, stop)`` over ``[0, n)`` in batches; on out-of-memory, drop recorded prefix
+        outputs, halve the batch and retry; at batch size 1 raise :class:`OutOfMemory` (one line for users)."""
+        bs = max(1, int(batch_size or self.batch_size))
+        i = 0
+        bar = tqdm(total=n, desc=desc, unit="item", disable=not progress, leave=False)
+        try:
+            while i < n:
+                stop = min(n, i + bs)
+                if self.prefix is not None:
+                    self.prefix.slot = (i, stop)
+                try:
+                    step(i, stop)
+                except (RuntimeError, torch.OutOfMemoryError) as exc:
+                    if not is_oom(exc):
+                        raise
+                    if self.prefix is not None:
+                        self.prefix.drop_records()
+                    _free_accelerator_memory()
+                    if bs == 1:
+                        raise OutOfMemory(f"on {self.device}, {desc or 'forward pass'}") from None
+                    bs = max(1, bs // 2)
+                    if batch_size is None:
+                        self.batch_size = bs
+                    log.warning("out of memory; retrying with batch size %d", bs)
+                    continue
+                bar.update(stop - i)
+                i = stop
+        finally:
+            bar.close()
+            if self.prefix is not None:
+                self.prefix.slot = None
+
+    # ------------------------------------------------------------------------------------------- forward
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (after the final norm), ``[b, t, H]``; needs :attr:`split` to be true."""
+        kwargs = {"use_cache": False}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        out = self.body(input_ids=input_ids, **kwargs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    @property
+    def split(self) -> bool:
+        """Whether the head is applied by shapprune (body and head separately) rather than by the model."""
+        return self.body is not None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final hidden states, exactly as the model's own head computes them."""
+        return head_logits(hidden, self.head.weight, self.head.bias, self.softcap)
+
+    def forward_logits(self, input_ids: torch.Tensor, keep_last: int | None = None,
+                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits of the last ``keep_last`` positions (all when ``None``)."""
+        if self.split:
+            h = self.hidden(input_ids, attention_mask)
+            return self.logits(h if keep_last is None else h[:, -keep_last:])
+        kwargs = {"use_cache": False}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if keep_last is not None and accepts_logits_to_keep(self.model):
+            kwargs["logits_to_keep"] = keep_last
+        logits = self.model(input_ids=input_ids, **kwargs).logits
+        return (logits if keep_last is None else logits[:, -keep_last:]).float()
+
+    def window_nll(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-row summed NLL (float64) of every token after the first, under the model as it runs now."""
+        target_mask = attention_mask[:, 1:] * attention_mask[:, :-1] if attention_mask is not None else None
+        if self.split:
+            h = self.hidden(ids, attention_mask)[:, :-1]
+            return head_nll(h, ids[:, 1:], self.head.weight, self.head.bias, target_mask, self.softcap)
+        kwargs = {"use_cache": False}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        logits = self.model(input_ids=ids, **kwargs).logits
+        return logits_nll(logits[:, :-1], ids[:, 1:], target_mask)
+
+    # ------------------------------------------------------------------------------------------- scores
+    def sequence_nll(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     progress: bool = False, desc: str = "perplexity") -> NLL:
+        """Summed NLL of every token after the first in each row of ``input_ids`` (``[n, T]``).
+
+        Positions where ``attention_mask`` is 0 (padding) are neither inputs that count nor predicted tokens.
+        """
+        n = input_ids.shape[0]
+        per_window = [0.0] * n
+        counts = [0] * n
+
+        def step(i: int, j: int) -> None:
+            ids = input_ids[i:j].to(self.device)
+            am = attention_mask[i:j].to(self.device) if attention_mask is not None else None
+            sums = self.window_nll(ids, am).tolist()
+            if am is not None:
+                cnt = (am[:, 1:] * am[:, :-1]).sum(1).tolist()
+            else:
+                cnt = [ids.shape[1] - 1] * ids.shape[0]
+            per_window[i:j] = sums
+            counts[i:j] = [int(c) for c in cnt]
+
+        with torch.inference_mode():
+            self.batches(n, step, desc=desc, progress=progress)
+        return NLL(nll=float(sum(per_window)), tokens=int(sum(counts)), per_window=per_window)
+
+
+def as_runner(model_or_runner, batch_size: int = 16) -> Runner:
+    """``model_or_runner`` itself when it is a :class:`Runner`, else a new runner for the model."""
+    if isinstance(model_or_runner, Runner):
+        return model_or_runner
+    return Runner(model_or_runner, batch_size=batch_size)

@@ -1,0 +1,159 @@
+"""The default method on synthetic games with known optima, and on a tiny model end to end."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from shapprune.multifidelity import default_budget, multifidelity_search, screen_windows, sleb_cost
+from shapprune.store import mask_key
+
+
+class Eval:
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def describe(self):
+        return {"tokens": self.tokens}
+
+
+class QuadraticGame:
+    """log PPL(m) = Σ_{i removed} c_i + Σ_{i<j both removed} w_ij (+ deterministic noise for a screen)."""
+
+    def __init__(self, c, w, tokens=1000, noise=0.0, seed=0):
+        self.c, self.w, self.noise, self.seed = np.asarray(c, float), np.asarray(w, float), noise, seed
+        self.n_players = len(c)
+        self.evaluator = Eval(tokens)
+        self.asked = []
+
+    def log_ppl(self, m):
+        r = ~np.asarray(m, bool)
+        v = float(self.c[r].sum() + r.astype(float) @ np.triu(self.w, 1) @ r.astype(float))
+        if self.noise:
+            rng = np.random.default_rng(abs(hash((mask_key(m), self.seed))) % 2**32)
+            v += self.noise * rng.standard_normal()
+        return v
+
+    @property
+    def full_perplexity(self):
+        return 1.0
+
+    def perplexities(self, masks):
+        self.asked += [mask_key(m) for m in masks]
+        return np.exp([self.log_ppl(m) for m in masks])
+
+
+def optimum(game, n):
+    L = game.n_players
+    best = min(itertools.combinations(range(L), n),
+               key=lambda rem: game.log_ppl(np.isin(np.arange(L), rem, invert=True)))
+    return sorted(best)
+
+
+def trap_game():
+    """Greedy removes 0 first (cheapest singly), then must pay its interactions; the optimum is {1, 2}."""
+    L = 8
+    c = np.array([0.10, 0.11, 0.15, 0.16, 1.0, 1.0, 1.0, 1.0])
+    w = np.zeros((L, L))
+    w[0, 1] = 1.0
+    w[0, 2] = w[0, 3] = 0.2
+    return c, w
+
+
+def test_swap_search_escapes_the_greedy_trap():
+    c, w = trap_game()
+    full = QuadraticGame(c, w, tokens=1000)
+    screen = QuadraticGame(c, w, tokens=250, noise=0.005)
+    res = multifidelity_search(full, screen, 2, budget=40, progress=False)
+    removed = sorted(np.flatnonzero(~res["mask"]).tolist())
+    assert removed == optimum(full, 2) == [1, 2]
+    assert sorted(res["path"]) == [0, 2]  # what the greedy path alone would have removed
+    assert res["log_ppl"] < res["greedy_log_ppl"]
+    assert res["cost"] <= 40
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_games_never_worse_than_greedy_within_budget(seed):
+    rng = np.random.default_rng(seed)
+    L, n = 12, 4
+    c = rng.uniform(0.05, 1.0, L)
+    w = rng.normal(0, 0.15, (L, L))
+    full = QuadraticGame(c, w, tokens=1000)
+    screen = QuadraticGame(c, w, tokens=250, noise=0.01, seed=seed)
+    budget = default_budget(L, n)
+    res = multifidelity_search(full, screen, n, budget=budget, progress=False)
+    assert res["cost"] <= budget + 1e-9
+    assert res["cost"] <= 0.5 * sleb_cost(L, n)
+    assert res["log_ppl"] <= res["greedy_log_ppl"]
+    assert mask_key(res["mask"]) in full.asked  # the answer was evaluated for real on all windows
+    assert int((~res["mask"]).sum()) == n
+    # the values come from the surrogate of the screen: the cheapest layers get the lowest values
+    assert np.argmin(res["values"]) in np.argsort(c)[:3]
+
+
+def test_without_a_screen_every_candidate_is_full():
+    c, w = trap_game()
+    full = QuadraticGame(c, w)
+    res = multifidelity_search(full, None, 2, budget=30, progress=False)
+    assert res["screen_evaluations"] == 0
+    assert res["cost"] == res["full_evaluations"] <= 30
+
+
+def test_screen_windows_takes_a_share():
+    import torch
+
+    from shapprune.data import Windows
+
+    w = Windows(torch.zeros(10, 8, dtype=torch.long), "x", 8, False)
+    assert screen_windows(w, 0.25).num_windows == 3
+    assert screen_windows(Windows(torch.zeros(2, 8, dtype=torch.long), "x", 8, False), 0.25).num_windows == 1
+    assert screen_windows(Windows(torch.zeros(1, 8, dtype=torch.long), "x", 8, False), 0.25) is None
+
+
+def test_default_method_prunes_a_tiny_model(tmp_path):
+    from shapprune.data import Windows
+    from shapprune.pipeline import choose_layers
+    from tiny import tiny_inputs, tiny_model
+
+    model = tiny_model("llama")
+    win = Windows(tiny_inputs(n=8, t=16), "tiny", 16, False)
+    res = choose_layers(model, None, win, source="tiny", method="shapprune", remove=2, budget=None, seed=0,
+                        options={}, store_path=None, progress=False)
+    rec = res.record
+    assert rec["method"] == "shapprune" and len(rec["removed"]) == 2
+    extra = res.selection.extra
+    assert extra["cost_full_equivalents"] <= 0.5 * sleb_cost(5, 2)
+    assert extra["screen_windows"] == 2
+    # the chosen set is at least as good on calibration as the greedy path it started from
+    assert rec["calibration_ppl"]["pruned"] <= extra["greedy_ppl"] + 1e-9
+
+
+def test_surrogate_trust_warns_with_the_budget_to_try():
+    from shapprune.shapley import surrogate_trust
+
+    bad = surrogate_trust({"heldout_r2": 0.40, "heldout_spearman": 0.55}, 100, 30)
+    assert bad["trusted"] is False
+    assert "--budget 7500" in bad["warning"] and "0.40" in bad["warning"]
+    good = surrogate_trust({"heldout_r2": 0.93, "heldout_spearman": 0.9}, 400, 30)
+    assert good == {"trusted": True, "warning": None}
+    assert surrogate_trust({"heldout_r2": None}, 100, 30) is None
+
+
+def test_paper_recipe_flag_reaches_the_estimator(monkeypatch):
+    from types import SimpleNamespace
+
+    import shapprune.shapley as sh
+    from shapprune.estimators.base import ShapleyEstimate
+
+    seen = {}
+
+    def fake_estimate(name, game, budget, rng, **kwargs):
+        seen.update(kwargs, name=name)
+        return ShapleyEstimate(values=np.arange(5.0), stderr=None, evaluations=budget, info={})
+
+    monkeypatch.setattr(sh, "estimate", fake_estimate)
+    ctx = SimpleNamespace(options={"paper_recipe": True}, game=SimpleNamespace(n_players=5), budget=20, seed=0)
+    sel = sh.select_shapley(ctx, 2)
+    assert sel.removed == [0, 1]
+    cfg = seen["mlp"]
+    assert (cfg.min_steps_per_epoch, cfg.center, cfg.batch_size, cfg.epochs, cfg.lr) == (1, False, 300, 300, 0.008)
