@@ -24,6 +24,7 @@ from .common import (
 
 HELP = "remove layers (chosen by --remove N/--ratio R, or given by --drop) and write a standard checkpoint"
 log = logging.getLogger("shapprune")
+DEFAULT_METHOD = "shapprune"
 
 
 def add_choice_args(p) -> None:
@@ -31,7 +32,7 @@ def add_choice_args(p) -> None:
     p.add_argument("--remove", type=int, default=None, metavar="N", help="number of layers to remove")
     p.add_argument("--ratio", type=float, default=None, metavar="R",
                    help="fraction of layers to remove, 0 < R < 1 (N = round(R·L))")
-    p.add_argument("--method", default="shapprune",
+    p.add_argument("--method", default=DEFAULT_METHOD,
                    help="layer-selection method from shapprune.methods.METHODS (default: shapprune, the screened "
                         "greedy path + surrogate-ranked swap search; shapley: the paper's Shapley ranking)")
     add_selection_args(p)
@@ -88,7 +89,7 @@ def run(args) -> int:
     if args.drop is not None:
         if args.remove is not None or args.ratio is not None:
             raise UserError("--drop names the layers itself; leave out --remove/--ratio")
-        ignored = [FLAGS[o] for o in given_options(args)] + (["--method"] if args.method != "shapley" else [])
+        ignored = [FLAGS[o] for o in given_options(args)] + (["--method"] if args.method != DEFAULT_METHOD else [])
         if ignored:
             raise UserError(f"--drop names the layers itself; {', '.join(ignored)} would be ignored, leave it out")
         return run_manual(args)
