@@ -70,7 +70,7 @@ def test_prune_tiny_end_to_end(tiny, tmp_path, extra):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    assert main(["prune", "tiny", "--remove", "2", *tiny, *extra, "--out", str(out)]) == 0
+    assert main(["prune", "tiny", "--remove", "2", "--method", "shapley", *tiny, *extra, "--out", str(out)]) == 0
     rec = json.loads((out / "pruning.json").read_text())
     assert list(rec) == KEYS
     assert len(rec["removed"]) == 2 and len(rec["kept"]) == 3 and rec["method"] == "shapley"
@@ -90,7 +90,7 @@ def test_prune_tiny_end_to_end(tiny, tmp_path, extra):
 
 def test_rerun_reuses_store_and_shapley_command(tiny, tmp_path):
     args = ["--budget", "20", "--strata", "2,3,4", "--surrogate", "quadratic"]
-    assert main(["prune", "tiny", "--remove", "1", *tiny, *args, "--out", str(tmp_path / "a")]) == 0
+    assert main(["prune", "tiny", "--remove", "1", "--method", "shapley", *tiny, *args, "--out", str(tmp_path / "a")]) == 0
     assert main(["shapley", "tiny", "--remove", "1", *tiny, *args, "--json", str(tmp_path / "s.json")]) == 0
     a = json.loads((tmp_path / "a" / "pruning.json").read_text())
     s = json.loads((tmp_path / "s.json").read_text())
@@ -106,9 +106,11 @@ def test_rerun_reuses_store_and_shapley_command(tiny, tmp_path):
     (["--remove", "5"], "remove between 1 and 4"),
     (["--ratio", "1.5"], "strictly between 0 and 1"),
     (["--ratio", "0.05"], "rounds to 0"),
-    (["--remove", "2", "--strata", "5"], "out of range"),
-    (["--remove", "2", "--budget", "3"], "too small"),
-    (["--remove", "2", "--estimator", "exact", "--budget", "10"], "2^5"),
+    (["--remove", "2", "--method", "shapley", "--strata", "5"], "out of range"),
+    (["--remove", "2", "--method", "shapley", "--budget", "3"], "too small"),
+    (["--remove", "2", "--method", "shapley", "--estimator", "exact", "--budget", "10"], "2^5"),
+    (["--remove", "2", "--estimator", "exact"], "--estimator would be ignored by shapprune"),
+    (["--remove", "2", "--budget", "1"], "below the screened greedy path"),
     (["--remove", "2", "--method", "nope"], "unknown method"),
     (["--remove", "2", "--drop", "1"], "leave out --remove"),
     ([], "--remove N or --ratio R"),
@@ -134,8 +136,8 @@ def test_smollm2_prune(tmp_path, monkeypatch, smollm2):
     model, tokenizer = smollm2
     monkeypatch.setattr(prune_cmd, "load", lambda args: (copy.deepcopy(model), tokenizer))
     out = tmp_path / "out"
-    code = main(["prune", "smollm2-135m", "--remove", "6", "--data", str(data), "--seqlen", "64", "--max-windows", "2",
-                 "--budget", "10", "--strata", "28,26", "--store", str(tmp_path / "s.sqlite"), "--out", str(out),
+    code = main(["prune", "smollm2-135m", "--remove", "6", "--method", "shapley", "--data", str(data), "--seqlen",
+                 "64", "--max-windows", "2", "--budget", "10", "--strata", "28,26", "--store", str(tmp_path / "s.sqlite"), "--out", str(out),
                  "--no-progress"])
     assert code == 0
     rec = json.loads((out / "pruning.json").read_text())
@@ -156,6 +158,16 @@ def test_layers_to_remove():
     for remove, ratio in [(30, None), (0, None), (None, 0.99), (None, 0.0), (3, 0.1)]:
         with pytest.raises(UserError):
             layers_to_remove(30, remove, ratio)
+
+
+def test_default_method_is_shapprune(tiny, tmp_path):
+    """``prune --remove N`` without --method runs shapprune's own method, within half of SLEB's tokens."""
+    out = tmp_path / "out"
+    assert main(["prune", "tiny", "--remove", "2", *tiny, "--out", str(out)]) == 0
+    rec = json.loads((out / "pruning.json").read_text())
+    assert rec["method"] == "shapprune" and len(rec["removed"]) == 2
+    assert rec["estimator"] == "multi-fidelity search"
+    assert (out / "shapprune_values.png").is_file()
 
 
 @pytest.mark.parametrize("method,plot", [("shapley", "shapley.png"), ("ppl", "ppl_without_layer.png"),

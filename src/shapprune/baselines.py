@@ -159,14 +159,18 @@ def taylor_scores(model, input_ids: torch.Tensor, batch_size: int = 4, progress:
 
 
 # ------------------------------------------------------------------------------------------------- methods
+def _progress(ctx: SelectionContext) -> bool:
+    return bool((ctx.options or {}).get("progress", True))
+
+
 def select_shortgpt(ctx: SelectionContext, n: int) -> Selection:
-    cos_sum, tokens, _, _ = block_io(ctx.model, ctx.windows.input_ids, ctx.batch_size)
+    cos_sum, tokens, _, _ = block_io(ctx.model, ctx.windows.input_ids, ctx.batch_size, _progress(ctx))
     bi = block_influence(cos_sum, tokens)
     return Selection(removed=lowest(bi, n), values=bi.tolist(), extra={"score": "block influence"})
 
 
 def select_angular(ctx: SelectionContext, n: int) -> Selection:
-    _, _, x_in, x_out = block_io(ctx.model, ctx.windows.input_ids, ctx.batch_size)
+    _, _, x_in, x_out = block_io(ctx.model, ctx.windows.input_ids, ctx.batch_size, _progress(ctx))
     d = angular_distances(x_in, x_out, n)
     start = int(np.argmin(d))
     return Selection(removed=list(range(start, start + n)), values=None,
@@ -182,7 +186,7 @@ def select_ppl(ctx: SelectionContext, n: int) -> Selection:
 
 
 def select_taylor(ctx: SelectionContext, n: int) -> Selection:
-    scores = taylor_scores(ctx.model, ctx.windows.input_ids, max(1, ctx.batch_size // 2))
+    scores = taylor_scores(ctx.model, ctx.windows.input_ids, max(1, ctx.batch_size // 2), _progress(ctx))
     return Selection(removed=lowest(scores, n), values=scores.tolist(), extra={"score": "sum |w * dL/dw|"})
 
 

@@ -172,6 +172,10 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_spec(spec)
+    if not src.gguf_file and Path(src.location).is_dir():
+        from .quantize import check_loadable
+
+        check_loadable(src.location)  # a torchao-quantized checkpoint needs torchao: one-line error
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     kwargs = {"trust_remote_code": trust_remote_code}

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .data import Windows
 from .methods import Selection, SelectionContext
+from .search import swap_neighbours
 from .store import mask_key
 from .surrogate import QuadraticSurrogate
 
@@ -69,16 +70,6 @@ def removals(mask: np.ndarray) -> np.ndarray:
     on = np.flatnonzero(mask)
     out = np.repeat(mask[None], len(on), axis=0)
     out[np.arange(len(on)), on] = False
-    return out
-
-
-def swap_neighbours(mask: np.ndarray) -> np.ndarray:
-    """Every mask reached by keeping one removed layer and removing one kept layer."""
-    on, off = np.flatnonzero(mask), np.flatnonzero(~mask)
-    out = np.repeat(mask[None], len(on) * len(off), axis=0)
-    rows = np.arange(len(out))
-    out[rows, np.repeat(on, len(off))] = False
-    out[rows, np.tile(off, len(on))] = True
     return out
 
 
@@ -240,6 +231,14 @@ def select_shapprune(ctx: SelectionContext, n: int) -> Selection:
     if sw is not None:
         screen_game = ModelGame(ctx.model, PerplexityEvaluator(sw, batch_size=ctx.game.evaluator.batch_size),
                                 ctx.game.store, progress=False, reuse_prefix=ctx.game.reuse_prefix)
+    unit = sw.num_windows / ctx.windows.num_windows if sw is not None else 1.0
+    least = greedy_cost(L, n, unit, 1) if sw is not None else sleb_cost(L, n)
+    if ctx.budget is not None and budget < least:
+        from .errors import UserError
+
+        raise UserError(f"--budget {ctx.budget} is below the screened greedy path of the shapprune method "
+                        f"({least:.1f} full evaluations to remove {n} of {L} layers); give at least "
+                        f"--budget {math.ceil(least)} (default {default_budget(L, n):.0f})")
     res = multifidelity_search(ctx.game, screen_game, n, budget, progress=bool(opts.get("progress", True)))
     removed = [int(i) for i in np.flatnonzero(~res["mask"])]
     full_ppl = ctx.game.full_perplexity

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .methods import Selection, SelectionContext
 from .store import mask_key
@@ -87,7 +88,7 @@ def propose(f, num_layers: int, keep: int, seen: set[str], starts: np.ndarray, c
 
 
 def search_masks(game, n: int, budget: int, rng: np.random.Generator, ridge: float = 1e-3,
-                 restarts: int = 48) -> dict:
+                 restarts: int = 48, progress: bool = True) -> dict:
     """Run the search on ``game`` (a :class:`~shapprune.game.ModelGame`); returns the best mask and evidence.
 
     1. Greedy path: ``n`` rounds, each evaluating every single further removal (SLEB's rounds; they also give
@@ -129,7 +130,7 @@ def search_masks(game, n: int, budget: int, rng: np.random.Generator, ridge: flo
 
     # 1. greedy path
     cur = np.ones(L, dtype=bool)
-    for _ in range(n):
+    for _ in tqdm(range(n), desc="search: greedy rounds", leave=False, disable=not progress):
         cands = np.repeat(cur[None], int(cur.sum()), axis=0)
         on = np.flatnonzero(cur)
         cands[np.arange(len(on)), on] = False
@@ -171,7 +172,7 @@ def select_search(ctx: SelectionContext, n: int) -> Selection:
     L = ctx.game.n_players
     budget = int(ctx.budget or default_search_budget(L, n))
     rng = np.random.default_rng(ctx.seed)
-    res = search_masks(ctx.game, n, budget, rng)
+    res = search_masks(ctx.game, n, budget, rng, progress=bool((ctx.options or {}).get("progress", True)))
     removed = [int(i) for i in np.flatnonzero(~res["mask"])]
     log.info("search: %d real evaluations in %d rounds; best calibration PPL %.4f", res["evaluations"],
              res["rounds"], ctx.game.full_perplexity / np.exp(res["log_utility"]))

@@ -55,12 +55,15 @@ def model_fingerprint(model) -> str:
     h.update(f"{first.dtype}|{first.device.type}".encode())
     with torch.no_grad():
         for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
+            data = p.detach()
+            if hasattr(data, "dequantize") and type(data) not in (torch.Tensor, torch.nn.Parameter):
+                data = data.dequantize()  # torchao-quantized weights (--quantize-before-choosing)
+            flat = data.reshape(-1)
             step = max(1, flat.numel() // 4096)
             sample = flat[::step][:4096].contiguous().to("cpu")
-            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
+            h.update(f"{name}|{tuple(p.shape)}|{data.dtype}".encode())
             h.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
-            h.update(repr(float(torch.sum(p.detach(), dtype=torch.float64))).encode())
+            h.update(repr(float(torch.sum(data, dtype=torch.float64))).encode())
     return h.hexdigest()[:20]
 
 

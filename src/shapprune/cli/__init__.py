@@ -17,6 +17,8 @@ COMMANDS = {
     "shapley": "shapprune.cli.shapley_cmd",
     "compare": "shapprune.cli.compare_cmd",
     "store": "shapprune.cli.store_cmd",
+    "quantize": "shapprune.cli.quantize_cmd",
+    "bench": "shapprune.cli.bench_cmd",
 }
 
 

@@ -24,7 +24,6 @@ from .common import (
 
 HELP = "remove layers (chosen by --remove N/--ratio R, or given by --drop) and write a standard checkpoint"
 log = logging.getLogger("shapprune")
-DEFAULT_METHOD = "shapprune"
 
 
 def add_choice_args(p) -> None:
@@ -32,7 +31,7 @@ def add_choice_args(p) -> None:
     p.add_argument("--remove", type=int, default=None, metavar="N", help="number of layers to remove")
     p.add_argument("--ratio", type=float, default=None, metavar="R",
                    help="fraction of layers to remove, 0 < R < 1 (N = round(R·L))")
-    p.add_argument("--method", default=DEFAULT_METHOD,
+    p.add_argument("--method", default=None,
                    help="layer-selection method from shapprune.methods.METHODS (default: shapprune, the screened "
                         "greedy path + surrogate-ranked swap search; shapley: the paper's Shapley ranking)")
     add_selection_args(p)
@@ -45,6 +44,9 @@ def add_arguments(p) -> None:
     add_choice_args(p)
     p.add_argument("--save-dtype", choices=("source", "float32", "bfloat16", "float16"), default="source",
                    help="dtype of the saved weights (default: the source's; bf16 for a GGUF or quantised source)")
+    from .quantize_cmd import add_quantize_args
+
+    add_quantize_args(p)
     p.add_argument("--out", default=None,
                    help="output directory; must not exist or be empty (default: shapprune-out/<model>-<method>-<time>)")
     p.add_argument("--out-format", choices=("hf", "gguf"), default="hf",
@@ -89,12 +91,16 @@ def run(args) -> int:
     if args.drop is not None:
         if args.remove is not None or args.ratio is not None:
             raise UserError("--drop names the layers itself; leave out --remove/--ratio")
-        ignored = [FLAGS[o] for o in given_options(args)] + (["--method"] if args.method != DEFAULT_METHOD else [])
+        ignored = [FLAGS[o] for o in given_options(args)] + (["--method"] if args.method is not None else [])
         if ignored:
             raise UserError(f"--drop names the layers itself; {', '.join(ignored)} would be ignored, leave it out")
         return run_manual(args)
     if args.remove is None and args.ratio is None:
         raise UserError("say how many layers to remove (--remove N or --ratio R), or which (--drop 3,7)")
+    if args.method is None:
+        from ..methods import DEFAULT_METHOD
+
+        args.method = DEFAULT_METHOD
     return run_method(args)
 
 
@@ -105,10 +111,13 @@ def run_manual(args) -> int:
         return run_manual_gguf(args)
     from ..layers import find_layer_stack, parse_layer_list, remove_layers
     from ..output import atomic_dir, check_out_dir
-    from ..save import save_checkpoint, save_dtype
+    from ..quantize import save_pruned
+    from ..save import save_dtype
+    from .quantize_cmd import check_quantize_args
 
     out = Path(args.out) if args.out else default_out(args.model, "manual")
     check_out_dir(out)
+    check_quantize_args(args)
     model, tokenizer = load(args)
     stack = find_layer_stack(model)
     drop = parse_layer_list(args.drop, stack.num_layers, "--drop")
@@ -118,7 +127,7 @@ def run_manual(args) -> int:
     kept = remove_layers(model, drop)
     meta = {"source": args.model, "num_layers": num_layers, "removed": drop, "kept": kept, "method": "manual"}
     with atomic_dir(out) as tmp:
-        save_checkpoint(model, tokenizer, tmp, meta, dtype=save_dtype(model, args.save_dtype))
+        save_pruned(model, tokenizer, tmp, meta, args.quantize, dtype=save_dtype(model, args.save_dtype))
     print(f"removed layers {drop} of {num_layers}; {saved_line(meta)}; wrote {out}")
     return 0
 
@@ -156,7 +165,9 @@ def choose_from_args(args):
     model, tokenizer = load(args)
     n = layers_to_remove(find_layer_stack(model).num_layers, args.remove, args.ratio)
     win = windows(args, tokenizer, model, split="calibration")
-    res = choose_layers(model, tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
+    from .quantize_cmd import game_model
+
+    res = choose_layers(game_model(model, args), tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
                         seed=args.seed, options=selection_options(args), store_path=store_path(args),
                         batch_size=args.batch_size, progress=show_progress(args),
                         reuse_prefix=not args.no_prefix_reuse,
@@ -167,12 +178,15 @@ def choose_from_args(args):
 def run_method(args) -> int:
     from ..layers import remove_layers
     from ..output import atomic_dir, check_out_dir
+    from ..quantize import save_pruned
     from ..report import write_outputs
-    from ..save import save_checkpoint, save_dtype
+    from ..save import save_dtype
+    from .quantize_cmd import check_quantize_args
 
     t0 = time.time()
     check_choice_args(args)
     check_data_early(args)
+    check_quantize_args(args)
     out = Path(args.out) if args.out else default_out(args.model, args.method)
     check_out_dir(out)
     gguf_src = gguf_num_layers = None
@@ -185,10 +199,12 @@ def run_method(args) -> int:
     record = res.record
     if gguf_src is not None:
         return write_method_gguf(args, out, gguf_src, gguf_num_layers, record, res, t0)
+    if args.quantize:
+        record["quantization"] = {"scheme": args.quantize, "chosen_on_quantized_model": args.quantize_before_choosing}
     remove_layers(model, record["removed"])
     with atomic_dir(out) as tmp:
         record["seconds"] = round(time.time() - t0, 3)
-        save_checkpoint(model, tokenizer, tmp, record, dtype=save_dtype(model, args.save_dtype))
+        save_pruned(model, tokenizer, tmp, record, args.quantize, dtype=save_dtype(model, args.save_dtype))
         write_outputs(tmp, record, (res.selection.extra or {}).get("info"))
     print_summary(record)
     print(f"wrote {out}")
