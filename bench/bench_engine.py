@@ -130,7 +130,10 @@ def main() -> None:
     ap.add_argument("--masks", default="200,600")
     ap.add_argument("--official-masks", type=int, default=12)
     ap.add_argument("--out", default="bench/results/engine.md")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     lines = [f"# Engine benchmark\n\nMade by `python {' '.join(sys.argv)}` on {platform.processor() or platform.machine()}"
              f", {torch.get_num_threads()} threads, torch {torch.__version__}; "
              f"native bf16 on this CPU: {__import__('shapprune.engine.hardware', fromlist=['x']).cpu_has_native_bf16()}.\n",
@@ -168,6 +171,7 @@ def main() -> None:
                    f"{lf / len(masks):.1f} of {L} | {floor:.3f} | {floor / per:.0%} |")
             print(row, flush=True)
             lines.append(row)
+            Path(a.out).write_text("\n".join(lines) + "\n")
         del model
     lines += ["\n## Projection: 7B-shaped model (32 layers, 4096 hidden, 32,000 vocabulary)\n",
               "From the measured shapes of the same workloads at L = 32: a layer costs its parameters "

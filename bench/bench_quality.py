@@ -48,7 +48,17 @@ def main() -> None:
     ap.add_argument("--tasks-at", default="6,12")
     ap.add_argument("--task-limit", type=int, default=200)
     ap.add_argument("--out", default="bench/results/quality.md")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="only write --out from the .json files of earlier runs (e.g. one process per method)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.merge:
+        parts = [json.loads(Path(p).read_text()) for p in a.merge]
+        write(a, [r for p in parts for r in p["rows"]], [r for p in parts for r in p["tasks"]],
+              parts[0]["header"], merged=a.merge)
+        return
 
     model, tok = load_model(a.model, device="cpu", dtype=a.dtype)
     num = None
@@ -83,11 +93,19 @@ def main() -> None:
                                       "items": {k: v["n"] for k, v in res["tasks"].items()}})
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    full_test = test_game.full_perplexity
-    lines = [f"# Default method vs SLEB on held-out text\n\nMade by `python {' '.join(sys.argv)}` on "
-             f"{platform.machine()}, {torch.get_num_threads()} threads, dtype {next(model.parameters()).dtype}. "
-             f"Test: {test.num_windows} windows x 2048 tokens of `test.raw.txt` (full model {full_test:.2f}). "
-             "Cost: calibration tokens processed, in full evaluations (SLEB: one per candidate).\n",
+    header = (f"on {platform.machine()}, {torch.get_num_threads()} threads, dtype {next(model.parameters()).dtype}. "
+              f"Test: {test.num_windows} windows x 2048 tokens of `test.raw.txt` (full model "
+              f"{test_game.full_perplexity:.2f}). Cost: calibration tokens processed, in full evaluations (SLEB: one "
+              "per candidate).")
+    write(a, rows, task_rows, header)
+
+
+def write(a, rows: list[dict], task_rows: list[dict], header: str, merged: list[str] | None = None) -> None:
+    counts = sorted({r["n"] for r in rows})
+    made = f"`python {' '.join(sys.argv)}`"
+    if merged:
+        made += " from the runs whose commands are in the header below"
+    lines = [f"# Default method vs SLEB on held-out text\n\nMade by {made} {header}\n",
              "| calibration | method | N | cost (full evals) | seconds | calib PPL | test PPL | removed |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -96,7 +114,7 @@ def main() -> None:
     lines += ["\n## Against SLEB\n", "| calibration | N | test PPL SLEB | test PPL shapprune | change | cost ratio |",
               "|---|---|---|---|---|---|"]
     by = {(r["calibration"], r["method"], r["n"]): r for r in rows}
-    for spec in a.calibrations.split(","):
+    for spec in dict.fromkeys(r["calibration"] for r in rows):
         for n in counts:
             s, d = by.get((spec, "sleb", n)), by.get((spec, "shapprune", n))
             if s and d:
@@ -114,7 +132,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     Path(a.out).write_text(text)
-    Path(a.out).with_suffix(".json").write_text(json.dumps({"rows": rows, "tasks": task_rows}, indent=1))
+    Path(a.out).with_suffix(".json").write_text(json.dumps({"rows": rows, "tasks": task_rows, "header": header},
+                                                           indent=1))
 
 
 if __name__ == "__main__":
