@@ -1,10 +1,14 @@
 """Mask evaluation on a local Ray cluster of 2 CPU actors gives exactly the serial answer, also when a worker
 dies in the middle of a chunk."""
 
+import json
+import sys
+
 import numpy as np
 import pytest
 
 from shapprune import load_model
+from shapprune.cli import main
 from shapprune.data import Windows
 from shapprune.distributed import RayBackend, WorkerSpec, parse_workers
 from shapprune.errors import UserError
@@ -81,13 +85,41 @@ def test_dead_worker_chunk_is_resent(cluster, tiny, tmp_path):
     store.close()
 
 
+def test_cli_workers_match_serial(cluster, tiny, tmp_path, capsys):
+    path = tiny[0]
+    data = tmp_path / "text.txt"
+    data.write_text("It was the best of times, it was the worst of times. " * 40)
+    base = ["shapley", path, "--method", "sleb", "--remove", "2", "--data", str(data), "--seqlen", "16",
+            "--max-windows", "4", "--batch-size", "2", "--no-progress", "--device", "cpu", "--dtype", "float32"]
+    assert main([*base, "--store", str(tmp_path / "a.sqlite"), "--json", str(tmp_path / "a.json")]) == 0
+    assert main([*base, "--store", str(tmp_path / "b.sqlite"), "--json", str(tmp_path / "b.json"),
+                 "--workers", "ray", "--num-workers", "2"]) == 0
+    a, b = (json.loads((tmp_path / f"{x}.json").read_text()) for x in "ab")
+    assert a["removed"] == b["removed"] and a["values"] == b["values"]
+    assert a["calibration_ppl"] == b["calibration_ppl"] and a["evaluations"] == b["evaluations"]
+    assert ray.is_initialized()  # the tool joined the running cluster and left it running
+
+
+@pytest.mark.parametrize("value,msg", [("dask", "expected ray"), ("ray:nohost", "HOST:PORT")])
+def test_cli_bad_workers_is_one_line(tiny, tmp_path, capsys, value, msg):
+    code = main(["shapley", tiny[0], "--remove", "1", "--workers", value, "--store", str(tmp_path / "s.sqlite")])
+    err = capsys.readouterr().err
+    assert code == 2 and msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_without_ray_installed(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
+    code = main(["prune", tiny[0], "--remove", "1", "--workers", "ray", "--store", str(tmp_path / "s.sqlite"),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install -e '.[ray]'" in err and len(err.strip().splitlines()) == 1
+
+
 def test_parse_workers():
     assert parse_workers(None) is None
     assert parse_workers("ray").address is None
     assert parse_workers("ray:auto").address == "auto"
     assert parse_workers("ray:10.0.0.1:6379").address == "10.0.0.1:6379"
-    for bad in ("dask", "ray:", "ray:host", "ray:host:99999", "ray:host:x"):
-        if bad == "ray:":
-            continue
+    for bad in ("dask", "ray:host", "ray:host:99999", "ray:host:x", "ray::6379"):
         with pytest.raises(UserError):
             parse_workers(bad)

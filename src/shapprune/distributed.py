@@ -114,7 +114,6 @@ class _Worker:
     def __init__(self, spec: WorkerSpec):
         import torch
 
-        from .game import ModelGame
         from .loading import load_model
 
         if spec.threads:
@@ -126,8 +125,19 @@ class _Worker:
         self.model, _ = load_model(spec.model, device=device, dtype=spec.dtype, device_map=spec.device_map,
                                    trust_remote_code=spec.trust_remote_code)
         self.spec = spec
-        self.game = ModelGame(self.model, spec.evaluator, None, progress=False, reuse_prefix=spec.reuse_prefix)
+        self.games: dict = {}
+        self.game = self._game(spec.evaluator)
         self.load_seconds = time.perf_counter() - t0
+
+    def _game(self, evaluator):
+        """The local game of ``evaluator`` (one per evaluation data set, built on first use)."""
+        from .game import ModelGame
+
+        fp = evaluator.fingerprint()
+        if fp not in self.games:
+            self.games[fp] = ModelGame(self.model, evaluator, None, progress=False,
+                                       reuse_prefix=self.spec.reuse_prefix)
+        return self.games[fp]
 
     def info(self) -> dict:
         import torch
@@ -135,10 +145,11 @@ class _Worker:
         return {"model": self.game.model_fp, "data": self.game.data_fp, "pid": os.getpid(),
                 "threads": torch.get_num_threads(), "load_seconds": self.load_seconds}
 
-    def evaluate(self, keys: list[str]) -> tuple[list[Evaluation], float]:
+    def evaluate(self, keys: list[str], evaluator=None) -> tuple[list[Evaluation], float]:
+        game = self.game if evaluator is None else self._game(evaluator)
         t0 = time.perf_counter()
         out = []
-        for i, ev in enumerate(self.game.evaluate_keys(list(keys))):
+        for i, ev in enumerate(game.evaluate_keys(list(keys))):
             out.append(ev)
             marker = self.spec.fault_marker
             if marker and i == 0 and len(keys) > 1 and not os.path.exists(marker):
@@ -258,8 +269,14 @@ class RayBackend:
         size = math.ceil(n / parts)
         return [list(keys[i:i + size]) for i in range(0, n, size)]
 
-    def evaluate(self, keys: Sequence[str], desc: str = "evaluating masks") -> Iterator[Evaluation]:
-        """Evaluate ``keys`` (one round, in trie order) on the workers; yield each chunk's records as it returns."""
+    def bind(self, evaluator) -> BoundBackend:
+        """A backend for another game on the same model (e.g. test windows beside calibration windows): the
+        same actors evaluate it, each building a local game for ``evaluator`` on first use."""
+        return BoundBackend(self, self.ray.put(evaluator))
+
+    def evaluate(self, keys: Sequence[str], desc: str = "evaluating masks", evaluator=None) -> Iterator[Evaluation]:
+        """Evaluate ``keys`` (one round, in trie order) on the workers; yield each chunk's records as it returns.
+        ``evaluator``: an object reference of another evaluator (see :meth:`bind`); default the spec's."""
         ray = self.ray
         t0 = time.perf_counter()
         pending = deque((c, 0) for c in self.chunks(keys))
@@ -271,7 +288,7 @@ class RayBackend:
                 while pending and idle:
                     chunk, attempts = pending.popleft()
                     w = idle.popleft()
-                    running[self.actors[w].evaluate.remote(chunk)] = (w, chunk, attempts + 1)
+                    running[self.actors[w].evaluate.remote(chunk, evaluator)] = (w, chunk, attempts + 1)
                 if not running:
                     raise UserError("every Ray worker died; see the Ray logs (e.g. out of memory), then re-run: "
                                     "finished masks are in the store")
@@ -352,6 +369,17 @@ class RayBackend:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class BoundBackend:
+    """:class:`RayBackend`'s actors, evaluating another evaluator's game (:meth:`RayBackend.bind`)."""
+
+    def __init__(self, backend: RayBackend, evaluator_ref):
+        self.backend = backend
+        self.evaluator_ref = evaluator_ref
+
+    def evaluate(self, keys: Sequence[str], desc: str = "evaluating masks") -> Iterator[Evaluation]:
+        return self.backend.evaluate(keys, desc, evaluator=self.evaluator_ref)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -94,3 +94,27 @@ def utility_evaluator(args, tokenizer, windows, batch_size: int = 16):
 
     return make_evaluator(args.utility, tokenizer=tokenizer, windows=windows, task_dir=args.task_dir,
                           limit=args.task_limit, batch_size=batch_size)
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    """``--workers ray[:ADDRESS]`` and ``--num-workers N``: evaluate masks on a Ray cluster."""
+    p.add_argument("--workers", default=None, metavar="ray[:ADDRESS]",
+                   help="evaluate masks on Ray actors that each load the model once: 'ray' starts a local cluster, "
+                        "'ray:auto' or 'ray:HOST:PORT' joins one started by `ray start --head` (needs "
+                        "pip install -e '.[ray]'; results are identical to a run without)")
+    p.add_argument("--num-workers", type=positive_int, default=None, metavar="N",
+                   help="Ray actors (default: one per GPU of the cluster, else one per CPU, one thread each)")
+
+
+def workers_from_args(args):
+    """The parsed ``--workers`` value (``None`` without it); a one-line :class:`UserError` on a bad value or
+    when Ray is not installed. Call before loading the model."""
+    from ..distributed import parse_workers, require_ray
+
+    opt = parse_workers(getattr(args, "workers", None))
+    if opt is None:
+        if getattr(args, "num_workers", None) is not None:
+            raise UserError("--num-workers needs --workers ray[:ADDRESS]")
+        return None
+    require_ray()
+    return opt

@@ -12,11 +12,13 @@ from .common import (
     add_data_args,
     add_model_args,
     add_utility_args,
+    add_worker_args,
     check_data_early,
     load,
     positive_int,
     utility_evaluator,
     windows,
+    workers_from_args,
 )
 
 HELP = "remove layers (chosen by --remove N/--ratio R, or given by --drop) and write a standard checkpoint"
@@ -68,6 +70,7 @@ def add_arguments(p) -> None:
     add_model_args(p)
     p.add_argument("--drop", default=None, help="0-based layers to remove, e.g. 3,7 (manual pruning)")
     add_selection_args(p)
+    add_worker_args(p)
     p.add_argument("--out", default=None,
                    help="output directory; must not exist or be empty (default: shapprune-out/<model>-<method>-<time>)")
 
@@ -146,13 +149,15 @@ def choose_from_args(args):
     from ..layers import find_layer_stack
     from ..pipeline import choose_layers, layers_to_remove
 
+    workers = workers_from_args(args)
     model, tokenizer = load(args)
     n = layers_to_remove(find_layer_stack(model).num_layers, args.remove, args.ratio)
     win = windows(args, tokenizer, model, split="calibration")
     res = choose_layers(model, tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
                         seed=args.seed, options=selection_options(args), store_path=store_path(args),
                         batch_size=args.batch_size, progress=not args.no_progress,
-                        reuse_prefix=not args.no_prefix_reuse,
+                        reuse_prefix=not args.no_prefix_reuse, workers=workers,
+                        num_workers=getattr(args, "num_workers", None),
                         evaluator=utility_evaluator(args, tokenizer, win, args.batch_size))
     return model, tokenizer, res
 
@@ -166,6 +171,7 @@ def run_method(args) -> int:
     t0 = time.time()
     check_selection_args(args)
     check_data_early(args)
+    workers_from_args(args)
     out = Path(args.out) if args.out else default_out(args.model, args.method)
     check_out_dir(out)
     model, tokenizer, res = choose_from_args(args)

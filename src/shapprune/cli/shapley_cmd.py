@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .common import add_model_args, check_data_early
+from .common import add_model_args, add_worker_args, check_data_early, workers_from_args
 from .prune_cmd import add_selection_args, check_selection_args, choose_from_args, print_summary
 
 HELP = "estimate per-layer Shapley values (and, with --remove N, which layers to remove) without saving a model"
@@ -15,6 +15,7 @@ log = logging.getLogger("shapprune")
 def add_arguments(p) -> None:
     add_model_args(p)
     add_selection_args(p)
+    add_worker_args(p)
     p.set_defaults(method="shapley")  # this command is about the paper's values
     p.add_argument("--json", default=None, metavar="PATH", help="write the pruning.json record here")
     p.add_argument("--report", default=None, metavar="DIR",
@@ -28,6 +29,7 @@ def run(args) -> int:
     t0 = time.time()
     check_selection_args(args)
     check_data_early(args)
+    workers_from_args(args)
     if args.report:
         check_out_dir(args.report)
     _, _, res = choose_from_args(args)
