@@ -100,6 +100,23 @@ def test_cli_workers_match_serial(cluster, tiny, tmp_path, capsys):
     assert ray.is_initialized()  # the tool joined the running cluster and left it running
 
 
+def test_cli_compare_workers_match_serial(cluster, tiny, tmp_path, capsys):
+    path = tiny[0]
+    data = tmp_path / "text.txt"
+    data.write_text("It was the best of times, it was the worst of times. " * 40)
+    base = ["compare", path, "--methods", "sleb,last", "--remove", "1,2", "--data", str(data), "--seqlen", "16",
+            "--max-windows", "4", "--batch-size", "2", "--eval-data", str(data), "--eval-seqlen", "24",
+            "--eval-max-windows", "3", "--no-table1", "--device", "cpu", "--dtype", "float32"]
+    assert main([*base, "--store", str(tmp_path / "a.sqlite"), "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--store", str(tmp_path / "b.sqlite"), "--out", str(tmp_path / "b"),
+                 "--workers", "ray", "--num-workers", "2"]) == 0
+    a, b = ([{k: v for k, v in r.items() if k != "seconds"} for r in json.loads((tmp_path / x / "results.json")
+             .read_text())] for x in "ab")
+    assert a == b  # same layers, same calibration and test perplexities
+    ea, eb = (json.loads((tmp_path / x / "analysis.json").read_text())["evaluations"] for x in "ab")
+    assert ea == eb
+
+
 @pytest.mark.parametrize("value,msg", [("dask", "expected ray"), ("ray:nohost", "HOST:PORT")])
 def test_cli_bad_workers_is_one_line(tiny, tmp_path, capsys, value, msg):
     code = main(["shapley", tiny[0], "--remove", "1", "--workers", value, "--store", str(tmp_path / "s.sqlite")])
