@@ -23,6 +23,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--device-map", default=None, help="'auto' spreads a large model over all visible GPUs")
+    p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="with --device-map auto: the most each device holds, e.g. 0=20GiB,1=20GiB,cpu=60GiB "
+                        "(the rest is offloaded to disk)")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
 
 
@@ -43,10 +46,11 @@ def add_data_args(p: argparse.ArgumentParser, data: str, seqlen: int, max_window
 
 
 def load(args):
-    from ..loading import load_model
+    from ..loading import load_model, parse_max_memory
 
     return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=args.trust_remote_code,
+                      max_memory=parse_max_memory(getattr(args, "max_memory", None)))
 
 
 def windows(args, tokenizer, model, split: str):
