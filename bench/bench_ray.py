@@ -1,6 +1,6 @@
 """Benchmark: mask evaluation by the serial engine against Ray actors on this machine.
 
-    PYTHONPATH=src python bench/bench_ray.py [--model smollm2-135m] [--masks 60]
+    PYTHONPATH=src python bench/bench_ray.py [--model smollm2-135m] [--masks 20]
         [--data ../shared/data/wikitext-2/valid.tokens.txt]
 
 One Stage-1 batch of stratified masks (as the Shapley estimator draws them) on 10 windows x 128 tokens, batch
@@ -35,7 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default="../shared/data/wikitext-2/valid.tokens.txt")
-    ap.add_argument("--masks", type=int, default=60)
+    ap.add_argument("--masks", type=int, default=20)
     ap.add_argument("--windows", type=int, default=10)
     ap.add_argument("--seqlen", type=int, default=128)
     a = ap.parse_args()
@@ -53,6 +53,7 @@ def main() -> None:
     ref = [e.nll for e in serial.evaluate(masks)]
     wall = time.perf_counter() - t0
     rows.append(("serial engine", f"1 process, {torch.get_num_threads()} threads", wall, None, None, True))
+    print(f"serial: {wall:.1f} s", flush=True)
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
@@ -74,6 +75,7 @@ def main() -> None:
                             f"{after['workers'][i]['masks_per_s']}/s" for i in after["workers"])
             rows.append((f"Ray, {workers} actor{'s' if workers > 1 else ''}", f"{workers} x 1 thread ({per})",
                          wall, overhead, load, got == ref))
+            print(f"{workers} actor(s): {wall:.1f} s, identical={got == ref}", flush=True)
             backend.close()
     finally:
         ray.shutdown()

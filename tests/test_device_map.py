@@ -47,3 +47,12 @@ def test_bad_max_memory(ckpt, capsys):
     assert parse_max_memory("0=20GiB,cpu=1000") == {0: "20GiB", "cpu": 1000}
     assert main(["layers", ckpt, "--max-memory", "cpu=1GB"]) == 2  # without --device-map
     assert "--device-map" in capsys.readouterr().err
+
+
+def test_game_refuses_offloaded_weights(ckpt, tmp_path, capsys):
+    data = tmp_path / "text.txt"
+    data.write_text("It was the best of times, it was the worst of times. " * 40)
+    code = main(["shapley", ckpt, "--remove", "1", "--method", "sleb", "--data", str(data), "--seqlen", "16",
+                 "--max-windows", "2", "--store", str(tmp_path / "s.sqlite"), *SHARD])
+    err = capsys.readouterr().err
+    assert code == 2 and "offloaded to disk" in err and len(err.strip().splitlines()) == 1

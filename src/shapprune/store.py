@@ -54,6 +54,9 @@ def model_fingerprint(model) -> str:
     h.update(f"{first.dtype}|{first.device.type}".encode())
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if p.device.type == "meta":
+                raise UserError(f"{name} is offloaded to disk (--device-map auto with too little --max-memory); "
+                                "the game needs every weight in GPU or CPU memory: raise --max-memory or add GPUs")
             flat = p.detach().reshape(-1)
             step = max(1, flat.numel() // 4096)
             sample = flat[::step][:4096].contiguous().to("cpu")
