@@ -201,7 +201,7 @@ class RayBackend:
         self.ray = ray
         self.started = False
         if not ray.is_initialized():
-            kwargs = {"include_dashboard": False, "log_to_driver": True}
+            kwargs = {"include_dashboard": False, "log_to_driver": False}  # one progress bar: the driver's
             if address is None:
                 env = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
                 if env:
@@ -323,8 +323,11 @@ class RayBackend:
                 yield from results
         finally:
             bar.close()
-            for ref in running:
-                ray.cancel(ref, force=False)
+            for ref in running:  # interrupted: drop what is still queued
+                try:
+                    ray.cancel(ref, force=False)
+                except Exception:  # noqa: BLE001 - best effort
+                    pass
             self.stats.masks += len(keys)
             self.stats.wall += time.perf_counter() - t0
 
