@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 
 import numpy as np
@@ -55,6 +56,7 @@ def main() -> None:
     rows.append(("serial engine", f"1 process, {torch.get_num_threads()} threads", wall, None, None, True))
     print(f"serial: {wall:.1f} s", flush=True)
 
+    os.environ.setdefault("RAY_worker_niceness", "0")  # Ray's default (15) starves actors on a loaded machine
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         for workers in (1, 2):

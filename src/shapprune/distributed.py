@@ -203,6 +203,9 @@ class RayBackend:
         if not ray.is_initialized():
             kwargs = {"include_dashboard": False, "log_to_driver": False}  # one progress bar: the driver's
             if address is None:
+                # Ray runs workers at niceness 15; on a shared machine that starves the actors behind every other
+                # process, so a local cluster started here runs them at the driver's priority
+                os.environ.setdefault("RAY_worker_niceness", "0")
                 env = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
                 if env:
                     kwargs["runtime_env"] = {"env_vars": env}
