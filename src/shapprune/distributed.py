@@ -105,6 +105,7 @@ class WorkerSpec:
             raise UserError("--workers needs a model loaded by shapprune.load_model (from a hub id, directory, "
                             ".gguf file or alias) so that each worker can load the same one")
         first = next(model.parameters())
+        kwargs.setdefault("trust_remote_code", bool(getattr(model, "_shapprune_trust_remote_code", False)))
         return cls(model=str(source), dtype=str(first.dtype).removeprefix("torch."), evaluator=evaluator, **kwargs)
 
 
@@ -394,9 +395,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def make_backend(workers, model, evaluator, *, model_fp: str | None = None, data_fp: str | None = None,
-                 progress: bool = True, reuse_prefix: bool = True, trust_remote_code: bool = False,
-                 num_workers: int | None = None, gpus_per_worker: float | None = None,
-                 threads_per_worker: int | None = None) -> RayBackend | None:
+                 progress: bool = True, reuse_prefix: bool = True, num_workers: int | None = None,
+                 gpus_per_worker: float | None = None, threads_per_worker: int | None = None) -> RayBackend | None:
     """A backend for ``workers`` (``None``, a ``--workers`` string, a :class:`WorkersOption`, or a ready
     backend, returned as is) that evaluates ``evaluator`` on workers loading the same model as ``model``."""
     if workers is None or hasattr(workers, "evaluate"):
@@ -408,7 +408,7 @@ def make_backend(workers, model, evaluator, *, model_fp: str | None = None, data
 
         model_fp, data_fp = model_fingerprint(model), evaluator.fingerprint()
     dm = getattr(model, "hf_device_map", None)
-    spec = WorkerSpec.from_model(model, evaluator, trust_remote_code=trust_remote_code, reuse_prefix=reuse_prefix,
+    spec = WorkerSpec.from_model(model, evaluator, reuse_prefix=reuse_prefix,
                                  device_map="auto" if dm and len(set(dm.values())) > 1 else None)
     return RayBackend(spec, address=opt.address, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
                       threads_per_worker=threads_per_worker, progress=progress,

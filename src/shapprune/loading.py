@@ -156,6 +156,7 @@ def load_model(
         model.hf_quantizer = None
         model.is_quantized = False
     model._shapprune_source = src.name or spec
+    model._shapprune_trust_remote_code = trust_remote_code  # so that Ray workers load it the same way
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -75,12 +75,15 @@ def choose_layers(model, tokenizer, windows, *, source: str, method: str, remove
                                num_workers=num_workers)
         owned = backend if backend is not workers else None  # built here: closed here
     try:
-        return _choose(model, tokenizer, windows, store, evaluator, backend, t0, source=source, method=method,
-                       remove=remove, budget=budget, seed=seed, options=options, batch_size=batch_size,
-                       progress=progress, reuse_prefix=reuse_prefix)
+        res = _choose(model, tokenizer, windows, store, evaluator, backend, t0, source=source, method=method,
+                      remove=remove, budget=budget, seed=seed, options=options, batch_size=batch_size,
+                      progress=progress, reuse_prefix=reuse_prefix)
     finally:
         if owned is not None:
-            owned.close()
+            owned.close()  # logs each worker's throughput
+    if owned is not None:
+        res.game.backend = None  # its actors are gone: later evaluations run here
+    return res
 
 
 def _choose(model, tokenizer, windows, store, evaluator, backend, t0, *, source, method, remove, budget, seed,
