@@ -158,6 +158,7 @@ def load_model(
     device_map: str | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    max_memory: dict | None = None,
 ):
     """Load ``(model, tokenizer)`` in eval mode.
 
@@ -168,6 +169,8 @@ def load_model(
         device_map: ``"auto"`` spreads a large model over all visible GPUs (accelerate); overrides ``device``.
         trust_remote_code: run code shipped with a hub model; off unless asked for.
         progress: show the GGUF dequantisation bar (transformers draws it unconditionally).
+        max_memory: with ``device_map``, the most each device may hold, e.g. ``{0: "20GiB", "cpu": "60GiB"}``
+            (accelerate's format); what fits nowhere is offloaded to a temporary folder on disk.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -182,6 +185,11 @@ def load_model(
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
     model_kwargs = dict(kwargs)
+    if max_memory:
+        if not device_map:
+            raise UserError("--max-memory only applies with --device-map auto")
+        model_kwargs["max_memory"] = max_memory
+        model_kwargs["offload_folder"] = _offload_folder()
     if src.gguf_file:
         # Unpacked into plain Linear weights of the asked dtype: no packed weights cast at every matmul.
         try:
@@ -216,9 +224,35 @@ def load_model(
         model.is_quantized = False
     model._shapprune_source = src.name or spec
     model._shapprune_source_dtype = stored
+    model._shapprune_trust_remote_code = trust_remote_code  # so that Ray workers load it the same way
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _offload_folder() -> str:
+    """A temporary folder for weights offloaded to disk, removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="shapprune-offload-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """``--max-memory 0=20GiB,1=20GiB,cpu=60GiB`` as accelerate's ``max_memory`` dict (GPU indices as ints)."""
+    if not text:
+        return None
+    out: dict = {}
+    for part in text.split(","):
+        dev, sep, size = part.strip().partition("=")
+        dev, size = dev.strip(), size.strip()
+        if not sep or not dev or not size or not (dev.isdigit() or dev in ("cpu", "mps", "disk")):
+            raise UserError(f"--max-memory {text!r}: expected DEVICE=SIZE pairs, e.g. 0=20GiB,1=20GiB,cpu=60GiB")
+        out[int(dev) if dev.isdigit() else dev] = int(size) if size.isdigit() else size
+    return out
 
 
 def model_device(model) -> torch.device:

@@ -56,15 +56,41 @@ class SelectionResult:
 def choose_layers(model, tokenizer, windows, *, source: str, method: str, remove: int | None,
                   budget: int | None, seed: int, options: dict, store_path: str | None,
                   batch_size: int = 16, progress: bool = True, evaluator=None,
-                  reuse_prefix: bool = True) -> SelectionResult:
+                  reuse_prefix: bool = True, workers=None, num_workers: int | None = None) -> SelectionResult:
     """Run ``method`` on a game over ``windows`` and build the record (``removed``/``kept`` ``None`` when
-    ``remove`` is ``None``: values only)."""
+    ``remove`` is ``None``: values only).
+
+    ``workers``: ``None`` evaluates masks here; ``"ray"`` (a local Ray cluster), ``"ray:auto"`` or
+    ``"ray:HOST:PORT"`` (join one) evaluates them on Ray actors (``num_workers`` of them; default one per GPU,
+    else per CPU), each loading the same model (:mod:`shapprune.distributed`); or a ready backend object with
+    ``evaluate(keys)``. Results are the same either way."""
     t0 = time.time()
     check_selection(method, find_layer_stack(model).num_layers, remove or 1, budget, options)  # before any evaluation
     store = EvaluationStore(store_path)
     if evaluator is None:  # the paper's utility: calibration perplexity
         evaluator = PerplexityEvaluator(windows, batch_size=batch_size)
-    game = ModelGame(model, evaluator, store, progress=progress, reuse_prefix=reuse_prefix)
+    backend = owned = None
+    if workers is not None:
+        from .distributed import make_backend
+
+        backend = make_backend(workers, model, evaluator, progress=progress, reuse_prefix=reuse_prefix,
+                               num_workers=num_workers)
+        owned = backend if backend is not workers else None  # built here: closed here
+    try:
+        res = _choose(model, tokenizer, windows, store, evaluator, backend, t0, source=source, method=method,
+                      remove=remove, budget=budget, seed=seed, options=options, batch_size=batch_size,
+                      progress=progress, reuse_prefix=reuse_prefix)
+    finally:
+        if owned is not None:
+            owned.close()  # logs each worker's throughput
+    if owned is not None:
+        res.game.backend = None  # its actors are gone: later evaluations run here
+    return res
+
+
+def _choose(model, tokenizer, windows, store, evaluator, backend, t0, *, source, method, remove, budget, seed,
+            options, batch_size, progress, reuse_prefix) -> SelectionResult:
+    game = ModelGame(model, evaluator, store, progress=progress, reuse_prefix=reuse_prefix, backend=backend)
     L = game.n_players
     log.info("game over %d layers; full calibration perplexity %.4f", L, game.full_perplexity)
     ctx = SelectionContext(model=model, tokenizer=tokenizer, windows=windows, game=game, seed=seed, budget=budget,

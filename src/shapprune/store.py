@@ -55,6 +55,9 @@ def model_fingerprint(model) -> str:
     h.update(f"{first.dtype}|{first.device.type}".encode())
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if p.device.type == "meta":
+                raise UserError(f"{name} is offloaded to disk (--device-map auto with too little --max-memory); "
+                                "the game needs every weight in GPU or CPU memory: raise --max-memory or add GPUs")
             data = p.detach()
             if hasattr(data, "dequantize") and type(data) not in (torch.Tensor, torch.nn.Parameter):
                 data = data.dequantize()  # torchao-quantized weights (--quantize-before-choosing)

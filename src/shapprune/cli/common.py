@@ -23,6 +23,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--device-map", default=None, help="'auto' spreads a large model over all visible GPUs")
+    p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="with --device-map auto: the most each device holds, e.g. 0=20GiB,1=20GiB,cpu=60GiB "
+                        "(the rest is offloaded to disk)")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (also off with --quiet)")
 
@@ -71,10 +74,11 @@ def write_json_arg(args, obj) -> None:
 
 
 def load(args):
-    from ..loading import load_model
+    from ..loading import load_model, parse_max_memory
 
     return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                      trust_remote_code=args.trust_remote_code, progress=show_progress(args))
+                      trust_remote_code=args.trust_remote_code, progress=show_progress(args),
+                      max_memory=parse_max_memory(getattr(args, "max_memory", None)))
 
 
 def windows(args, tokenizer, model, split: str):
@@ -227,3 +231,27 @@ def selection_options(args) -> dict:
     """``ctx.options`` for the methods, from checked arguments."""
     return {"estimator": args.estimator, "surrogate": args.surrogate, "strata": args.strata,
             "paper_recipe": bool(getattr(args, "paper_recipe", None)), "progress": show_progress(args)}
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    """``--workers ray[:ADDRESS]`` and ``--num-workers N``: evaluate masks on a Ray cluster."""
+    p.add_argument("--workers", default=None, metavar="ray[:ADDRESS]",
+                   help="evaluate masks on Ray actors that each load the model once: 'ray' starts a local cluster, "
+                        "'ray:auto' or 'ray:HOST:PORT' joins one started by `ray start --head` (needs "
+                        "pip install -e '.[ray]'; results are identical to a run without)")
+    p.add_argument("--num-workers", type=positive_int, default=None, metavar="N",
+                   help="Ray actors (default: one per GPU of the cluster, else one per CPU, one thread each)")
+
+
+def workers_from_args(args):
+    """The parsed ``--workers`` value (``None`` without it); a one-line :class:`UserError` on a bad value or
+    when Ray is not installed. Call before loading the model."""
+    from ..distributed import parse_workers, require_ray
+
+    opt = parse_workers(getattr(args, "workers", None))
+    if opt is None:
+        if getattr(args, "num_workers", None) is not None:
+            raise UserError("--num-workers needs --workers ray[:ADDRESS]")
+        return None
+    require_ray()
+    return opt

@@ -9,6 +9,7 @@ from pathlib import Path
 from .common import (
     add_model_args,
     add_selection_args,
+    add_worker_args,
     check_data_early,
     check_selection_args,
     load,
@@ -16,6 +17,7 @@ from .common import (
     selection_options,
     show_progress,
     windows,
+    workers_from_args,
 )
 
 HELP = "compare layer-selection methods: test perplexity vs layers removed (results.json/.md, plot)"
@@ -40,6 +42,7 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=positive_int, default=None, help="first N items of each task")
     p.add_argument("--no-table1", action="store_true", help="skip the N=2 static/greedy/exhaustive analysis")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    add_worker_args(p)
 
 
 def run(args) -> int:
@@ -63,6 +66,7 @@ def run(args) -> int:
     out = Path(args.out)
     check_out_dir(out)
     check_data_early(args)
+    workers = workers_from_args(args)
     task_fn = None
     if args.tasks:
         from ..zeroshot import check_limit, load_tasks, parse_tasks
@@ -83,10 +87,18 @@ def run(args) -> int:
     test = make_windows(tokenizer, args.eval_data, args.eval_seqlen, max_windows=args.eval_max_windows,
                         split="evaluation", bos=args.bos, model=model)
     store = EvaluationStore(args.store or default_store_path())
-    calib_game = ModelGame(model, PerplexityEvaluator(calib, args.batch_size), store,
-                           reuse_prefix=not args.no_prefix_reuse, progress=show_progress(args))
+    calib_eval = PerplexityEvaluator(calib, args.batch_size)
+    test_eval = PerplexityEvaluator(test, max(1, args.batch_size // 8))
+    backend = None
+    if workers is not None:  # one pool of Ray actors for both games (Ray's exit handler ends it on an error)
+        from ..distributed import make_backend
+
+        backend = make_backend(workers, model, calib_eval, reuse_prefix=not args.no_prefix_reuse,
+                               num_workers=args.num_workers)
+    calib_game = ModelGame(model, calib_eval, store, reuse_prefix=not args.no_prefix_reuse, backend=backend,
+                           progress=show_progress(args))
     counts = parse_counts(args.remove, calib_game.n_players)
-    test_game = ModelGame(model, PerplexityEvaluator(test, max(1, args.batch_size // 8)), store,
+    test_game = ModelGame(model, test_eval, store, backend=backend.bind(test_eval) if backend is not None else None,
                           progress=show_progress(args))
     if args.tasks:
         from ..zeroshot import evaluate_tasks
@@ -99,6 +111,8 @@ def run(args) -> int:
     cmp = run_comparison(model, tokenizer, calib, calib_game, test_game, methods=methods, counts=counts,
                          seed=args.seed, budget=args.budget, options=options, batch_size=args.batch_size,
                          table1=not args.no_table1, task_fn=task_fn, budgets={"search": args.search_budget, "exhaustive": args.exhaustive_budget})
+    if backend is not None:
+        backend.close()  # logs each worker's throughput
     header = {"model": args.model, "calibration": calib.describe(), "test": test.describe(),
               "store": str(store.path), "seed": args.seed, "seconds": round(time.time() - t0, 1)}
     with atomic_dir(out) as tmp:

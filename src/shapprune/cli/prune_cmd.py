@@ -12,6 +12,7 @@ from .common import (
     add_model_args,
     add_selection_args,
     add_utility_args,
+    add_worker_args,
     check_data_early,
     check_selection_args,
     given_options,
@@ -20,6 +21,7 @@ from .common import (
     show_progress,
     utility_evaluator,
     windows,
+    workers_from_args,
 )
 
 HELP = "remove layers (chosen by --remove N/--ratio R, or given by --drop) and write a standard checkpoint"
@@ -47,6 +49,7 @@ def add_arguments(p) -> None:
     from .quantize_cmd import add_quantize_args
 
     add_quantize_args(p)
+    add_worker_args(p)
     p.add_argument("--out", default=None,
                    help="output directory; must not exist or be empty (default: shapprune-out/<model>-<method>-<time>)")
     p.add_argument("--out-format", choices=("hf", "gguf"), default="hf",
@@ -162,6 +165,7 @@ def choose_from_args(args):
     from ..layers import find_layer_stack
     from ..pipeline import choose_layers, layers_to_remove
 
+    workers = workers_from_args(args)
     model, tokenizer = load(args)
     n = layers_to_remove(find_layer_stack(model).num_layers, args.remove, args.ratio)
     win = windows(args, tokenizer, model, split="calibration")
@@ -170,7 +174,8 @@ def choose_from_args(args):
     res = choose_layers(game_model(model, args), tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
                         seed=args.seed, options=selection_options(args), store_path=store_path(args),
                         batch_size=args.batch_size, progress=show_progress(args),
-                        reuse_prefix=not args.no_prefix_reuse,
+                        reuse_prefix=not args.no_prefix_reuse, workers=workers,
+                        num_workers=getattr(args, "num_workers", None),
                         evaluator=utility_evaluator(args, tokenizer, win, args.batch_size))
     return model, tokenizer, res
 
@@ -187,6 +192,7 @@ def run_method(args) -> int:
     check_choice_args(args)
     check_data_early(args)
     check_quantize_args(args)
+    workers_from_args(args)
     out = Path(args.out) if args.out else default_out(args.model, args.method)
     check_out_dir(out)
     gguf_src = gguf_num_layers = None

@@ -5,7 +5,15 @@ from __future__ import annotations
 import logging
 import time
 
-from .common import add_json_arg, add_model_args, check_data_early, check_json_early, write_json_arg
+from .common import (
+    add_json_arg,
+    add_model_args,
+    add_worker_args,
+    check_data_early,
+    check_json_early,
+    workers_from_args,
+    write_json_arg,
+)
 from .prune_cmd import add_choice_args, check_choice_args, choose_from_args, print_summary
 
 HELP = "estimate per-layer Shapley values (and, with --remove N, which layers to remove) without saving a model"
@@ -15,6 +23,7 @@ log = logging.getLogger("shapprune")
 def add_arguments(p) -> None:
     add_model_args(p)
     add_choice_args(p)
+    add_worker_args(p)
     p.set_defaults(method="shapley")  # this command is about the paper's values
     add_json_arg(p, "write the pruning.json record here")
     p.add_argument("--report", default=None, metavar="DIR",
@@ -30,6 +39,7 @@ def run(args) -> int:
     check_choice_args(args)
     check_data_early(args)
     check_json_early(args)
+    workers_from_args(args)
     if args.report:
         check_out_dir(args.report)
     _, _, res = choose_from_args(args)

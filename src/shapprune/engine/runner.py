@@ -81,7 +81,7 @@ class Runner:
         if arch is not None and arch.split_head:
             base = getattr(model, "base_model", None)
             head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-            if base is not None and base is not model and isinstance(head, torch.nn.Linear):
+            if base is not None and base is not model and isinstance(head, torch.nn.Linear) and not _offloaded(head):
                 self.body, self.head = base, head
                 if arch.logit_softcap:
                     self.softcap = getattr(model.config, arch.logit_softcap, None) or None
@@ -137,7 +137,8 @@ class Runner:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of final hidden states, exactly as the model's own head computes them."""
-        return head_logits(hidden, self.head.weight, self.head.bias, self.softcap)
+        w = self.head.weight  # with device_map the head may sit on another device than the last layer
+        return head_logits(hidden.to(w.device), w, self.head.bias, self.softcap)
 
     def forward_logits(self, input_ids: torch.Tensor, keep_last: int | None = None,
                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,7 +159,9 @@ class Runner:
         target_mask = attention_mask[:, 1:] * attention_mask[:, :-1] if attention_mask is not None else None
         if self.split:
             h = self.hidden(ids, attention_mask)[:, :-1]
-            return head_nll(h, ids[:, 1:], self.head.weight, self.head.bias, target_mask, self.softcap)
+            dev = self.head.weight.device  # with device_map the head may sit on another device
+            tm = target_mask.to(dev) if target_mask is not None else None
+            return head_nll(h.to(dev), ids[:, 1:].to(dev), self.head.weight, self.head.bias, tm, self.softcap)
         kwargs = {"use_cache": False}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
@@ -190,6 +193,13 @@ class Runner:
         with torch.inference_mode():
             self.batches(n, step, desc=desc, progress=progress)
         return NLL(nll=float(sum(per_window)), tokens=int(sum(counts)), per_window=per_window)
+
+
+def _offloaded(module: torch.nn.Module) -> bool:
+    """Whether accelerate keeps ``module``'s weights elsewhere (disk or CPU offload: a meta tensor in place),
+    loading them only inside its forward; such a head must run through the model's own forward."""
+    hook = getattr(module, "_hf_hook", None)
+    return module.weight.device.type == "meta" or bool(getattr(hook, "offload", False))
 
 
 def as_runner(model_or_runner, batch_size: int = 16) -> Runner:
