@@ -14,7 +14,9 @@ For each dtype it measures, on 10 windows x 128 tokens of ``valid.tokens.txt`` (
 * the floor: the layer forwards that optimal prefix sharing needs (``shapprune.engine.layer_forwards``) at
   the measured cost of one layer, plus one head per mask at its measured cost.
 
-It prints throughput ratios against the official protocol and the fraction of the floor reached, and a
+All times are CPU seconds of this process (``time.process_time``), so that with one torch thread
+(``--threads 1``) the ratios do not depend on what else the machine runs. It prints throughput ratios
+against the official protocol and the fraction of the floor reached, and a
 projection for a 7B-shaped model (32 layers, 4096 hidden, 32,000 vocabulary) from the same workload shapes:
 there the head costs 0.65 layer-equivalents. Every evaluation runs from an empty in-memory store.
 """
@@ -67,10 +69,10 @@ def time_official(model, ids, masks, stack) -> float:
                 for p in stack.layers[int(i)].parameters():
                     saved.append((p, p.detach().clone()))
                     p.zero_()
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         with torch.inference_mode():
             model(input_ids=ids, labels=ids, use_cache=False).loss.item()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
         with torch.no_grad():
             for p, v in saved:
                 p.copy_(v)
@@ -85,11 +87,11 @@ def unit_costs(model, ids, runner, repeats: int = 3) -> tuple[float, float]:
     body, head = [], []
     with torch.inference_mode():
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             h = runner.hidden(ids)
-            t1 = time.perf_counter()
+            t1 = time.process_time()
             head_nll(h[:, :-1], ids[:, 1:], runner.head.weight, runner.head.bias)
-            t2 = time.perf_counter()
+            t2 = time.process_time()
             body.append(t1 - t0)
             head.append(t2 - t1)
     return statistics.median(body) / L, statistics.median(head)
@@ -100,9 +102,9 @@ def run_engine(model, win, masks) -> tuple[float, list[float]]:
     from shapprune.store import EvaluationStore
 
     game = ModelGame(model, PerplexityEvaluator(win, batch_size=16), EvaluationStore(None), progress=True)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     res = game.evaluate(masks)
-    return time.perf_counter() - t0, [e.nll for e in res]
+    return time.process_time() - t0, [e.nll for e in res]
 
 
 def project_7b(keys_by_workload: dict[str, list[str]]) -> list[tuple[str, float, float]]:
@@ -140,7 +142,8 @@ def main() -> None:
              "Calibration: 10 windows x 128 tokens of `valid.tokens.txt` (the paper's). Official protocol = full "
              "forward with the dropped layers' weights zeroed, scored by the model's own loss; engine = "
              "`ModelGame.evaluate` from an empty store (skipping, split head, prefix reuse in trie order); "
-             "floor = optimal-prefix-sharing layer forwards x measured layer cost + one head per mask.\n"]
+             "floor = optimal-prefix-sharing layer forwards x measured layer cost + one head per mask. "
+             "Times are CPU seconds of the process (`time.process_time`), robust to other load with one thread.\n"]
     keys_7b = {}
     for dtype in a.dtypes.split(","):
         model, tok = load_model(a.model, device="cpu", dtype=dtype)

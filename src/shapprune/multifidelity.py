@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 #: share of the calibration windows used to screen candidates
 SCREEN_FRACTION = 0.25
-#: candidates of each greedy round evaluated on all windows
-FINALISTS = 3
+#: candidates of each greedy round evaluated on all windows (at most; fewer when the budget is tight)
+FINALISTS = 5
 #: from the second greedy round on, the share of candidates (best-predicted by the surrogate) screened
 SURROGATE_KEEP = 0.5
 #: default budget as a share of SLEB's greedy path (in full evaluations)
@@ -129,10 +129,10 @@ def greedy_cost(num_layers: int, n: int, unit: float, finalists: int) -> float:
 
 
 def greedy_finalists(num_layers: int, n: int, budget: float, unit: float, most: int = FINALISTS) -> int:
-    """The most finalists per round (up to ``most``) whose greedy path leaves a fifth of the budget to the
+    """The most finalists per round (up to ``most``) whose greedy path leaves a tenth of the budget to the
     swap search; at least one."""
     for f in range(most, 0, -1):
-        if greedy_cost(num_layers, n, unit, f) <= 0.8 * budget:
+        if greedy_cost(num_layers, n, unit, f) <= 0.9 * budget:
             return f
     log.warning("the budget %.1f is below the screened greedy path; it will be exceeded", budget)
     return 1

@@ -73,6 +73,14 @@ def write_json_arg(args, obj) -> None:
         write_json(args.json, obj, force=args.force)
 
 
+def check_model_args(args) -> None:
+    """Model options that are wrong on their own, before anything is read (e.g. --max-memory alone)."""
+    from ..loading import parse_max_memory
+
+    if parse_max_memory(getattr(args, "max_memory", None)) and not args.device_map:
+        raise UserError("--max-memory only applies with --device-map auto")
+
+
 def load(args):
     from ..loading import load_model, parse_max_memory
 

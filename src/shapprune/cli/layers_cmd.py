@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_model_args, load
+from .common import add_model_args, check_model_args, load
 
 HELP = "show the layer stack found in a model (path, count, block class), from its config when possible"
 
@@ -18,6 +18,7 @@ def run(args) -> int:
     from ..layers import find_layer_stack
     from ..loading import load_skeleton
 
+    check_model_args(args)
     # built on the meta device from the config: no weights read (a 70B hub model answers in seconds)
     model = load_skeleton(args.model, trust_remote_code=args.trust_remote_code)
     if model is None:
