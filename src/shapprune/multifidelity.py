@@ -42,9 +42,9 @@ SCREEN_FRACTION = 0.25
 #: candidates of each greedy round evaluated on all windows (at most; fewer when the budget is tight)
 FINALISTS = 5
 #: from the second greedy round on, the share of candidates (best-predicted by the surrogate) screened
-SURROGATE_KEEP = 0.5
+SURROGATE_KEEP = 1.0
 #: default budget as a share of SLEB's greedy path (in full evaluations)
-BUDGET_SHARE = 0.45
+BUDGET_SHARE = 0.5
 
 
 def sleb_cost(num_layers: int, n: int) -> int:

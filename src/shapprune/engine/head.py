@@ -1,8 +1,9 @@
 """The LM head as pure functions of the final hidden states: summed NLL without materialising the logits.
 
 ``NLL = logsumexp(z) − z[target]`` with ``z = h·Wᵀ (+ b)``, computed over ``chunk`` positions at a time: the
-projection runs in the model's dtype (as the model's own head does), the log-sum-exp in fp32. No fp32 copy of
-the ``[tokens, vocab]`` logits and no log-softmax over it is ever made.
+projection runs in the model's dtype (as the model's own head does), the fused cross-entropy (log-softmax and
+gather in one kernel, measured faster than ``torch.logsumexp`` on the CPU) in fp32. No fp32 copy of the
+``[tokens, vocab]`` logits is ever made; a chunk holds at most 2^25 fp32 logits (128 MiB).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return z
 
 
-def default_chunk(vocab: int, budget_elements: int = 1 << 23) -> int:
-    """Positions per chunk so that one chunk of fp32 logits stays near ``budget_elements`` (32 MiB)."""
+def default_chunk(vocab: int, budget_elements: int = 1 << 25) -> int:
+    """Positions per chunk so that one chunk of fp32 logits stays near ``budget_elements`` (128 MiB)."""
     return max(16, budget_elements // max(1, vocab))
 
 
@@ -39,7 +40,7 @@ def head_nll(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, 
     step = chunk or default_chunk(weight.shape[0])
     for s in range(0, b * t, step):
         z = head_logits(flat_h[s : s + step], weight, bias, softcap)
-        per_pos[s : s + step] = torch.logsumexp(z, dim=-1) - z.gather(-1, flat_y[s : s + step, None]).squeeze(-1)
+        per_pos[s : s + step] = torch.nn.functional.cross_entropy(z, flat_y[s : s + step], reduction="none")
     if flat_m is not None:
         per_pos = per_pos * flat_m.to(per_pos.dtype)
     return per_pos.view(b, t).double().sum(1)
