@@ -40,11 +40,11 @@ log = logging.getLogger(__name__)
 #: share of the calibration windows used to screen candidates
 SCREEN_FRACTION = 0.25
 #: candidates of each greedy round evaluated on all windows (at most; fewer when the budget is tight)
-FINALISTS = 5
+FINALISTS = 3
 #: from the second greedy round on, the share of candidates (best-predicted by the surrogate) screened
-SURROGATE_KEEP = 1.0
+SURROGATE_KEEP = 0.5
 #: default budget as a share of SLEB's greedy path (in full evaluations)
-BUDGET_SHARE = 0.5
+BUDGET_SHARE = 0.45
 
 
 def sleb_cost(num_layers: int, n: int) -> int:
