@@ -50,7 +50,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("shapprune").setLevel(level)
-    for noisy in ("transformers", "datasets", "huggingface_hub", "accelerate", "urllib3", "filelock"):
+    for noisy in ("transformers", "datasets", "huggingface_hub", "accelerate", "urllib3", "filelock", "torchao",
+                   "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.WARNING)
 
 
