@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .data import Windows
 from .methods import Selection, SelectionContext
+from .search import greedy_cost as sleb_cost  # SLEB's rounds: Σ_{r<n} (L − r) full evaluations
 from .search import swap_neighbours
 from .store import mask_key
 from .surrogate import QuadraticSurrogate
@@ -45,11 +46,6 @@ FINALISTS = 3
 SURROGATE_KEEP = 0.5
 #: default budget as a share of SLEB's greedy path (in full evaluations)
 BUDGET_SHARE = 0.45
-
-
-def sleb_cost(num_layers: int, n: int) -> int:
-    """Full evaluations of SLEB's greedy rounds removing ``n`` of ``num_layers`` layers."""
-    return sum(num_layers - r for r in range(n))
 
 
 def default_budget(num_layers: int, n: int) -> float:
@@ -118,13 +114,23 @@ class MultiFidelity:
         X = np.array([[c == "1" for c in k] for k in keys], dtype=bool)
         return X, np.array([d[k] for k in keys])
 
+    def surrogate(self, ridge: float) -> QuadraticSurrogate:
+        """The quadratic game surrogate of the screened log utility, fitted on every screened mask so far."""
+        X, y = self.screened_data()
+        return QuadraticSurrogate.fit(X, -y, ridge=ridge)
+
+
+def screened_count(r: int, candidates: int, finalists: int) -> int:
+    """How many of greedy round ``r``'s candidates are screened: all in the first round (and when few are
+    left), else the surrogate's best share, never fewer than twice the finalists."""
+    if r == 0 or candidates <= 2 * finalists:
+        return candidates
+    return max(2 * finalists, math.ceil(SURROGATE_KEEP * candidates))
+
 
 def greedy_cost(num_layers: int, n: int, unit: float, finalists: int) -> float:
     """Full-evaluation equivalents of the screened greedy path (``unit``: one screen's share)."""
-    screened = 0
-    for r in range(n):
-        c = num_layers - r
-        screened += c if r == 0 or c <= 2 * finalists else max(2 * finalists, math.ceil(SURROGATE_KEEP * c))
+    screened = sum(screened_count(r, num_layers - r, finalists) for r in range(n))
     return screened * unit + finalists * n
 
 
@@ -162,11 +168,10 @@ def multifidelity_search(full_game, screen_game, n: int, budget: float, finalist
     path: list[int] = []
     for r in range(n):
         cands = removals(cur)
-        if r > 0 and len(cands) > 2 * finalists:
+        count = screened_count(r, len(cands), finalists)
+        if count < len(cands):
             # the game learned so far rules out the candidates it predicts worst; they are never evaluated
-            X, y = mf.screened_data()
-            f = QuadraticSurrogate.fit(X, -y, ridge=ridge)
-            count = max(2 * finalists, math.ceil(SURROGATE_KEEP * len(cands)))
+            f = mf.surrogate(ridge)
             cands = cands[np.sort(np.argsort(-f(cands), kind="stable")[:count])]
         lo = mf.screen(cands)
         top = np.argsort(lo, kind="stable")[: min(finalists, len(cands))]
@@ -182,8 +187,7 @@ def multifidelity_search(full_game, screen_game, n: int, budget: float, finalist
     bar = tqdm(desc="swap search", leave=False, disable=not progress, unit="round")
     while mf.ledger.cost < budget:
         best_key, best_val = _best_full(mf, keep)
-        X, y = mf.screened_data()
-        f = QuadraticSurrogate.fit(X, -y, ridge=ridge)
+        f = mf.surrogate(ridge)
         nb = swap_neighbours(_as_mask(best_key))
         seen = mf.ledger.screen if screen_game is not None else mf.ledger.full
         nb = [m for m in nb if mask_key(m) not in mf.ledger.full and mask_key(m) not in seen]
@@ -210,8 +214,7 @@ def multifidelity_search(full_game, screen_game, n: int, budget: float, finalist
             break  # two rounds of the best-predicted neighbours brought nothing: stop here
     bar.close()
     best_key, best_val = _best_full(mf, keep)
-    X, y = mf.screened_data()
-    f = QuadraticSurrogate.fit(X, -y, ridge=ridge)
+    f = mf.surrogate(ridge)
     return {"mask": _as_mask(best_key), "log_ppl": best_val, "greedy": _as_mask(greedy_key),
             "greedy_log_ppl": greedy_val, "path": path, "rounds": rounds, "cost": mf.ledger.cost,
             "full_evaluations": len(mf.ledger.full), "screen_evaluations": len(mf.ledger.screen),

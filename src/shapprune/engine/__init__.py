@@ -4,7 +4,7 @@ prefix reuse between masks) and the dtype that fits the hardware."""
 from .hardware import auto_dtype, native_bf16
 from .head import head_logits, head_nll, logits_nll
 from .prefix import PrefixCache, common_prefix, layer_forwards, trie_order
-from .runner import NLL, SCORING_VERSION, Runner, as_runner, is_oom
+from .runner import NLL, SCORING_VERSION, Runner, as_runner
 
 __all__ = ["NLL", "SCORING_VERSION", "PrefixCache", "Runner", "as_runner", "auto_dtype", "common_prefix", "head_logits",
-           "head_nll", "is_oom", "layer_forwards", "logits_nll", "native_bf16", "trie_order"]
+           "head_nll", "layer_forwards", "logits_nll", "native_bf16", "trie_order"]

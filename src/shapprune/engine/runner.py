@@ -43,15 +43,17 @@ class NLL:
         return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
 
 
-is_oom = is_out_of_memory
-
-
 def accepts_logits_to_keep(model) -> bool:
     """Whether ``model.forward`` can compute the LM head on the last positions only (most HF causal LMs)."""
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _forward_kwargs(attention_mask: torch.Tensor | None) -> dict:
+    """Keyword arguments of every scoring forward pass: no KV cache, the padding mask when there is one."""
+    return {"use_cache": False} if attention_mask is None else {"use_cache": False, "attention_mask": attention_mask}
 
 
 def _free_accelerator_memory() -> None:
@@ -102,7 +104,7 @@ class Runner:
                 try:
                     step(i, stop)
                 except (RuntimeError, torch.OutOfMemoryError) as exc:
-                    if not is_oom(exc):
+                    if not is_out_of_memory(exc):
                         raise
                     if self.prefix is not None:
                         self.prefix.drop_records()
@@ -124,10 +126,7 @@ class Runner:
     # ------------------------------------------------------------------------------------------- forward
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (after the final norm), ``[b, t, H]``; needs :attr:`split` to be true."""
-        kwargs = {"use_cache": False}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
-        out = self.body(input_ids=input_ids, **kwargs)
+        out = self.body(input_ids=input_ids, **_forward_kwargs(attention_mask))
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     @property
@@ -146,9 +145,7 @@ class Runner:
         if self.split:
             h = self.hidden(input_ids, attention_mask)
             return self.logits(h if keep_last is None else h[:, -keep_last:])
-        kwargs = {"use_cache": False}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
+        kwargs = _forward_kwargs(attention_mask)
         if keep_last is not None and accepts_logits_to_keep(self.model):
             kwargs["logits_to_keep"] = keep_last
         logits = self.model(input_ids=input_ids, **kwargs).logits
@@ -162,10 +159,7 @@ class Runner:
             dev = self.head.weight.device  # with device_map the head may sit on another device
             tm = target_mask.to(dev) if target_mask is not None else None
             return head_nll(h.to(dev), ids[:, 1:].to(dev), self.head.weight, self.head.bias, tm, self.softcap)
-        kwargs = {"use_cache": False}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
-        logits = self.model(input_ids=ids, **kwargs).logits
+        logits = self.model(input_ids=ids, **_forward_kwargs(attention_mask)).logits
         return logits_nll(logits[:, :-1], ids[:, 1:], target_mask)
 
     # ------------------------------------------------------------------------------------------- scores
