@@ -19,7 +19,7 @@ export OMP_NUM_THREADS=1
 
 # the four checkpoints: dense (the GGUF dequantized to fp32), pruned N=6, and both quantized int8 weight-only
 [ -d "$w/dense" ] || python bench/save_dense.py smollm2-135m "$w/dense"
-[ -d "$w/pruned6" ] || "${sp[@]}" prune smollm2-135m --drop $N6 --out "$w/pruned6"
+[ -d "$w/pruned6" ] || "${sp[@]}" prune smollm2-135m --drop $N6 --save-dtype float32 --out "$w/pruned6"
 [ -d "$w/dense-int8wo" ] || "${sp[@]}" quantize "$w/dense" --scheme int8-weight-only --out "$w/dense-int8wo"
 [ -d "$w/pruned6-int8wo" ] || "${sp[@]}" quantize "$w/pruned6" --scheme int8-weight-only --out "$w/pruned6-int8wo"
 

@@ -45,6 +45,10 @@ class Windows:
         ids = self.input_ids.to("cpu", torch.int64).contiguous().numpy()
         return hashlib.sha256(ids.tobytes() + str(ids.shape).encode()).hexdigest()[:16]
 
+    def first(self, k: int) -> Windows:
+        """The first ``k`` windows."""
+        return Windows(self.input_ids[:k], self.data, self.seqlen, self.bos)
+
     def describe(self) -> dict:
         return {"data": self.data, "seqlen": self.seqlen, "windows": self.num_windows, "tokens": self.tokens,
                 "bos": self.bos}

@@ -38,6 +38,9 @@ class Evaluator(Protocol):
     def nll(self, runner: Runner) -> tuple[float, int]:
         """Summed NLL (nats) and the number of tokens it covers (a bare model is wrapped in a runner)."""
 
+    # Optional: ``prepare(runner)`` is called once with the full model before any mask (e.g. to record a
+    # reference); ``first(k)`` returns the same evaluator on its first ``k`` windows (a cheaper screen).
+
 
 class PerplexityEvaluator:
     """NLL of every predicted token of fixed token windows (:class:`shapprune.data.Windows`)."""
@@ -56,6 +59,50 @@ class PerplexityEvaluator:
     def nll(self, runner: Runner) -> tuple[float, int]:
         res = as_runner(runner, self.batch_size).sequence_nll(self.windows.input_ids)
         return res.nll, res.tokens
+
+    def first(self, k: int) -> PerplexityEvaluator:
+        return PerplexityEvaluator(self.windows.first(k), self.batch_size)
+
+
+#: tokens of the reference distribution kept per position by :class:`KLEvaluator` (the rest is one bin)
+KL_TOP_K = 64
+
+
+class KLEvaluator:
+    """Cross-entropy of the full model's next-token distributions, ``H(p) + KL(p‖q)``, summed over every
+    predicted position of fixed token windows (EvoPress's fitness). Unlike perplexity it uses the whole
+    reference distribution, not one token, and no mask ever scores better than the full model.
+
+    The reference (the full model's distribution at each position, coarsened to its ``k`` most likely tokens
+    and the rest) is recorded by :meth:`prepare`, which the game calls with the full model. ``exp`` of the
+    mean is reported where perplexity would be, so ``PPL(full) / PPL(mask)`` is ``exp(−mean KL)``."""
+
+    def __init__(self, windows, batch_size: int = 16, k: int = KL_TOP_K, reference=None):
+        self.windows = windows
+        self.batch_size = batch_size
+        self.k = int(k)
+        self.reference = reference  # (ids [n, T-1, k], log-probs [n, T-1, k+1]) once prepared
+
+    def fingerprint(self) -> str:
+        return f"kl:v{SCORING_VERSION}:k{self.k}:" + self.windows.fingerprint()
+
+    def describe(self) -> dict:
+        d = self.windows.describe()
+        return {**{k: d[k] for k in ("data", "seqlen", "windows", "tokens")}, "utility": "kl"}
+
+    def prepare(self, runner: Runner) -> None:
+        if self.reference is None:
+            self.reference = as_runner(runner, self.batch_size).reference(self.windows.input_ids, self.k)
+
+    def nll(self, runner: Runner) -> tuple[float, int]:
+        if self.reference is None:
+            raise RuntimeError("KLEvaluator.prepare(runner) must record the full model's reference first")
+        res = as_runner(runner, self.batch_size).sequence_soft_ce(self.windows.input_ids, *self.reference)
+        return res.nll, res.tokens
+
+    def first(self, k: int) -> KLEvaluator:
+        ref = None if self.reference is None else tuple(t[:k] for t in self.reference)
+        return KLEvaluator(self.windows.first(k), self.batch_size, self.k, ref)
 
 
 def _ppl(nll: float, tokens: int) -> float:
@@ -88,6 +135,8 @@ class ModelGame:
         self.reuse_prefix = reuse_prefix
         self.evaluator = evaluator
         self.runner = Runner(model, batch_size=getattr(evaluator, "batch_size", 16))
+        if hasattr(evaluator, "prepare"):
+            evaluator.prepare(self.runner)  # the full model, before any mask and before prefix recording
         if reuse_prefix:
             budget = default_max_bytes(self.runner.device) if max_prefix_bytes is None else max_prefix_bytes
             self.runner.prefix = PrefixCache(budget)

@@ -12,6 +12,7 @@ log = logging.getLogger(__name__)
 #: method -> (file name, what its per-layer values are); other methods get ``<method>_values.png``
 VALUE_PLOTS: dict[str, tuple[str, str]] = {
     "shapley": ("shapley.png", "estimated Shapley value"),
+    "shapprune": ("marginal_log_ppl.png", "log-PPL cost of the layer at the chosen set (surrogate)"),
     "search": ("quadratic_shapley.png", "Shapley value of the quadratic surrogate"),
     "shortgpt": ("block_influence.png", "block influence 1 − cos(x_in, x_out)"),
     "ppl": ("ppl_without_layer.png", "calibration perplexity without the layer"),

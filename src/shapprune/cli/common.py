@@ -120,9 +120,10 @@ def drop_or_keep(args, num_layers: int) -> list[int]:
 
 def add_utility_args(p: argparse.ArgumentParser) -> None:
     """``--utility ppl|task:NAME[,NAME...]`` for the game, with the task files it reads."""
-    p.add_argument("--utility", default="ppl", metavar="ppl|task:A,B",
-                   help="score masks by calibration perplexity (ppl) or by zero-shot log-likelihood of the gold "
-                        "answers of tasks, e.g. task:piqa,arc_easy (needs --task-dir)")
+    p.add_argument("--utility", default="ppl", metavar="ppl|kl|task:A,B",
+                   help="score masks by calibration perplexity (ppl), by the KL divergence from the full model's "
+                        "next-token distributions on the same windows (kl, EvoPress's fitness), or by zero-shot "
+                        "log-likelihood of the gold answers of tasks, e.g. task:piqa,arc_easy (needs --task-dir)")
     p.add_argument("--task-dir", default=None, metavar="DIR", help="folder of <task>.jsonl files for --utility task:")
     p.add_argument("--task-limit", type=positive_int, default=None, metavar="N",
                    help="first N items of each task for --utility task:")

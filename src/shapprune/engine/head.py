@@ -46,6 +46,47 @@ def head_nll(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, 
     return per_pos.view(b, t).double().sum(1)
 
 
+def soft_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reference distribution kept as its ``k`` most likely tokens and one bin for the rest.
+
+    ``logits`` ``[N, V]`` → (token ids ``[N, k]``, fp32 log-probabilities ``[N, k + 1]``, the last being the
+    log of the mass outside the top ``k``). Coarsening the vocabulary this way keeps the reference small
+    (``k + 1`` numbers a position instead of ``V``) and its KL divergence a true divergence (of the coarsened
+    distributions, a lower bound of the full one)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top, idx = lp.topk(k, dim=-1)
+    rest = torch.log1p(-top.exp().sum(-1).clamp(max=1.0 - 1e-7)).clamp_min(-80.0)
+    return idx, torch.cat([top, rest[:, None]], dim=-1)
+
+
+def coarse_cross_entropy(logits: torch.Tensor, idx: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-position cross-entropy ``−Σ p log q`` of the coarsened reference ``(idx, ref_logp)`` (see
+    :func:`soft_targets`) under ``logits`` ``[N, V]`` coarsened the same way: ``H(p) + KL(p‖q)``, fp32 ``[N]``."""
+    z = logits.float()
+    lq = z.gather(-1, idx) - torch.logsumexp(z, dim=-1, keepdim=True)
+    rest = torch.log1p(-lq.exp().sum(-1).clamp(max=1.0 - 1e-7)).clamp_min(-80.0)
+    lq = torch.cat([lq, rest[:, None]], dim=-1)
+    return -(ref_logp.exp() * lq).sum(-1)
+
+
+def head_soft_ce(hidden: torch.Tensor, idx: torch.Tensor, ref_logp: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None, mask: torch.Tensor | None = None, softcap: float | None = None,
+                 chunk: int | None = None) -> torch.Tensor:
+    """Per-row summed :func:`coarse_cross_entropy` (float64 ``[b]``) of hidden states ``[b, t, H]`` against a
+    reference ``idx`` ``[b, t, k]``, ``ref_logp`` ``[b, t, k + 1]``, over ``chunk`` positions at a time."""
+    b, t = idx.shape[:2]
+    flat_h = hidden.reshape(b * t, -1)
+    flat_i, flat_p = idx.reshape(b * t, -1), ref_logp.reshape(b * t, -1)
+    per_pos = torch.empty(b * t, dtype=torch.float32, device=hidden.device)
+    step = chunk or default_chunk(weight.shape[0])
+    for s in range(0, b * t, step):
+        z = head_logits(flat_h[s : s + step], weight, bias, softcap)
+        per_pos[s : s + step] = coarse_cross_entropy(z, flat_i[s : s + step], flat_p[s : s + step])
+    if mask is not None:
+        per_pos = per_pos * mask.reshape(-1).to(per_pos.dtype)
+    return per_pos.view(b, t).double().sum(1)
+
+
 def logits_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
                chunk: int = 256) -> torch.Tensor:
     """Per-row summed NLL of ``targets`` ``[b, t]`` under already computed ``logits`` ``[b, t, V]``

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..archs import ARCHITECTURES
 from ..errors import OutOfMemory, is_out_of_memory
 from ..loading import model_device
-from .head import head_logits, head_nll, logits_nll
+from .head import coarse_cross_entropy, head_logits, head_nll, head_soft_ce, logits_nll, soft_targets
 from .prefix import PrefixCache
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,53 @@ class Runner:
         logits = self.model(input_ids=ids, **_forward_kwargs(attention_mask)).logits
         return logits_nll(logits[:, :-1], ids[:, 1:], target_mask)
 
+    def window_soft_ce(self, ids: torch.Tensor, idx: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+        """Per-row summed cross-entropy of every next token's coarsened reference distribution (``idx``
+        ``[b, t−1, k]``, ``ref_logp`` ``[b, t−1, k+1]``, see :func:`~shapprune.engine.head.soft_targets`)
+        under the model as it runs now."""
+        if self.split:
+            h = self.hidden(ids)[:, :-1]
+            dev = self.head.weight.device
+            return head_soft_ce(h.to(dev), idx.to(dev), ref_logp.to(dev), self.head.weight, self.head.bias,
+                                softcap=self.softcap)
+        z = self.model(input_ids=ids, **_forward_kwargs(None)).logits[:, :-1]
+        b, t = idx.shape[:2]
+        ce = coarse_cross_entropy(z.reshape(b * t, -1), idx.reshape(b * t, -1).to(z.device),
+                                  ref_logp.reshape(b * t, -1).to(z.device))
+        return ce.view(b, t).double().sum(1)
+
     # ------------------------------------------------------------------------------------------- scores
+    def reference(self, input_ids: torch.Tensor, k: int, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's next-token distributions over ``input_ids`` ``[n, T]`` (every position but the last),
+        coarsened to the top ``k`` tokens and the rest (:func:`~shapprune.engine.head.soft_targets`), on the CPU:
+        ids ``[n, T−1, k]`` and log-probabilities ``[n, T−1, k+1]``."""
+        n, T = input_ids.shape
+        idx = torch.empty(n, T - 1, k, dtype=torch.long)
+        lp = torch.empty(n, T - 1, k + 1, dtype=torch.float32)
+
+        def step(i: int, j: int) -> None:
+            z = self.forward_logits(input_ids[i:j].to(self.device))[:, :-1]
+            a, b = soft_targets(z.reshape((j - i) * (T - 1), -1), k)
+            idx[i:j], lp[i:j] = a.view(j - i, T - 1, k).cpu(), b.view(j - i, T - 1, k + 1).cpu()
+
+        with torch.inference_mode():
+            self.batches(n, step, desc="reference distributions", progress=progress, batch_size=1)
+        return idx, lp
+
+    def sequence_soft_ce(self, input_ids: torch.Tensor, idx: torch.Tensor, ref_logp: torch.Tensor,
+                         progress: bool = False, desc: str = "cross-entropy") -> NLL:
+        """Summed cross-entropy of the reference distributions (:meth:`reference`) over every predicted
+        position of each row of ``input_ids`` (``[n, T]``): ``H(p) + KL(p‖q)`` summed, in nats."""
+        n = input_ids.shape[0]
+        per_window = [0.0] * n
+
+        def step(i: int, j: int) -> None:
+            per_window[i:j] = self.window_soft_ce(input_ids[i:j].to(self.device), idx[i:j], ref_logp[i:j]).tolist()
+
+        with torch.inference_mode():
+            self.batches(n, step, desc=desc, progress=progress)
+        return NLL(nll=float(sum(per_window)), tokens=n * (input_ids.shape[1] - 1), per_window=per_window)
+
     def sequence_nll(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      progress: bool = False, desc: str = "perplexity") -> NLL:
         """Summed NLL of every token after the first in each row of ``input_ids`` (``[n, T]``).

@@ -285,13 +285,14 @@ def evaluate_tasks(model, tokenizer, tasks: Sequence[str], task_dir: str | os.Pa
 
 
 def parse_utility(text: str) -> tuple[str, list[str]]:
-    """``"ppl"`` → ``("ppl", [])``; ``"task:piqa,arc_easy"`` → ``("task", ["piqa", "arc_easy"])``."""
+    """``"ppl"`` → ``("ppl", [])``; ``"kl"`` → ``("kl", [])``; ``"task:piqa,arc_easy"`` →
+    ``("task", ["piqa", "arc_easy"])``."""
     text = (text or "").strip()
-    if text == "ppl":
-        return "ppl", []
+    if text in ("ppl", "kl"):
+        return text, []
     if text.startswith("task:"):
         return "task", parse_tasks(text[len("task:"):])
-    raise UserError(f"--utility must be ppl or task:NAME[,NAME...] (e.g. task:piqa,arc_easy), got {text!r}")
+    raise UserError(f"--utility must be ppl, kl or task:NAME[,NAME...] (e.g. task:piqa,arc_easy), got {text!r}")
 
 
 class TaskEvaluator:
@@ -343,15 +344,16 @@ class TaskEvaluator:
 
 def make_evaluator(utility: str, tokenizer=None, windows=None, task_dir: str | os.PathLike | None = None,
                    limit: int | None = None, batch_size: int = 16):
-    """The game's evaluator for ``--utility``: ``ppl`` → a perplexity evaluator on ``windows``;
+    """The game's evaluator for ``--utility``: ``ppl`` → a perplexity evaluator on ``windows``; ``kl`` → the
+    cross-entropy of the full model's next-token distributions on ``windows`` (``H + KL``);
     ``task:NAME[,NAME...]`` → a :class:`TaskEvaluator` on the local task files in ``task_dir``."""
     kind, tasks = parse_utility(utility)
-    if kind == "ppl":
+    if kind in ("ppl", "kl"):
         if windows is None:
-            raise ValueError("the ppl utility needs calibration windows")
-        from ..game import PerplexityEvaluator
+            raise ValueError(f"the {kind} utility needs calibration windows")
+        from ..game import KLEvaluator, PerplexityEvaluator
 
-        return PerplexityEvaluator(windows, batch_size=batch_size)
+        return (PerplexityEvaluator if kind == "ppl" else KLEvaluator)(windows, batch_size=batch_size)
     if task_dir is None:
         raise UserError(f"--utility {utility} needs --task-dir DIR holding {', '.join(t + '.jsonl' for t in tasks)}")
     if tokenizer is None:
