@@ -110,7 +110,7 @@ def test_rerun_reuses_store_and_shapley_command(tiny, tmp_path):
     (["--remove", "2", "--method", "shapley", "--budget", "3"], "too small"),
     (["--remove", "2", "--method", "shapley", "--estimator", "exact", "--budget", "10"], "2^5"),
     (["--remove", "2", "--estimator", "exact"], "--estimator would be ignored by shapprune"),
-    (["--remove", "2", "--budget", "1"], "below the screened greedy path"),
+    (["--remove", "2", "--budget", "1"], "below what the shapprune method needs"),
     (["--remove", "2", "--method", "nope"], "unknown method"),
     (["--remove", "2", "--drop", "1"], "leave out --remove"),
     ([], "--remove N or --ratio R"),
@@ -167,7 +167,7 @@ def test_default_method_is_shapprune(tiny, tmp_path):
     rec = json.loads((out / "pruning.json").read_text())
     assert rec["method"] == "shapprune" and len(rec["removed"]) == 2
     assert rec["estimator"] == "multi-fidelity search"
-    assert (out / "shapprune_values.png").is_file()
+    assert (out / "marginal_log_ppl.png").is_file()  # each layer's marginal log-PPL cost at the chosen set
 
 
 @pytest.mark.parametrize("method,plot", [("shapley", "shapley.png"), ("ppl", "ppl_without_layer.png"),

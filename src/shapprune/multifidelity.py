@@ -18,7 +18,7 @@ what works in both and pays for half of SLEB's calibration tokens:
 3. **Greedy path on all windows.** Round ``r`` removes one more layer. Only ``width`` candidates are
    evaluated, on all windows, and the best of those is taken: first the layers at the edges of the blocks
    removed so far (a neighbour of a removed layer often becomes cheap to remove: on SmolLM2 SLEB's picks 16,
-   18 and 6 were 14th, 10th and 11th by their own cost the round before), then the surrogate's
+   18 and 6 ranked 6th, 11th and 11th a round before they were taken, each right after a neighbour went), then the surrogate's
    best-predicted. A misranking can cost a candidate its place, never decide the pick.
 4. **Swap search.** Around the best mask evaluated on all windows, the swap neighbours (keep one removed
    layer, remove one kept layer) are ranked by the surrogate and the best-predicted are evaluated on all

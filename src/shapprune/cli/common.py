@@ -147,7 +147,7 @@ BUDGET_HELP = ("what it counts depends on the method. shapley: real evaluations 
                "masks for permutation (at least and by default one cycle of ⌈L/2⌉ antithetic pairs, about L²), "
                "kernel (at least 2L+2; default max(100, 4L+2)) and exact (2^L). exhaustive: the largest C(L, N) "
                "it may enumerate (default 5000). shapprune (the default): calibration tokens in full evaluations (a "
-               "screen on a quarter of the windows counts a quarter; default 45%% of SLEB's path, about 0.45·N·L). "
+               "screen on a quarter of the windows counts a quarter; default half of SLEB's path, about 0.5·N·L). "
                "search: real evaluations (at least its greedy path). "
                "A budget too small for a meaningful answer is refused, with the minimum")
 
