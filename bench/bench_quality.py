@@ -122,8 +122,9 @@ def write(a, rows: list[dict], task_rows: list[dict], header: str, merged: list[
                              f"{(d['test_ppl'] / s['test_ppl'] - 1):+.1%} | {d['cost'] / s['cost']:.2f} |")
     if task_rows:
         names = TASKS.split(",")
-        lines += [f"\n## Zero-shot (first {a.task_limit} items of each task; headline metric: acc_norm where lm-eval "
-                  "reports it, else acc)\n",
+        most = max(max(r["items"].values()) for r in task_rows)
+        lines += [f"\n## Zero-shot (first {most} items of each task at most; headline metric: acc_norm where "
+                  "lm-eval reports it, else acc)\n",
                   "| method | N | mean | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
         for r in task_rows:
             lines.append(f"| {r['method']} | {r['n']} | {r['mean']:.4f} | "
