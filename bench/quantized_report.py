@@ -29,7 +29,7 @@ def quantized_table():
     bench = load("bench-quant/bench.json")
     rows = {}
     head = [label for _, label in MODELS]
-    ppl = [load(f"ppl-{m}.json") for m, _ in MODELS]
+    ppl_first = [load(f"ppl-{m}.json") for m, _ in MODELS]
     zs = [load(f"zs-{m}.json") for m, _ in MODELS]
     if bench:
         vs = bench["variants"]
@@ -37,10 +37,11 @@ def quantized_table():
         rows["parameters (M)"] = [f"{v['parameters']['total'] / 1e6:.1f}" for v in vs]
         rows["checkpoint (model.safetensors, MiB)"] = [fmt(v["checkpoint_bytes"] / 2**20, 1) for v in vs]
         rows["weights in memory (MiB)"] = [fmt(v["weight_bytes"] / 2**20, 1) for v in vs]
-    if any(ppl):
-        p0 = next(p for p in ppl if p)
-        rows[f"test perplexity ({p0['windows']} × {p0['seqlen']} tokens)"] = [
-            fmt(p["perplexity"]) if p else "-" for p in ppl]
+    for ppl in (ppl_first, [load(f"ppl148-{m}.json") for m, _ in MODELS]):  # first windows; all of test.raw.txt
+        if any(ppl):
+            p0 = next(p for p in ppl if p)
+            rows[f"test perplexity ({p0['windows']} × {p0['seqlen']} tokens)"] = [
+                fmt(p["perplexity"]) if p else "-" for p in ppl]
     if any(zs):
         z0 = next(z for z in zs if z)
         for task, r in z0["tasks"].items():

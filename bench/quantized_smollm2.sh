@@ -8,8 +8,8 @@ w=${1:-runs/q}
 sp=(python -m shapprune)  # the checkout's own code (run with PYTHONPATH=src, or after pip install -e .)
 test_txt=../shared/data/wikitext-2/test.raw.txt
 tasks=piqa,hellaswag,arc_easy,boolq,openbookqa,lambada_openai
-ppl_windows=${PPL_WINDOWS:-4}   # the 4 test windows of bench/results/compare_smollm2.md
-zs_limit=${ZS_LIMIT:-40}
+ppl_windows=${PPL_WINDOWS:-16}  # the first 16 test windows, as bench/results/quality.md
+zs_limit=${ZS_LIMIT:-50}
 N6=12,13,14,17,25,26
 N12=3,4,5,6,7,13,14,16,17,18,25,26
 mkdir -p "$w"
@@ -37,6 +37,13 @@ for m in dense pruned6 dense-int8wo pruned6-int8wo; do
   [ -f "$w/ppl-$m.json" ] || "${sp[@]}" eval "$w/$m" --data "$test_txt" --seqlen 2048 \
     --max-windows "$ppl_windows" --json "$w/ppl-$m.json"
 done
+# all 148 windows of test.raw.txt (about 25 CPU-minutes per model on this 2-core CPU; PPL_ALL=0 skips them)
+if [ "${PPL_ALL:-1}" = 1 ]; then
+  for m in dense pruned6 dense-int8wo pruned6-int8wo; do
+    [ -f "$w/ppl148-$m.json" ] || "${sp[@]}" eval "$w/$m" --data "$test_txt" --seqlen 2048 --max-windows 148 \
+      --no-progress --json "$w/ppl148-$m.json"
+  done
+fi
 for m in dense pruned6 dense-int8wo pruned6-int8wo; do
   [ -f "$w/zs-$m.json" ] || "${sp[@]}" eval "$w/$m" --tasks $tasks --task-dir ../shared/data/zeroshot \
     --limit "$zs_limit" --json "$w/zs-$m.json"
