@@ -87,8 +87,7 @@ class KLEvaluator:
         return f"kl:v{SCORING_VERSION}:k{self.k}:" + self.windows.fingerprint()
 
     def describe(self) -> dict:
-        d = self.windows.describe()
-        return {**{k: d[k] for k in ("data", "seqlen", "windows", "tokens")}, "utility": "kl"}
+        return {**PerplexityEvaluator.describe(self), "utility": "kl"}  # the same windows
 
     def prepare(self, runner: Runner) -> None:
         if self.reference is None:

@@ -50,6 +50,7 @@ from .methods import Selection, SelectionContext
 from .search import greedy_cost as sleb_cost  # SLEB's rounds: Σ_{r<n} (L − r) full evaluations
 from .search import swap_neighbours
 from .store import mask_key
+from .surrogate import quadratic_features
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,8 @@ class LayerSurrogate:
         R = np.array([[c == "0" for c in k] for k in keys], dtype=np.float64)
         s = np.zeros((len(keys), 1))
         s[len(full):] = 1.0
-        iu, ju = np.triu_indices(L, 1)
-        X = np.hstack([np.ones((len(keys), 1)), R, R[:, iu] * R[:, ju], s, R * s])
+        iu, ju = np.triu_indices(L, 1)  # the pair order of quadratic_features
+        X = np.hstack([quadratic_features(R), s, R * s])  # [1, r, rᵢrⱼ (i<j), s, s·r]
         y = np.array(list(full.values()) + list(screen.values()))
         pen = np.full(X.shape[1], float(ridge) * max(1, len(keys)))
         pen[0] = 0.0
@@ -234,11 +235,12 @@ def _as_mask(key: str) -> np.ndarray:
     return np.array([c == "1" for c in key], dtype=bool)
 
 
-def round_candidates(cur: np.ndarray, f: LayerSurrogate, evaluated: set[str], width: int) -> np.ndarray:
-    """The removals from ``cur`` to evaluate on all windows this round: the layers at the edges of the removed
-    blocks first (a layer next to a removed one often becomes cheap to remove, an interaction no evaluation
-    has shown yet), then the surrogate's best-predicted, ``width`` in all (fewer if already evaluated)."""
-    cands = removals(cur)
+def round_candidates(cur: np.ndarray, cands: np.ndarray, f: LayerSurrogate, evaluated: set[str],
+                     width: int) -> np.ndarray:
+    """Which of ``cands`` (``removals(cur)``) to evaluate on all windows this round: the layers at the edges of
+    the removed blocks first (a layer next to a removed one often becomes cheap to remove, an interaction no
+    evaluation has shown yet), then the surrogate's best-predicted, ``width`` in all (fewer if already
+    evaluated)."""
     on = np.flatnonzero(cur)
     edge = set(boundary(cur).tolist())
     pred = f(cands)
@@ -260,11 +262,11 @@ def multifidelity_search(full_game, screen_game, n: int, budget: float, ridge: f
     path: list[int] = []
     bar = tqdm(total=n, desc="greedy rounds", leave=False, disable=not progress)
     for _ in range(n):
+        cands = removals(cur)
         room = max(1, int(budget - mf.ledger.cost - (n - len(path) - 1)))  # leave one per later round
-        fresh = round_candidates(cur, mf.surrogate(ridge), set(mf.ledger.full), min(width, room))
+        fresh = round_candidates(cur, cands, mf.surrogate(ridge), set(mf.ledger.full), min(width, room))
         if len(fresh):
             mf.full(fresh)
-        cands = removals(cur)
         vals = np.array([mf.ledger.full.get(mask_key(m), np.inf) for m in cands])
         pick = int(np.argmin(vals))
         path.append(int(np.flatnonzero(cur & ~cands[pick])[0]))

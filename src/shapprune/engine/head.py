@@ -26,24 +26,31 @@ def default_chunk(vocab: int, budget_elements: int = 1 << 25) -> int:
     return max(16, budget_elements // max(1, vocab))
 
 
+def _per_position(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
+                  chunk: int | None, mask: torch.Tensor | None, score) -> torch.Tensor:
+    """Per-row sums (float64 ``[b]``) of ``score(z, start, stop)``, the fp32 per-position loss of the logits
+    ``z`` of flattened positions ``start:stop``, over hidden states ``[b, t, H]`` taken ``chunk`` positions at
+    a time; ``mask`` (``[b, t]``, 1 = count) drops positions."""
+    b, t = hidden.shape[:2]
+    flat_h = hidden.reshape(b * t, -1)
+    per_pos = torch.empty(b * t, dtype=torch.float32, device=hidden.device)
+    step = chunk or default_chunk(weight.shape[0])
+    for s in range(0, b * t, step):
+        per_pos[s : s + step] = score(head_logits(flat_h[s : s + step], weight, bias, softcap), s, s + step)
+    if mask is not None:
+        per_pos = per_pos * mask.reshape(-1).to(per_pos.dtype)
+    return per_pos.view(b, t).double().sum(1)
+
+
 def head_nll(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
              mask: torch.Tensor | None = None, softcap: float | None = None, chunk: int | None = None) -> torch.Tensor:
     """Per-row summed NLL (float64 ``[b]``) of ``targets`` ``[b, t]`` given final hidden states ``[b, t, H]``.
 
     ``mask`` (``[b, t]``, 1 = count) drops padding positions.
     """
-    b, t = targets.shape
-    flat_h = hidden.reshape(b * t, -1)
     flat_y = targets.reshape(-1)
-    flat_m = mask.reshape(-1) if mask is not None else None
-    per_pos = torch.empty(b * t, dtype=torch.float32, device=hidden.device)
-    step = chunk or default_chunk(weight.shape[0])
-    for s in range(0, b * t, step):
-        z = head_logits(flat_h[s : s + step], weight, bias, softcap)
-        per_pos[s : s + step] = torch.nn.functional.cross_entropy(z, flat_y[s : s + step], reduction="none")
-    if flat_m is not None:
-        per_pos = per_pos * flat_m.to(per_pos.dtype)
-    return per_pos.view(b, t).double().sum(1)
+    return _per_position(hidden, weight, bias, softcap, chunk, mask,
+                         lambda z, i, j: torch.nn.functional.cross_entropy(z, flat_y[i:j], reduction="none"))
 
 
 def soft_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,16 +82,9 @@ def head_soft_ce(hidden: torch.Tensor, idx: torch.Tensor, ref_logp: torch.Tensor
     """Per-row summed :func:`coarse_cross_entropy` (float64 ``[b]``) of hidden states ``[b, t, H]`` against a
     reference ``idx`` ``[b, t, k]``, ``ref_logp`` ``[b, t, k + 1]``, over ``chunk`` positions at a time."""
     b, t = idx.shape[:2]
-    flat_h = hidden.reshape(b * t, -1)
     flat_i, flat_p = idx.reshape(b * t, -1), ref_logp.reshape(b * t, -1)
-    per_pos = torch.empty(b * t, dtype=torch.float32, device=hidden.device)
-    step = chunk or default_chunk(weight.shape[0])
-    for s in range(0, b * t, step):
-        z = head_logits(flat_h[s : s + step], weight, bias, softcap)
-        per_pos[s : s + step] = coarse_cross_entropy(z, flat_i[s : s + step], flat_p[s : s + step])
-    if mask is not None:
-        per_pos = per_pos * mask.reshape(-1).to(per_pos.dtype)
-    return per_pos.view(b, t).double().sum(1)
+    return _per_position(hidden, weight, bias, softcap, chunk, mask,
+                         lambda z, i, j: coarse_cross_entropy(z, flat_i[i:j], flat_p[i:j]))
 
 
 def logits_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
