@@ -278,3 +278,28 @@ def test_smollm2_q4_1_prune_reloads_with_masked_logits(smollm2, tmp_path):
     assert pruned.config.num_hidden_layers == 24
     assert torch.equal(masked, out), (masked - out).abs().max()
     assert np.isfinite(out.numpy()).all()
+
+
+def test_load_model_parses_a_gguf_once_and_restores_gguf(llama_gguf, monkeypatch):
+    """load_model reads the file once for config, tokenizer and weights (transformers would read it three
+    times), gives the weights transformers' own loader gives, and leaves gguf's module as it found it."""
+    import gguf
+
+    from shapprune.loading import load_model
+
+    made = []
+
+    class Counting(GGUFReader):
+        def __init__(self, *args, **kwargs):
+            made.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    name_map = gguf.get_tensor_name_map
+    model, _ = load_model(str(llama_gguf), device="cpu", dtype="float32", progress=False)
+    assert len(made) == 1
+    assert gguf.GGUFReader is Counting and gguf.get_tensor_name_map is name_map
+    plain = load_gguf(llama_gguf).state_dict()
+    mine = model.state_dict()
+    assert set(mine) == set(plain)
+    assert all(torch.equal(mine[k], plain[k]) for k in plain)

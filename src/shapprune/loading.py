@@ -110,6 +110,43 @@ def _gguf_progress(progress: bool):
         gguf_utils.tqdm = original
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Parse a GGUF file once per load instead of three times.
+
+    transformers reads the file anew for the config, the tokenizer and the weights (``GGUFReader``: about 6 s
+    each for SmolLM2's 49k-token vocabulary), and rebuilds gguf's tensor-name table for every tensor (7 s
+    more). Both are pure functions of their arguments, so within one load they are cached; gguf's own module
+    attributes are restored afterwards. A gguf without them is left alone."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    reader_cls = getattr(gguf, "GGUFReader", None)
+    name_map = getattr(gguf, "get_tensor_name_map", None)
+    if reader_cls is None or name_map is None:
+        yield
+        return
+    readers: dict[tuple[str, str], object] = {}
+
+    def reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if mode != "r":  # a writable mapping is never shared
+            return reader_cls(path, mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = reader_cls
+        gguf.get_tensor_name_map = name_map
+
+
 def source_dtype(src: ModelSource, trust_remote_code: bool = False) -> torch.dtype | None:
     """The dtype the source keeps its weights in (from its config), read before loading converts them.
 
@@ -201,8 +238,8 @@ def load_model(
     log.info("loading %s (%s, %s)", src.name or spec, torch_dtype, device_map or dev)
     stored = source_dtype(src, trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src.location, **kwargs)
-        with _gguf_progress(progress):
+        with _gguf_parsed_once(), _gguf_progress(progress):
+            tokenizer = AutoTokenizer.from_pretrained(src.location, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(
                 src.location,
                 dtype=torch_dtype,
