@@ -9,7 +9,7 @@ from conftest import WIKI_VALID, need
 from shapprune.cli import main
 
 KEYS = ["source", "num_layers", "removed", "kept", "method", "estimator", "values", "stderr", "calibration",
-        "budget", "evaluations", "surrogate", "calibration_ppl", "seed", "versions", "seconds", "saved"]
+        "budget", "evaluations", "surrogate", "cost", "calibration_ppl", "seed", "versions", "seconds", "saved"]
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs. ") * 40
 
@@ -160,14 +160,21 @@ def test_layers_to_remove():
             layers_to_remove(30, remove, ratio)
 
 
-def test_default_method_is_shapprune(tiny, tmp_path):
-    """``prune --remove N`` without --method runs shapprune's own method, within half of SLEB's tokens."""
+def test_default_method_is_shapprune(tiny, tmp_path, capsys):
+    """``prune --remove N`` without --method runs shapprune's own method, within half of SLEB's tokens, and
+    says what it cost against SLEB's path in the summary, pruning.json and report.md."""
     out = tmp_path / "out"
     assert main(["prune", "tiny", "--remove", "2", *tiny, "--out", str(out)]) == 0
     rec = json.loads((out / "pruning.json").read_text())
     assert rec["method"] == "shapprune" and len(rec["removed"]) == 2
     assert rec["estimator"] == "multi-fidelity search"
     assert (out / "marginal_log_ppl.png").is_file()  # each layer's marginal log-PPL cost at the chosen set
+    cost = rec["cost"]
+    assert 0 < cost["full_evaluations"] <= 0.5 * cost["sleb_full_evaluations"] + 1e-9
+    stdout = capsys.readouterr().out
+    assert "held-out R² n/a" not in stdout and "evaluated on all calibration windows" in stdout
+    assert f"SLEB's greedy path: {cost['sleb_full_evaluations']}" in stdout
+    assert "SLEB's greedy path" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("method,plot", [("shapley", "shapley.png"), ("ppl", "ppl_without_layer.png"),

@@ -140,6 +140,10 @@ def render_report(record: dict, info: dict, has_sur_plot: bool) -> str:
     ev = r.get("evaluations") or {}
     lines.append(f"- budget {r.get('budget')}; real evaluations: {ev.get('new')} new, {ev.get('reused')} reused "
                  "from the store")
+    cost = r.get("cost")
+    if cost:
+        lines.append(f"- cost: {cost['full_evaluations']} evaluations' worth of calibration tokens (a screened mask "
+                     f"counts its share of the windows); SLEB's greedy path: {cost['sleb_full_evaluations']}")
     lines.append(f"- seed {r.get('seed')}; {_fmt(r.get('seconds'))} s")
     if info.get("strata"):
         lines.append(f"- strata (kept layers): {info['strata']}")
@@ -147,7 +151,11 @@ def render_report(record: dict, info: dict, has_sur_plot: bool) -> str:
     lines.append("")
     lines.append("## Surrogate")
     lines.append("")
-    if sur:
+    if sur and sur.get("heldout_r2") is None:
+        lines.append(f"`{sur['kind']}`, fitted on every evaluation made. It only chose which candidates were "
+                     "evaluated; every set compared, and the answer, was evaluated on all calibration windows, so "
+                     "no held-out score is reported. The per-layer values below are its predictions.")
+    elif sur:
         lines.append(f"`{sur['kind']}`, on held-out masks (split stratified by stratum): R² {_fmt(sur['heldout_r2'])}, "
                      f"Spearman {_fmt(sur['heldout_spearman'])}, Kendall τ {_fmt(sur['heldout_kendall'])}.")
         lines.append("")

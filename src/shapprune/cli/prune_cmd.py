@@ -226,9 +226,17 @@ def print_summary(record: dict) -> None:
     sur = record.get("surrogate")
     if sur:
         r2 = sur["heldout_r2"]
-        print(f"surrogate {sur['kind']}: held-out R² {'n/a' if r2 is None else f'{r2:.4f}'}")
+        if r2 is None:  # the default's surrogate only ranks candidates: nothing it predicts is reported
+            print(f"surrogate {sur['kind']}: chose which candidates to evaluate; the answer was evaluated on "
+                  "all calibration windows")
+        else:
+            print(f"surrogate {sur['kind']}: held-out R² {r2:.4f}")
         if sur.get("warning"):
             print(f"warning: {sur['warning']}")
+    cost = record.get("cost")
+    if cost:
+        print(f"cost: {cost['full_evaluations']:.1f} evaluations' worth of calibration tokens (SLEB's greedy path: "
+              f"{cost['sleb_full_evaluations']})")
     print(f"evaluations: {ev['new']} new, {ev['reused']} reused; {record['seconds']:.1f} s")
     if record.get("saved"):
         print(saved_line(record))
