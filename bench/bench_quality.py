@@ -4,7 +4,8 @@
                                   [--test-windows 148] [--tasks-at 6,12 --task-limit 200]
                                   [--out bench/results/quality.md]
 
-Calibration: the first windows of ``valid.tokens.txt`` (in order); test: the first ``--test-windows`` windows
+Calibration: the first windows of ``valid.tokens.txt`` (in order; a spec ending in ``r``, e.g. ``10x128r``, draws
+them at random offsets with seed 0, as ``--sample-windows`` does); test: the first ``--test-windows`` windows
 of 2,048 tokens of ``test.raw.txt`` (148 is all of them). Every method starts from an empty in-memory store of
 its own per calibration (shared across N, so a later N reuses what an earlier one evaluated, as a user's store
 would; ``cost`` counts everything the method asked for, reused or not). ``cost`` is in full evaluations: the
@@ -69,8 +70,10 @@ def main() -> None:
     rows, task_rows = [], []
     tasks_at = {int(x) for x in a.tasks_at.split(",") if x}
     for spec in a.calibrations.split(","):
-        w, t = (int(x) for x in spec.split("x"))
-        calib = make_windows(tok, a.calib, t, max_windows=w)
+        sampled = spec.endswith("r")  # "10x128r": 10 windows at random (seed 0) offsets instead of the first 10
+        w, t = (int(x) for x in spec.rstrip("r").split("x"))
+        calib = (make_windows(tok, a.calib, t, sample_windows=w, seed=0) if sampled
+                 else make_windows(tok, a.calib, t, max_windows=w))
         for method in methods:
             game = ModelGame(model, PerplexityEvaluator(calib, batch_size=16), EvaluationStore(None), progress=False)
             num = game.n_players
