@@ -23,10 +23,10 @@ from scipy import stats
 
 def main() -> None:
     from shapprune import load_model, make_windows
-    from shapprune.baselines import mask_without, sleb_path
     from shapprune.engine.hardware import cpu_has_native_bf16
-    from shapprune.game import ModelGame, PerplexityEvaluator
-    from shapprune.store import EvaluationStore
+    from shapprune.game.core import ModelGame, PerplexityEvaluator
+    from shapprune.game.store import EvaluationStore
+    from shapprune.methods.baselines import mask_without, sleb_path
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")

@@ -35,7 +35,7 @@ import torch
 
 
 def workload_masks(L: int, n: int, seed: int = 0) -> np.ndarray:
-    from shapprune.sampling import stratified_masks
+    from shapprune.game.sampling import stratified_masks
 
     return stratified_masks(L, n, np.random.default_rng(seed)).masks
 
@@ -45,8 +45,8 @@ def sleb_round(L: int) -> np.ndarray:
 
 
 def swap_neighbourhood(L: int, seed: int = 0) -> np.ndarray:
-    from shapprune.sampling import default_strata
-    from shapprune.search import swap_neighbours
+    from shapprune.game.sampling import default_strata
+    from shapprune.methods.search import swap_neighbours
 
     k = max(default_strata(L))
     rng = np.random.default_rng(seed)
@@ -98,8 +98,8 @@ def unit_costs(model, ids, runner, repeats: int = 3) -> tuple[float, float]:
 
 
 def run_engine(model, win, masks) -> tuple[float, list[float]]:
-    from shapprune.game import ModelGame, PerplexityEvaluator
-    from shapprune.store import EvaluationStore
+    from shapprune.game.core import ModelGame, PerplexityEvaluator
+    from shapprune.game.store import EvaluationStore
 
     game = ModelGame(model, PerplexityEvaluator(win, batch_size=16), EvaluationStore(None), progress=True)
     t0 = time.process_time()
@@ -123,7 +123,7 @@ def project_7b(keys_by_workload: dict[str, list[str]]) -> list[tuple[str, float,
 def main() -> None:
     from shapprune import load_model, make_windows
     from shapprune.engine import Runner, layer_forwards
-    from shapprune.layers import find_layer_stack
+    from shapprune.models.layers import find_layer_stack
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")

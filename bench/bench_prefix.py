@@ -19,8 +19,8 @@ import numpy as np
 
 def main() -> None:
     from shapprune import load_model, make_windows
-    from shapprune.game import ModelGame, PerplexityEvaluator
-    from shapprune.store import EvaluationStore
+    from shapprune.game.core import ModelGame, PerplexityEvaluator
+    from shapprune.game.store import EvaluationStore
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")

@@ -30,10 +30,10 @@ TASKS = "piqa,hellaswag,arc_easy,boolq,openbookqa,lambada_openai"
 
 def main() -> None:
     from shapprune import load_model, make_windows
-    from shapprune.baselines import mask_without
-    from shapprune.game import ModelGame, PerplexityEvaluator
+    from shapprune.game.core import ModelGame, PerplexityEvaluator
+    from shapprune.game.store import EvaluationStore
     from shapprune.methods import SelectionContext, select
-    from shapprune.store import EvaluationStore
+    from shapprune.methods.baselines import mask_without
     from shapprune.zeroshot import evaluate_tasks
 
     ap = argparse.ArgumentParser()

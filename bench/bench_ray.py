@@ -28,10 +28,10 @@ def main() -> None:
     import torch
 
     from shapprune import load_model, make_windows
-    from shapprune.distributed import RayBackend, WorkerSpec
-    from shapprune.game import ModelGame, PerplexityEvaluator
-    from shapprune.sampling import stratified_masks
-    from shapprune.store import EvaluationStore
+    from shapprune.engine.distributed import RayBackend, WorkerSpec
+    from shapprune.game.core import ModelGame, PerplexityEvaluator
+    from shapprune.game.sampling import stratified_masks
+    from shapprune.game.store import EvaluationStore
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")

@@ -3,10 +3,10 @@ can be quantized and benchmarked like the pruned checkpoints. Usage: python benc
 
 import sys
 
-from shapprune.layers import find_layer_stack
-from shapprune.loading import load_model
-from shapprune.output import atomic_dir
-from shapprune.save import save_checkpoint
+from shapprune.models.layers import find_layer_stack
+from shapprune.models.loading import load_model
+from shapprune.outputs.atomic import atomic_dir
+from shapprune.outputs.save import save_checkpoint
 
 model_spec, out = sys.argv[1], sys.argv[2]
 model, tokenizer = load_model(model_spec, device="cpu", dtype="float32")

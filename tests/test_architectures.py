@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from shapprune import find_layer_stack, keep_layers, remove_layers, save_checkpoint
-from shapprune.archs import ARCHITECTURES
-from shapprune.layers import _generic_layer_paths, prepare_model
+from shapprune.models.archs import ARCHITECTURES
+from shapprune.models.layers import _generic_layer_paths, prepare_model
 from tiny import ARCH_NAMES, tiny_inputs, tiny_model
 
 

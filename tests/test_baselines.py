@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from shapprune.baselines import angular_distances, block_influence, lowest
-from shapprune.data import Windows
-from shapprune.game import ModelGame, PerplexityEvaluator
-from shapprune.layers import keep_layers
+from shapprune.engine.ppl import sequence_nll
+from shapprune.game.core import ModelGame, PerplexityEvaluator
 from shapprune.methods import SelectionContext, select
-from shapprune.ppl import sequence_nll
+from shapprune.methods.baselines import angular_distances, block_influence, lowest
+from shapprune.models.data import Windows
+from shapprune.models.layers import keep_layers
 from tiny import tiny_inputs, tiny_model
 
 

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from shapprune.bench import (
+from shapprune.cli import main
+from shapprune.outputs.bench import (
     BenchSettings,
     Variant,
     checkpoint_bytes,
@@ -17,7 +18,6 @@ from shapprune.bench import (
     run_bench,
     weight_bytes,
 )
-from shapprune.cli import main
 from tiny import save_tiny, tiny_model
 
 SMALL = BenchSettings(prompt_lengths=(8, 16), decode_prompt=8, decode_tokens=3, repeats=2, warmup=1)
@@ -44,7 +44,7 @@ def test_parameter_counts_and_bytes():
 
 def test_quantized_weights_are_smaller():
     pytest.importorskip("torchao")
-    from shapprune.quantize import quantize_in_memory
+    from shapprune.outputs.quantize import quantize_in_memory
 
     model = tiny_model("llama")
     before = weight_bytes(model)
@@ -72,7 +72,7 @@ def test_timers_return_positive_times():
 
 def test_decode_with_a_mask_matches_the_pruned_model():
     """The decode loop uses the KV cache correctly under keep_layers: same tokens as the pruned model's generate."""
-    from shapprune.layers import keep_layers, remove_layers
+    from shapprune.models.layers import keep_layers, remove_layers
 
     model = tiny_model("llama")
     ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(1))
@@ -150,7 +150,7 @@ def test_bench_cli(ckpt, tmp_path, capsys):
 
 
 def test_speedup_arithmetic():
-    from shapprune.bench import _speedups
+    from shapprune.outputs.bench import _speedups
 
     # 10 layers, 1 s outside the blocks, 9 s in them; removing 5 ideally leaves 1 + 4.5 s
     row = _speedups(t_variant=5.5, t_orig=10.0, t_over=1.0, L=10, n=5)

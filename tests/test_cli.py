@@ -173,12 +173,12 @@ def assert_one_line(err: str, message: str) -> None:
 
 @pytest.mark.parametrize("case", BEFORE_LOADING)
 def test_options_are_checked_before_the_model_loads(case, ckpt, data, tmp_path, capsys, monkeypatch):
-    import shapprune.loading
+    import shapprune.models.loading
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr(shapprune.loading, "load_model", no_loading)
+    monkeypatch.setattr(shapprune.models.loading, "load_model", no_loading)
     argv, message = bad_cases(ckpt, data, tmp_path)[case]
     code, _, err = run(argv, capsys)
     assert code == 2
@@ -269,15 +269,15 @@ def _denied(path, *args, **kwargs):
 
 #: failures while running (issue 10, items 7 and 8): (argv, what to patch, replacement, message)
 RUNTIME = {
-    "torch out of memory": (["eval", "{ckpt}", "--data", "{data}", "--seqlen", "32"], "shapprune.ppl.sequence_nll",
+    "torch out of memory": (["eval", "{ckpt}", "--data", "{data}", "--seqlen", "32"], "shapprune.engine.ppl.sequence_nll",
                             _oom, "--seqlen"),
-    "OutOfMemory": (["eval", "{ckpt}", "--data", "{data}", "--seqlen", "32"], "shapprune.ppl.sequence_nll",
+    "OutOfMemory": (["eval", "{ckpt}", "--data", "{data}", "--seqlen", "32"], "shapprune.engine.ppl.sequence_nll",
                     _out_of_memory, "--device-map"),
-    "disk full": (["prune", "{ckpt}", "--drop", "1", "--out", "{tmp}/o"], "shapprune.save.save_checkpoint",
+    "disk full": (["prune", "{ckpt}", "--drop", "1", "--out", "{tmp}/o"], "shapprune.outputs.save.save_checkpoint",
                   _disk_full, "No space left on device"),
     "permission denied": (["eval", "{ckpt}", "--data", "{data}", "--seqlen", "32", "--max-windows", "1",
                            "--no-progress", "--json", "{tmp}/e.json"],
-                          "shapprune.output.write_json", _denied, "Permission denied on"),
+                          "shapprune.outputs.atomic.write_json", _denied, "Permission denied on"),
 }
 
 
@@ -298,7 +298,7 @@ def test_runtime_failures_are_one_line(case, ckpt, data, tmp_path, capsys, monke
 def test_locked_store_is_one_line(ckpt, data, tmp_path, capsys, monkeypatch):
     import sqlite3
 
-    from shapprune.store import EvaluationStore
+    from shapprune.game.store import EvaluationStore
 
     path = tmp_path / "s.sqlite"
     EvaluationStore(path).close()
@@ -317,7 +317,7 @@ def test_locked_store_is_one_line(ckpt, data, tmp_path, capsys, monkeypatch):
 
 
 def _open_store(path: str, barrier) -> str:
-    from shapprune.store import EvaluationStore
+    from shapprune.game.store import EvaluationStore
 
     barrier.wait()
     try:
@@ -331,7 +331,7 @@ def test_concurrent_store_creation(tmp_path):
     """Several processes creating the same store at once all get a working store (no "corrupt store")."""
     import multiprocessing as mp
 
-    from shapprune.store import EvaluationStore
+    from shapprune.game.store import EvaluationStore
 
     for attempt in range(3):
         path = str(tmp_path / f"s{attempt}.sqlite")
@@ -359,7 +359,7 @@ def test_no_bar_with_no_progress_or_quiet(quiet, ckpt, data, tmp_path, capsys):
 def test_gguf_bar_obeys_progress():
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    from shapprune.loading import _gguf_progress
+    from shapprune.models.loading import _gguf_progress
 
     original = gguf_utils.tqdm
     with _gguf_progress(False):
@@ -391,19 +391,19 @@ def test_saved_in_the_source_dtype(tmp_path, capsys):
 def test_layers_reads_no_weights(ckpt, tmp_path, capsys, monkeypatch):
     """`layers` builds the model on the meta device from its config (issue 10, item 5); it loads the weights
     only when the config alone can't tell."""
-    import shapprune.loading
+    import shapprune.models.loading
 
     def no_loading(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(shapprune.loading, "load_model", no_loading)
+    monkeypatch.setattr(shapprune.models.loading, "load_model", no_loading)
     code, out, _ = run(["layers", ckpt, "--json"], capsys)
     assert code == 0 and json.loads(out)["num_layers"] == 5
     monkeypatch.undo()
     calls = []
-    real = shapprune.loading.load_model
-    monkeypatch.setattr(shapprune.loading, "load_skeleton", lambda *a, **k: None)
-    monkeypatch.setattr(shapprune.loading, "load_model", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = shapprune.models.loading.load_model
+    monkeypatch.setattr(shapprune.models.loading, "load_skeleton", lambda *a, **k: None)
+    monkeypatch.setattr(shapprune.models.loading, "load_model", lambda *a, **k: calls.append(a) or real(*a, **k))
     code, out, _ = run(["layers", ckpt, "--json"], capsys)
     assert code == 0 and json.loads(out)["num_layers"] == 5 and calls
 
@@ -412,7 +412,7 @@ def test_store_info_prune_clear(tmp_path, capsys):
     """`shapprune store info|prune|clear` (issue 10, item 7)."""
     import time as _time
 
-    from shapprune.store import Evaluation, EvaluationStore
+    from shapprune.game.store import Evaluation, EvaluationStore
 
     path = tmp_path / "s.sqlite"
     store = EvaluationStore(path)
@@ -451,7 +451,7 @@ def test_unwritable_store_is_not_called_corrupt(tmp_path, monkeypatch):
     import sqlite3
 
     from shapprune.errors import UserError
-    from shapprune.store import EvaluationStore
+    from shapprune.game.store import EvaluationStore
 
     real = sqlite3.connect
     monkeypatch.setattr(sqlite3, "connect", lambda path, timeout: real(f"file:{path}?mode=ro", uri=True, timeout=timeout))

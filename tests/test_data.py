@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from shapprune.data import load_text, make_windows, tokenizer_adds_bos
 from shapprune.errors import UserError
+from shapprune.models.data import load_text, make_windows, tokenizer_adds_bos
 from tiny import tiny_tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 20

@@ -9,7 +9,7 @@ import pytest
 from shapprune import load_model
 from shapprune.cli import main
 from shapprune.errors import UserError
-from shapprune.loading import parse_max_memory
+from shapprune.models.loading import parse_max_memory
 from tiny import save_tiny
 
 SHARD = ["--device-map", "auto", "--max-memory", "cpu=60KB", "--dtype", "float32"]

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from shapprune.data import Windows
 from shapprune.engine import Runner, hardware, head_nll, layer_forwards, logits_nll, trie_order
 from shapprune.errors import OutOfMemory
-from shapprune.game import ModelGame, PerplexityEvaluator
-from shapprune.layers import find_layer_stack, prepare_model
-from shapprune.store import model_fingerprint
+from shapprune.game.core import ModelGame, PerplexityEvaluator
+from shapprune.game.store import model_fingerprint
+from shapprune.models.data import Windows
+from shapprune.models.layers import find_layer_stack, prepare_model
 from tiny import ARCH_NAMES, tiny_inputs, tiny_model
 
 
@@ -170,7 +170,7 @@ def test_dtype_auto_follows_hardware(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert hardware.auto_dtype(torch.device("cpu")) == torch.bfloat16
     hardware.cpu_has_native_bf16.cache_clear()
-    from shapprune.loading import resolve_dtype
+    from shapprune.models.loading import resolve_dtype
 
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32  # an explicit dtype always wins
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from shapprune.errors import UserError
-from shapprune.estimators import ESTIMATORS, estimate
-from shapprune.estimators.exact import all_masks
-from shapprune.synthetic import additive_game, higher_order_game, pairwise_game
+from shapprune.game.estimators import ESTIMATORS, estimate
+from shapprune.game.estimators.exact import all_masks
+from shapprune.game.synthetic import additive_game, higher_order_game, pairwise_game
 
 GAMES = {"additive": additive_game, "pairwise": pairwise_game, "higher": higher_order_game}
 
@@ -156,8 +156,8 @@ class HeavyTailed:
 def test_default_permutation_budget_keeps_the_vital_layer():
     """With the default budget every layer joins last in some walk, so layer 0 is never among the removed
     (two antithetic pairs, the old default, removed it in 6 of 40 such games)."""
-    from shapprune.baselines import lowest
-    from shapprune.shapley import default_budget
+    from shapprune.methods.baselines import lowest
+    from shapprune.methods.shapley import default_budget
 
     L = 30
     budget = default_budget("permutation", L)

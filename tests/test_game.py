@@ -5,13 +5,13 @@ import sqlite3
 import numpy as np
 import pytest
 
-from shapprune.data import Windows
 from shapprune.errors import UserError
-from shapprune.estimators import estimate
-from shapprune.game import ModelGame, PerplexityEvaluator
+from shapprune.game.core import ModelGame, PerplexityEvaluator
+from shapprune.game.estimators import estimate
+from shapprune.game.store import EvaluationStore
 from shapprune.methods import SelectionContext
-from shapprune.shapley import select_shapley
-from shapprune.store import EvaluationStore
+from shapprune.methods.shapley import select_shapley
+from shapprune.models.data import Windows
 from tiny import tiny_inputs, tiny_model
 
 

@@ -11,8 +11,15 @@ from gguf import GGUFReader
 
 from shapprune.cli import main
 from shapprune.errors import UserError
-from shapprune.gguf_out import GGUF_ARCHS, GGUF_NAME, GgufArch, plan_prune, read_metadata, write_pruned_gguf
-from shapprune.layers import keep_layers
+from shapprune.models.layers import keep_layers
+from shapprune.outputs.gguf import (
+    GGUF_ARCHS,
+    GGUF_NAME,
+    GgufArch,
+    plan_prune,
+    read_metadata,
+    write_pruned_gguf,
+)
 from tiny import save_tiny, tiny_inputs
 from tiny_gguf import load_gguf, write_tiny_gguf
 
@@ -251,7 +258,7 @@ def test_cli_bad_input_is_one_line_exit_2(case, llama_gguf, tmp_path, capsys):
 
 @pytest.mark.integration
 def test_smollm2_q4_1_prune_reloads_with_masked_logits(smollm2, tmp_path):
-    from shapprune.loading import resolve_spec
+    from shapprune.models.loading import resolve_spec
 
     spec = resolve_spec("smollm2-135m")
     src = Path(spec.location) / spec.gguf_file
@@ -285,7 +292,7 @@ def test_load_model_parses_a_gguf_once_and_restores_gguf(llama_gguf, monkeypatch
     times), gives the weights transformers' own loader gives, and leaves gguf's module as it found it."""
     import gguf
 
-    from shapprune.loading import load_model
+    from shapprune.models.loading import load_model
 
     made = []
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from shapprune.data import Windows
 from shapprune.engine import Runner
 from shapprune.engine.head import coarse_cross_entropy, soft_targets
-from shapprune.game import KLEvaluator, ModelGame
+from shapprune.game.core import KLEvaluator, ModelGame
+from shapprune.models.data import Windows
 from tiny import VOCAB, tiny_inputs, tiny_model
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from shapprune.multifidelity import default_budget, multifidelity_search, screen_windows, sleb_cost
-from shapprune.store import mask_key
+from shapprune.game.store import mask_key
+from shapprune.methods.multifidelity import default_budget, multifidelity_search, screen_windows, sleb_cost
 
 
 class Eval:
@@ -126,7 +126,7 @@ def test_without_a_screen_every_candidate_is_full():
 def test_screen_windows_takes_a_share():
     import torch
 
-    from shapprune.data import Windows
+    from shapprune.models.data import Windows
 
     w = Windows(torch.zeros(10, 8, dtype=torch.long), "x", 8, False)
     assert screen_windows(w, 0.25).num_windows == 3
@@ -135,7 +135,7 @@ def test_screen_windows_takes_a_share():
 
 
 def test_default_method_prunes_a_tiny_model(tmp_path):
-    from shapprune.data import Windows
+    from shapprune.models.data import Windows
     from shapprune.pipeline import choose_layers
     from tiny import tiny_inputs, tiny_model
 
@@ -153,7 +153,7 @@ def test_default_method_prunes_a_tiny_model(tmp_path):
 
 
 def test_surrogate_trust_warns_with_the_budget_to_try():
-    from shapprune.shapley import surrogate_trust
+    from shapprune.methods.shapley import surrogate_trust
 
     bad = surrogate_trust({"heldout_r2": 0.40, "heldout_spearman": 0.55}, 100, 30)
     assert bad["trusted"] is False
@@ -166,8 +166,8 @@ def test_surrogate_trust_warns_with_the_budget_to_try():
 def test_paper_recipe_flag_reaches_the_estimator(monkeypatch):
     from types import SimpleNamespace
 
-    import shapprune.shapley as sh
-    from shapprune.estimators.base import ShapleyEstimate
+    import shapprune.methods.shapley as sh
+    from shapprune.game.estimators.base import ShapleyEstimate
 
     seen = {}
 
@@ -200,7 +200,7 @@ def test_the_edges_of_removed_blocks_are_always_candidates():
 
 
 def test_boundary():
-    from shapprune.multifidelity import boundary
+    from shapprune.methods.multifidelity import boundary
 
     m = np.ones(8, dtype=bool)
     m[[0, 3, 4]] = False

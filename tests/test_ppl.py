@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from shapprune.ppl import sequence_nll, token_nll
+from shapprune.engine.ppl import sequence_nll, token_nll
 from tiny import tiny_inputs, tiny_model
 
 

@@ -5,10 +5,10 @@ import itertools
 import numpy as np
 import pytest
 
-from shapprune.data import Windows
 from shapprune.engine.prefix import common_prefix
-from shapprune.game import ModelGame, PerplexityEvaluator
-from shapprune.layers import prepare_model
+from shapprune.game.core import ModelGame, PerplexityEvaluator
+from shapprune.models.data import Windows
+from shapprune.models.layers import prepare_model
 from tiny import ARCH_NAMES, tiny_inputs, tiny_model
 
 

@@ -181,7 +181,7 @@ def test_default_method_is_shapprune(tiny, tmp_path, capsys):
                                          ("shortgpt", "block_influence.png"), ("taylor", "taylor.png")])
 def test_value_plot_is_named_after_what_it_shows(method, plot, tmp_path):
     """A BI, PPL or Taylor plot is never called shapley.png (issue 10, item 10)."""
-    from shapprune.report import write_outputs
+    from shapprune.outputs.report import write_outputs
 
     record = {"source": "m", "method": method, "values": [0.1, 0.3, 0.2], "stderr": None, "removed": [0],
               "kept": [1, 2], "num_layers": 3, "estimator": "surrogate" if method == "shapley" else None}

@@ -11,7 +11,7 @@ from tiny import save_tiny, tiny_inputs
 
 pytest.importorskip("torchao")
 
-from shapprune.quantize import (  # noqa: E402
+from shapprune.outputs.quantize import (  # noqa: E402
     check_loadable,
     quantize_checkpoint,
     quantize_in_memory,
@@ -73,7 +73,7 @@ def test_pruned_quantized_round_trip_identical_logits(ckpt, tmp_path, capsys, sc
 
 
 def test_quantize_command_and_shapprune_loading(ckpt, tmp_path, capsys):
-    from shapprune.loading import load_model
+    from shapprune.models.loading import load_model
 
     out = tmp_path / "q"
     assert main(["quantize", ckpt, "--scheme", "int8-weight-only", "--out", str(out), "--device", "cpu"]) == 0
@@ -121,7 +121,7 @@ def test_quantize_errors(ckpt, tmp_path, capsys, monkeypatch):
 
 
 def test_quantized_checkpoint_without_torchao_is_a_one_line_error(ckpt, tmp_path, monkeypatch, capsys):
-    import shapprune.quantize as q
+    import shapprune.outputs.quantize as q
 
     out = tmp_path / "q"
     quantize_checkpoint(ckpt, out, "int8-weight-only", device="cpu")
@@ -136,7 +136,7 @@ def test_quantized_checkpoint_without_torchao_is_a_one_line_error(ckpt, tmp_path
 
 
 def test_save_pruned_without_scheme_is_save_checkpoint(ckpt, tmp_path):
-    from shapprune.layers import remove_layers
+    from shapprune.models.layers import remove_layers
 
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
     remove_layers(model, [0])
@@ -148,7 +148,7 @@ def test_quantize_before_choosing(monkeypatch, tmp_path, capsys):
     """The game runs on a quantized copy (its own store key); the saved model is the pruned dense one, quantized."""
     import shapprune.cli.prune_cmd as prune_cmd
     import shapprune.pipeline as pipeline
-    from shapprune.quantize import quantized_copy
+    from shapprune.outputs.quantize import quantized_copy
     from tiny import tiny_model, tiny_tokenizer
 
     seen = []

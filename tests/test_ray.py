@@ -9,12 +9,12 @@ import pytest
 
 from shapprune import load_model
 from shapprune.cli import main
-from shapprune.data import Windows
-from shapprune.distributed import RayBackend, WorkerSpec, parse_workers
+from shapprune.engine.distributed import RayBackend, WorkerSpec, parse_workers
 from shapprune.errors import UserError
-from shapprune.game import ModelGame, PerplexityEvaluator
+from shapprune.game.core import ModelGame, PerplexityEvaluator
+from shapprune.game.store import EvaluationStore
+from shapprune.models.data import Windows
 from shapprune.pipeline import choose_layers
-from shapprune.store import EvaluationStore
 from tiny import save_tiny, tiny_inputs
 
 ray = pytest.importorskip("ray")

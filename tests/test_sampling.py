@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from shapprune.errors import UserError
-from shapprune.sampling import (
+from shapprune.game.sampling import (
     check_strata,
     default_strata,
     sample_stratum,

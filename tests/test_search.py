@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from shapprune.baselines import sleb_path
-from shapprune.search import search_masks, swap_neighbours
+from shapprune.methods.baselines import sleb_path
+from shapprune.methods.search import search_masks, swap_neighbours
 
 
 class FakeGame:

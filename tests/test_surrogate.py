@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from shapprune.errors import UserError
-from shapprune.sampling import stratified_masks
-from shapprune.surrogate import MLPSurrogate, QuadraticSurrogate, fit_surrogate, stratified_split
-from shapprune.synthetic import additive_game, pairwise_game
+from shapprune.game.sampling import stratified_masks
+from shapprune.game.surrogate import MLPSurrogate, QuadraticSurrogate, fit_surrogate, stratified_split
+from shapprune.game.synthetic import additive_game, pairwise_game
 
 
 @pytest.mark.parametrize("kind", ["mlp", "quadratic"])
@@ -33,7 +33,7 @@ def test_mlp_handles_targets_above_one_and_is_seeded():
 
 def test_quadratic_closed_form_matches_truth():
     game = pairwise_game(7, np.random.default_rng(4))
-    from shapprune.estimators.exact import all_masks
+    from shapprune.game.estimators.exact import all_masks
 
     m = all_masks(7)
     q = QuadraticSurrogate.fit(m, game(m), ridge=0.0)

@@ -294,7 +294,7 @@ def test_lambada_greedy_target_counts_as_correct(model, tok, tmp_path):
 
 
 def test_limit_and_mask(model, tok, task_dir):
-    from shapprune.layers import keep_layers
+    from shapprune.models.layers import keep_layers
 
     res = evaluate_tasks(model, tok, ["piqa"], task_dir=task_dir, limit=2, kept=[0, 2], progress=False)
     assert res["tasks"]["piqa"]["n"] == 2
@@ -338,7 +338,7 @@ def test_task_evaluator_nll_and_game(model, tok, task_dir):
     assert fp != TaskEvaluator(tok, ["piqa", "winogrande", "lambada_openai"], task_dir, limit=1).fingerprint()
     assert ev.describe()["items"] == {"piqa": 3, "winogrande": 2, "lambada_openai": 3}
 
-    game_mod = pytest.importorskip("shapprune.game")
+    game_mod = pytest.importorskip("shapprune.game.core")
     game = game_mod.ModelGame(model, ev, progress=False)
     v = game(np.array([[True, True, True], [True, False, True]]))
     assert v[0] == pytest.approx(1.0)
@@ -519,7 +519,7 @@ def test_make_evaluator(tok, task_dir):
         make_evaluator("task:piqa", tokenizer=tok)
     with pytest.raises(UserError, match="--utility"):
         make_evaluator("accuracy", tokenizer=tok)
-    game_mod = pytest.importorskip("shapprune.game")
+    game_mod = pytest.importorskip("shapprune.game.core")
     windows = type("W", (), {})()
     assert isinstance(make_evaluator("ppl", windows=windows), game_mod.PerplexityEvaluator)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .data import Windows, make_windows
-from .errors import UserError
-from .layers import LayerStack, find_layer_stack, keep_layers, remove_layers
-from .loading import load_model
-from .ppl import perplexity, sequence_nll
-from .save import save_checkpoint
+from shapprune.engine.ppl import perplexity, sequence_nll
+from shapprune.errors import UserError
+from shapprune.models.data import Windows, make_windows
+from shapprune.models.layers import LayerStack, find_layer_stack, keep_layers, remove_layers
+from shapprune.models.loading import load_model
+from shapprune.outputs.save import save_checkpoint
 
 __all__ = [
     "LayerStack",

@@ -1,7 +1,7 @@
 """``shapprune compare``: several methods, several N, one calibration game, one evaluation store.
 
 Orchestration only: every method comes from :mod:`shapprune.methods`; every mask evaluation (calibration
-and test) goes through a :class:`~shapprune.game.ModelGame`, so no mask is ever evaluated twice, across
+and test) goes through a :class:`~shapprune.game.core.ModelGame`, so no mask is ever evaluated twice, across
 methods, N, or runs.
 """
 
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .baselines import mask_without
-from .errors import UserError
-from .game import ModelGame
-from .methods import METHODS, SelectionContext, select
+from shapprune.errors import UserError
+from shapprune.game.core import ModelGame
+from shapprune.methods import METHODS, SelectionContext, select
+from shapprune.methods.baselines import mask_without
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def run_comparison(model, tokenizer, calib_windows, calib_game: ModelGame, test_
 
 def table1_analysis(calib_game: ModelGame, test_game: ModelGame, exhaustive_budget: int | None = None) -> dict:
     """The paper's Table 1 for N=2: static single-layer choice, greedy recomputed choice, exhaustive optimum."""
-    from .baselines import DEFAULT_EXHAUSTIVE_BUDGET, lowest, sleb_path
+    from shapprune.methods.baselines import DEFAULT_EXHAUSTIVE_BUDGET, lowest, sleb_path
 
     num = calib_game.n_players
     singles = calib_game.perplexities(np.stack([mask_without(num, [i]) for i in range(num)]))

@@ -6,7 +6,7 @@ class UserError(Exception):
 
 
 class UnsupportedArchitecture(UserError):
-    """The model's ``config.model_type`` has no entry in :data:`shapprune.archs.ARCHITECTURES`."""
+    """The model's ``config.model_type`` has no entry in :data:`shapprune.models.archs.ARCHITECTURES`."""
 
 
 #: the flags that reduce memory, named in every out-of-memory message

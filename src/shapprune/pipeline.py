@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
-from .game import ModelGame, PerplexityEvaluator
-from .layers import find_layer_stack
-from .methods import Selection, SelectionContext, check_selection, select
-from .store import EvaluationStore
+from shapprune.errors import UserError
+from shapprune.game.core import ModelGame, PerplexityEvaluator
+from shapprune.game.store import EvaluationStore
+from shapprune.methods import Selection, SelectionContext, check_selection, select
+from shapprune.models.layers import find_layer_stack
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def versions() -> dict:
     import torch
     import transformers
 
-    from . import __version__
+    from shapprune import __version__
 
     return {"shapprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "numpy": np.__version__, "python": platform.python_version()}
@@ -62,7 +62,7 @@ def choose_layers(model, tokenizer, windows, *, source: str, method: str, remove
 
     ``workers``: ``None`` evaluates masks here; ``"ray"`` (a local Ray cluster), ``"ray:auto"`` or
     ``"ray:HOST:PORT"`` (join one) evaluates them on Ray actors (``num_workers`` of them; default one per GPU,
-    else per CPU), each loading the same model (:mod:`shapprune.distributed`); or a ready backend object with
+    else per CPU), each loading the same model (:mod:`shapprune.engine.distributed`); or a ready backend object with
     ``evaluate(keys)``. Results are the same either way."""
     t0 = time.time()
     check_selection(method, find_layer_stack(model).num_layers, remove or 1, budget, options)  # before any evaluation
@@ -71,7 +71,7 @@ def choose_layers(model, tokenizer, windows, *, source: str, method: str, remove
         evaluator = PerplexityEvaluator(windows, batch_size=batch_size)
     backend = owned = None
     if workers is not None:
-        from .distributed import make_backend
+        from shapprune.engine.distributed import make_backend
 
         backend = make_backend(workers, model, evaluator, progress=progress, reuse_prefix=reuse_prefix,
                                num_workers=num_workers)

@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from ..errors import OutOfMemory, UserError, is_out_of_memory
+from shapprune.errors import OutOfMemory, UserError, is_out_of_memory
 
 #: subcommand name -> module exposing ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = {
@@ -31,7 +31,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from shapprune import __version__
 
     parser = OneLineParser(prog="shapprune", description="Layer pruning for causal LMs by Shapley values.")
     parser.add_argument("--version", action="version", version=f"shapprune {__version__}")

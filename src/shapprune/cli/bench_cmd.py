@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .common import add_model_args, positive_int, show_progress
+from shapprune.cli.common import add_model_args, positive_int, show_progress
 
 HELP = "measure prefill/decode speed, latency, memory and size of the original and pruned (or quantized) models"
 log = logging.getLogger("shapprune")
@@ -47,12 +47,19 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..bench import BenchSettings, Variant, environment, format_markdown, format_table, run_bench
-    from ..errors import UserError
-    from ..layers import find_layer_stack, kept_from, parse_layer_list
-    from ..loading import load_model, model_device, resolve_spec
-    from ..output import atomic_dir, check_out_dir, write_json
-    from ..quantize import check_loadable, scheme_of
+    from shapprune.errors import UserError
+    from shapprune.models.layers import find_layer_stack, kept_from, parse_layer_list
+    from shapprune.models.loading import load_model, model_device, resolve_spec
+    from shapprune.outputs.atomic import atomic_dir, check_out_dir, write_json
+    from shapprune.outputs.bench import (
+        BenchSettings,
+        Variant,
+        environment,
+        format_markdown,
+        format_table,
+        run_bench,
+    )
+    from shapprune.outputs.quantize import check_loadable, scheme_of
 
     if not args.pruned and not args.drop:
         raise UserError("nothing to compare with: give --drop 3,7 or one or more PRUNED_DIR")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import UserError
+from shapprune.errors import UserError
 
 
 def positive_int(text: str) -> int:
@@ -59,7 +59,7 @@ def add_json_arg(p: argparse.ArgumentParser, help: str) -> None:
 
 def check_json_early(args) -> None:
     """Refuse an existing ``--json`` file (without ``--force``) before any work starts."""
-    from ..output import check_new_file
+    from shapprune.outputs.atomic import check_new_file
 
     if getattr(args, "json", None):
         check_new_file(args.json, force=args.force)
@@ -67,7 +67,7 @@ def check_json_early(args) -> None:
 
 def write_json_arg(args, obj) -> None:
     """Write ``--json`` (refusing a file that appeared meanwhile, unless ``--force``)."""
-    from ..output import write_json
+    from shapprune.outputs.atomic import write_json
 
     if getattr(args, "json", None):
         write_json(args.json, obj, force=args.force)
@@ -75,14 +75,14 @@ def write_json_arg(args, obj) -> None:
 
 def check_model_args(args) -> None:
     """Model options that are wrong on their own, before anything is read (e.g. --max-memory alone)."""
-    from ..loading import parse_max_memory
+    from shapprune.models.loading import parse_max_memory
 
     if parse_max_memory(getattr(args, "max_memory", None)) and not args.device_map:
         raise UserError("--max-memory only applies with --device-map auto")
 
 
 def load(args):
-    from ..loading import load_model, parse_max_memory
+    from shapprune.models.loading import load_model, parse_max_memory
 
     return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                       trust_remote_code=args.trust_remote_code, progress=show_progress(args),
@@ -90,7 +90,7 @@ def load(args):
 
 
 def windows(args, tokenizer, model, split: str):
-    from ..data import make_windows
+    from shapprune.models.data import make_windows
 
     return make_windows(tokenizer, args.data, args.seqlen, max_windows=args.max_windows, split=split,
                         sample_windows=args.sample_windows, seed=args.seed, bos=args.bos, model=model)
@@ -111,7 +111,7 @@ def check_data_early(args) -> None:
 
 def drop_or_keep(args, num_layers: int) -> list[int]:
     """Kept layers from ``--drop``/``--keep`` (validated)."""
-    from ..layers import kept_from, parse_layer_list
+    from shapprune.models.layers import kept_from, parse_layer_list
 
     drop = parse_layer_list(args.drop, num_layers, "--drop") if args.drop is not None else None
     keep = parse_layer_list(args.keep, num_layers, "--keep") if getattr(args, "keep", None) is not None else None
@@ -131,7 +131,7 @@ def add_utility_args(p: argparse.ArgumentParser) -> None:
 
 def utility_evaluator(args, tokenizer, windows, batch_size: int = 16):
     """The game's evaluator for ``--utility`` (see :func:`shapprune.zeroshot.make_evaluator`)."""
-    from ..zeroshot import make_evaluator
+    from shapprune.zeroshot import make_evaluator
 
     return make_evaluator(args.utility, tokenizer=tokenizer, windows=windows, task_dir=args.task_dir,
                           limit=args.task_limit, batch_size=batch_size)
@@ -169,7 +169,7 @@ def add_selection_args(p: argparse.ArgumentParser, batch_size: int = 16) -> None
     Values are checked by :func:`check_selection_args` (against the registries), before a model is loaded."""
     p.add_argument("--estimator", default=None,
                    help="Shapley estimator for --method shapley: surrogate (default, the paper's two-stage method), "
-                        "permutation, kernel or exact (shapprune.estimators.ESTIMATORS)")
+                        "permutation, kernel or exact (shapprune.game.estimators.ESTIMATORS)")
     p.add_argument("--surrogate", default=None,
                    help="surrogate for --estimator surrogate (default mlp) or exact (enumerate the surrogate): "
                         "mlp or quadratic")
@@ -202,9 +202,9 @@ def check_selection_args(args, methods: list[str]) -> None:
     Unknown methods, estimators and surrogates and malformed strata are errors, and so is an option that
     every chosen method would ignore (``--estimator`` with ``--method sleb``). ``args.strata`` becomes a list.
     """
-    from ..estimators import ESTIMATOR_OPTIONS, check_estimator
-    from ..methods import check_method, method_options
-    from ..surrogate import SURROGATES
+    from shapprune.game.estimators import ESTIMATOR_OPTIONS, check_estimator
+    from shapprune.game.surrogate import SURROGATES
+    from shapprune.methods import check_method, method_options
 
     for m in methods:
         check_method(m)
@@ -231,7 +231,7 @@ def check_selection_args(args, methods: list[str]) -> None:
 
 
 def _methods_using(opt: str) -> list[str]:
-    from ..methods import METHODS, method_options
+    from shapprune.methods import METHODS, method_options
 
     return [m for m in METHODS if opt in method_options(m)]
 
@@ -255,7 +255,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
 def workers_from_args(args):
     """The parsed ``--workers`` value (``None`` without it); a one-line :class:`UserError` on a bad value or
     when Ray is not installed. Call before loading the model."""
-    from ..distributed import parse_workers, require_ray
+    from shapprune.engine.distributed import parse_workers, require_ray
 
     opt = parse_workers(getattr(args, "workers", None))
     if opt is None:

@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from .common import (
+from shapprune.cli.common import (
     add_model_args,
     add_selection_args,
     add_worker_args,
@@ -46,7 +46,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..compare import (
+    from shapprune.compare import (
         SKIPPABLE,
         parse_counts,
         parse_methods,
@@ -54,10 +54,10 @@ def run(args) -> int:
         results_markdown,
         run_comparison,
     )
-    from ..data import make_windows
-    from ..game import ModelGame, PerplexityEvaluator
-    from ..output import atomic_dir, check_out_dir, write_json
-    from ..store import EvaluationStore, default_store_path
+    from shapprune.game.core import ModelGame, PerplexityEvaluator
+    from shapprune.game.store import EvaluationStore, default_store_path
+    from shapprune.models.data import make_windows
+    from shapprune.outputs.atomic import atomic_dir, check_out_dir, write_json
 
     t0 = time.time()
     methods = parse_methods(args.methods)
@@ -69,15 +69,15 @@ def run(args) -> int:
     workers = workers_from_args(args)
     task_fn = None
     if args.tasks:
-        from ..zeroshot import check_limit, load_tasks, parse_tasks
+        from shapprune.zeroshot import check_limit, load_tasks, parse_tasks
 
         names = parse_tasks(args.tasks)
         check_limit(args.limit)
         if args.task_dir:
             load_tasks(names, args.task_dir, args.limit)  # fail early on missing files
     model, tokenizer = load(args)
-    from ..layers import find_layer_stack
-    from ..methods import check_selection
+    from shapprune.methods import check_selection
+    from shapprune.models.layers import find_layer_stack
 
     for name in methods:  # a bad budget or strata fails here, before any evaluation
         if name not in SKIPPABLE:
@@ -91,7 +91,7 @@ def run(args) -> int:
     test_eval = PerplexityEvaluator(test, max(1, args.batch_size // 8))
     backend = None
     if workers is not None:  # one pool of Ray actors for both games (Ray's exit handler ends it on an error)
-        from ..distributed import make_backend
+        from shapprune.engine.distributed import make_backend
 
         backend = make_backend(workers, model, calib_eval, reuse_prefix=not args.no_prefix_reuse,
                                num_workers=args.num_workers)
@@ -101,7 +101,7 @@ def run(args) -> int:
     test_game = ModelGame(model, test_eval, store, backend=backend.bind(test_eval) if backend is not None else None,
                           progress=show_progress(args))
     if args.tasks:
-        from ..zeroshot import evaluate_tasks
+        from shapprune.zeroshot import evaluate_tasks
 
         def task_fn(kept):
             return evaluate_tasks(model, tokenizer, names, args.task_dir, args.limit, args.batch_size, kept=kept,

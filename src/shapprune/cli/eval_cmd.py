@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .common import (
+from shapprune.cli.common import (
     add_data_args,
     add_json_arg,
     add_model_args,
@@ -47,7 +47,7 @@ def run(args) -> int:
     check_json_early(args)
     if args.tasks is not None:
         return run_tasks(args)
-    from ..errors import UserError
+    from shapprune.errors import UserError
 
     if args.task_dir is not None or args.limit is not None:
         raise UserError("--task-dir and --limit only apply with --tasks, e.g. --tasks piqa --task-dir DIR")
@@ -55,8 +55,8 @@ def run(args) -> int:
 
 
 def run_ppl(args) -> int:
-    from ..layers import find_layer_stack, keep_layers
-    from ..ppl import sequence_nll
+    from shapprune.engine.ppl import sequence_nll
+    from shapprune.models.layers import find_layer_stack, keep_layers
 
     check_data_early(args)
     model, tokenizer = load(args)
@@ -87,8 +87,8 @@ def run_ppl(args) -> int:
 
 
 def run_tasks(args) -> int:
-    from ..layers import find_layer_stack
-    from ..zeroshot import check_lm_eval_available, evaluate_tasks, load_tasks, parse_tasks
+    from shapprune.models.layers import find_layer_stack
+    from shapprune.zeroshot import check_lm_eval_available, evaluate_tasks, load_tasks, parse_tasks
 
     names = parse_tasks(args.tasks)
     # bad names, folders, files, or no way to get the tasks: fail before loading a model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_model_args, check_model_args, load
+from shapprune.cli.common import add_model_args, check_model_args, load
 
 HELP = "show the layer stack found in a model (path, count, block class), from its config when possible"
 
@@ -15,8 +15,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..layers import find_layer_stack
-    from ..loading import load_skeleton
+    from shapprune.models.layers import find_layer_stack
+    from shapprune.models.loading import load_skeleton
 
     check_model_args(args)
     # built on the meta device from the config: no weights read (a 70B hub model answers in seconds)

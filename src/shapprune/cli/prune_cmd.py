@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from .common import (
+from shapprune.cli.common import (
     FLAGS,
     add_model_args,
     add_selection_args,
@@ -46,7 +46,7 @@ def add_arguments(p) -> None:
     add_choice_args(p)
     p.add_argument("--save-dtype", choices=("source", "float32", "bfloat16", "float16"), default="source",
                    help="dtype of the saved weights (default: the source's; bf16 for a GGUF or quantised source)")
-    from .quantize_cmd import add_quantize_args
+    from shapprune.cli.quantize_cmd import add_quantize_args
 
     add_quantize_args(p)
     add_worker_args(p)
@@ -64,7 +64,7 @@ def default_out(model: str, tag: str) -> Path:
 
 def check_choice_args(args) -> None:
     """Fail on bad option values before a model is loaded."""
-    from ..errors import UserError
+    from shapprune.errors import UserError
 
     check_selection_args(args, [args.method])
     if args.remove is not None and args.remove < 1:
@@ -73,7 +73,7 @@ def check_choice_args(args) -> None:
         raise UserError(f"--ratio {args.ratio} must be strictly between 0 and 1, e.g. --ratio 0.2")
     if args.remove is not None and args.ratio is not None:
         raise UserError("give either --remove N or --ratio R, not both")
-    from ..zeroshot import load_tasks, parse_utility
+    from shapprune.zeroshot import load_tasks, parse_utility
 
     kind, tasks = parse_utility(args.utility)
     if kind == "task":
@@ -83,13 +83,13 @@ def check_choice_args(args) -> None:
 
 
 def store_path(args) -> str:
-    from ..store import default_store_path
+    from shapprune.game.store import default_store_path
 
     return str(args.store) if args.store else str(default_store_path())
 
 
 def run(args) -> int:
-    from ..errors import UserError
+    from shapprune.errors import UserError
 
     if args.drop is not None:
         if args.remove is not None or args.ratio is not None:
@@ -101,22 +101,22 @@ def run(args) -> int:
     if args.remove is None and args.ratio is None:
         raise UserError("say how many layers to remove (--remove N or --ratio R), or which (--drop 3,7)")
     if args.method is None:
-        from ..methods import DEFAULT_METHOD
+        from shapprune.methods import DEFAULT_METHOD
 
         args.method = DEFAULT_METHOD
     return run_method(args)
 
 
 def run_manual(args) -> int:
-    from ..errors import UserError
+    from shapprune.errors import UserError
 
     if args.out_format == "gguf":
         return run_manual_gguf(args)
-    from ..layers import find_layer_stack, parse_layer_list, remove_layers
-    from ..output import atomic_dir, check_out_dir
-    from ..quantize import save_pruned
-    from ..save import save_dtype
-    from .quantize_cmd import check_quantize_args
+    from shapprune.cli.quantize_cmd import check_quantize_args
+    from shapprune.models.layers import find_layer_stack, parse_layer_list, remove_layers
+    from shapprune.outputs.atomic import atomic_dir, check_out_dir
+    from shapprune.outputs.quantize import save_pruned
+    from shapprune.outputs.save import save_dtype
 
     out = Path(args.out) if args.out else default_out(args.model, "manual")
     check_out_dir(out)
@@ -137,9 +137,9 @@ def run_manual(args) -> int:
 
 def run_manual_gguf(args) -> int:
     """``--drop`` into a GGUF: read the block count from the file; no model is loaded."""
-    from ..gguf_out import GGUF_NAME, gguf_source, inspect_gguf, write_pruned_gguf
-    from ..layers import kept_from, parse_layer_list
-    from ..output import atomic_dir, check_out_dir, write_json
+    from shapprune.models.layers import kept_from, parse_layer_list
+    from shapprune.outputs.atomic import atomic_dir, check_out_dir, write_json
+    from shapprune.outputs.gguf import GGUF_NAME, gguf_source, inspect_gguf, write_pruned_gguf
 
     out = Path(args.out) if args.out else default_out(args.model, "manual")
     check_out_dir(out)
@@ -162,14 +162,14 @@ def _size_note(summary: dict) -> str:
 
 def choose_from_args(args):
     """Load the model, cut the calibration windows and run the selection: ``(model, tokenizer, result)``."""
-    from ..layers import find_layer_stack
-    from ..pipeline import choose_layers, layers_to_remove
+    from shapprune.models.layers import find_layer_stack
+    from shapprune.pipeline import choose_layers, layers_to_remove
 
     workers = workers_from_args(args)
     model, tokenizer = load(args)
     n = layers_to_remove(find_layer_stack(model).num_layers, args.remove, args.ratio)
     win = windows(args, tokenizer, model, split="calibration")
-    from .quantize_cmd import game_model
+    from shapprune.cli.quantize_cmd import game_model
 
     res = choose_layers(game_model(model, args), tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
                         seed=args.seed, options=selection_options(args), store_path=store_path(args),
@@ -181,12 +181,12 @@ def choose_from_args(args):
 
 
 def run_method(args) -> int:
-    from ..layers import remove_layers
-    from ..output import atomic_dir, check_out_dir
-    from ..quantize import save_pruned
-    from ..report import write_outputs
-    from ..save import save_dtype
-    from .quantize_cmd import check_quantize_args
+    from shapprune.cli.quantize_cmd import check_quantize_args
+    from shapprune.models.layers import remove_layers
+    from shapprune.outputs.atomic import atomic_dir, check_out_dir
+    from shapprune.outputs.quantize import save_pruned
+    from shapprune.outputs.report import write_outputs
+    from shapprune.outputs.save import save_dtype
 
     t0 = time.time()
     check_choice_args(args)
@@ -197,7 +197,7 @@ def run_method(args) -> int:
     check_out_dir(out)
     gguf_src = gguf_num_layers = None
     if args.out_format == "gguf":  # refuse an unusable source before the selection runs
-        from ..gguf_out import gguf_source, inspect_gguf
+        from shapprune.outputs.gguf import gguf_source, inspect_gguf
 
         gguf_src = gguf_source(args.model)
         gguf_num_layers = inspect_gguf(gguf_src)[1]
@@ -249,10 +249,10 @@ def saved_line(record: dict) -> str:
 
 def write_method_gguf(args, out: Path, src: Path, num_layers: int, record: dict, res, t0: float) -> int:
     """The chosen layers removed from the source GGUF: ``model.gguf``, ``pruning.json`` and ``report.md``."""
-    from ..errors import UserError
-    from ..gguf_out import GGUF_NAME, write_pruned_gguf
-    from ..output import atomic_dir, write_json
-    from ..report import write_outputs
+    from shapprune.errors import UserError
+    from shapprune.outputs.atomic import atomic_dir, write_json
+    from shapprune.outputs.gguf import GGUF_NAME, write_pruned_gguf
+    from shapprune.outputs.report import write_outputs
 
     if record["num_layers"] != num_layers:
         raise UserError(f"the loaded model has {record['num_layers']} layers but {src.name} has {num_layers} blocks; "

@@ -10,7 +10,7 @@ log = logging.getLogger("shapprune")
 
 
 def add_arguments(p) -> None:
-    from ..quantize import SCHEMES
+    from shapprune.outputs.quantize import SCHEMES
 
     p.add_argument("model", metavar="DIR", help="a checkpoint directory, e.g. one written by shapprune prune")
     p.add_argument("--scheme", required=True, choices=tuple(SCHEMES),
@@ -23,11 +23,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..errors import UserError
-    from ..loading import resolve_device
-    from ..output import atomic_dir, check_out_dir
-    from ..quantize import check_scheme, quantize_checkpoint
-    from .prune_cmd import default_out
+    from shapprune.cli.prune_cmd import default_out
+    from shapprune.errors import UserError
+    from shapprune.models.loading import resolve_device
+    from shapprune.outputs.atomic import atomic_dir, check_out_dir
+    from shapprune.outputs.quantize import check_scheme, quantize_checkpoint
 
     src = Path(args.model).expanduser()
     if not (src / "config.json").is_file():
@@ -43,7 +43,7 @@ def run(args) -> int:
 
 def add_quantize_args(p) -> None:
     """``prune``'s ``--quantize SCHEME`` and ``--quantize-before-choosing``."""
-    from ..quantize import SCHEMES
+    from shapprune.outputs.quantize import SCHEMES
 
     p.add_argument("--quantize", default=None, choices=tuple(SCHEMES), metavar="SCHEME",
                    help=f"quantize the pruned checkpoint with torchao: {', '.join(SCHEMES)}")
@@ -54,9 +54,9 @@ def add_quantize_args(p) -> None:
 
 def check_quantize_args(args) -> None:
     """Fail on a bad scheme, device or missing torchao before a model is loaded."""
-    from ..errors import UserError
-    from ..loading import resolve_device
-    from ..quantize import check_scheme
+    from shapprune.errors import UserError
+    from shapprune.models.loading import resolve_device
+    from shapprune.outputs.quantize import check_scheme
 
     if getattr(args, "quantize_before_choosing", False) and not args.quantize:
         raise UserError("--quantize-before-choosing needs --quantize SCHEME")
@@ -68,7 +68,7 @@ def game_model(model, args):
     """The model the game runs on: ``model`` itself, or a quantized copy with ``--quantize-before-choosing``."""
     if not getattr(args, "quantize_before_choosing", False):
         return model
-    from ..quantize import quantized_copy
+    from shapprune.outputs.quantize import quantized_copy
 
     log.info("choosing layers on a copy quantized with %s", args.quantize)
     return quantized_copy(model, args.quantize)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .common import (
+from shapprune.cli.common import (
     add_json_arg,
     add_model_args,
     add_worker_args,
@@ -14,7 +14,7 @@ from .common import (
     workers_from_args,
     write_json_arg,
 )
-from .prune_cmd import add_choice_args, check_choice_args, choose_from_args, print_summary
+from shapprune.cli.prune_cmd import add_choice_args, check_choice_args, choose_from_args, print_summary
 
 HELP = "estimate per-layer Shapley values (and, with --remove N, which layers to remove) without saving a model"
 log = logging.getLogger("shapprune")
@@ -32,8 +32,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..output import atomic_dir, check_out_dir
-    from ..report import write_outputs
+    from shapprune.outputs.atomic import atomic_dir, check_out_dir
+    from shapprune.outputs.report import write_outputs
 
     t0 = time.time()
     check_choice_args(args)

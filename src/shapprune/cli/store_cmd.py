@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from ..errors import UserError
+from shapprune.errors import UserError
 
 HELP = "look inside the evaluation store (info) and delete from it by model or age (prune) or entirely (clear)"
 
@@ -58,7 +58,7 @@ def format_summary(info: dict) -> str:
 
 
 def run(args) -> int:
-    from ..store import EvaluationStore, default_store_path
+    from shapprune.game.store import EvaluationStore, default_store_path
 
     path = Path(args.store).expanduser() if args.store else default_store_path()
     if not path.exists():

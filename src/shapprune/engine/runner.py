@@ -1,7 +1,7 @@
 """One runner for every measurement: batching, out-of-memory back-off, device, the LM head, prefix reuse.
 
 Perplexity (:meth:`Runner.sequence_nll`), zero-shot log-likelihoods (:mod:`shapprune.zeroshot.scoring`),
-hidden-state statistics and gradient scores (:mod:`shapprune.baselines`) all call :meth:`Runner.batches`,
+hidden-state statistics and gradient scores (:mod:`shapprune.methods.baselines`) all call :meth:`Runner.batches`,
 so there is one batch policy and one out-of-memory path. The body of the model (embeddings, blocks, final
 norm) runs through :meth:`Runner.hidden`; the LM head is applied only where it is needed, by the pure
 functions of :mod:`shapprune.engine.head`. The device and dtype come from the model.
@@ -18,11 +18,18 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..archs import ARCHITECTURES
-from ..errors import OutOfMemory, is_out_of_memory
-from ..loading import model_device
-from .head import coarse_cross_entropy, head_logits, head_nll, head_soft_ce, logits_nll, soft_targets
-from .prefix import PrefixCache
+from shapprune.engine.head import (
+    coarse_cross_entropy,
+    head_logits,
+    head_nll,
+    head_soft_ce,
+    logits_nll,
+    soft_targets,
+)
+from shapprune.engine.prefix import PrefixCache
+from shapprune.errors import OutOfMemory, is_out_of_memory
+from shapprune.models.archs import ARCHITECTURES
+from shapprune.models.loading import model_device
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +72,7 @@ class Runner:
     """Runs a model (as it currently runs: with any mask applied) over batches.
 
     Args:
-        model: a causal LM whose ``config.model_type`` is in :data:`shapprune.archs.ARCHITECTURES` (others
+        model: a causal LM whose ``config.model_type`` is in :data:`shapprune.models.archs.ARCHITECTURES` (others
             run through the model's own head).
         batch_size: the starting batch size; it halves on out-of-memory and stays halved.
         prefix: a :class:`PrefixCache` to record and replay layer outputs between masks (set by the game).

@@ -6,8 +6,8 @@
 * :mod:`.lmeval`: the bridge to lm-evaluation-harness itself (an optional extra).
 """
 
-from .lmeval import check_lm_eval_available, evaluate_with_lm_eval
-from .scoring import (
+from shapprune.zeroshot.lmeval import check_lm_eval_available, evaluate_with_lm_eval
+from shapprune.zeroshot.scoring import (
     DEFAULT_MAX_LENGTH,
     SCORING_VERSION,
     TOKENIZER_INFINITY,
@@ -29,7 +29,16 @@ from .scoring import (
     score_pairs,
     task_metrics,
 )
-from .tasks import TASKS, Doc, TaskSpec, check_limit, load_task_docs, load_tasks, parse_tasks, task_file
+from shapprune.zeroshot.tasks import (
+    TASKS,
+    Doc,
+    TaskSpec,
+    check_limit,
+    load_task_docs,
+    load_tasks,
+    parse_tasks,
+    task_file,
+)
 
 __all__ = [
     "DEFAULT_MAX_LENGTH", "SCORING_VERSION", "TASKS", "TOKENIZER_INFINITY", "Doc", "PairEncoder", "TaskEvaluator",

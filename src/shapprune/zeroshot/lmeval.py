@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from ..errors import UserError
+from shapprune.errors import UserError
 
 
 def _offline() -> bool:
@@ -35,7 +35,7 @@ def evaluate_with_lm_eval(model, tokenizer, names: list[str], limit: int | None,
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from ..layers import keep_layers
+    from shapprune.models.layers import keep_layers
 
     results: dict[str, dict] = {}
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

@@ -41,8 +41,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..errors import UserError
-from .tasks import TASKS, Doc, check_limit, load_tasks, parse_tasks
+from shapprune.errors import UserError
+from shapprune.zeroshot.tasks import TASKS, Doc, check_limit, load_tasks, parse_tasks
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def score_pairs(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], bat
     passes go through ``runner`` (a :class:`shapprune.engine.Runner`; one is made for ``model`` when none is
     given), which halves the batch on out-of-memory and applies the head to the continuation positions only.
     """
-    from ..engine.runner import Runner
+    from shapprune.engine.runner import Runner
 
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -258,12 +258,12 @@ def evaluate_tasks(model, tokenizer, tasks: Sequence[str], task_dir: str | os.Pa
     Returns ``{"tasks": {name: {"n", "acc", "acc_norm", "perplexity", "headline", "seconds"}}, "mean"}``
     where ``mean`` averages the headline metrics.
     """
-    from ..layers import keep_layers
+    from shapprune.models.layers import keep_layers
 
     names = parse_tasks(list(tasks))
     limit = check_limit(limit)
     if task_dir is None:
-        from .lmeval import evaluate_with_lm_eval
+        from shapprune.zeroshot.lmeval import evaluate_with_lm_eval
 
         results = evaluate_with_lm_eval(model, tokenizer, names, limit, batch_size, kept)
     else:
@@ -298,7 +298,7 @@ def parse_utility(text: str) -> tuple[str, list[str]]:
 class TaskEvaluator:
     """Scores a model by the summed NLL of the gold continuations of zero-shot task items.
 
-    The protocol of :class:`shapprune.game.PerplexityEvaluator`: ``nll(runner)`` returns the summed negative
+    The protocol of :class:`shapprune.game.core.PerplexityEvaluator`: ``nll(runner)`` returns the summed negative
     log-likelihood (nats) of each item's gold continuation given its context (the correct choice; WinoGrande's
     continuation under the correct context; LAMBADA's target) and the number of continuation tokens, so the
     game's utility ``PPL(full) / PPL(mask)`` works unchanged. It scores the model as it runs now: the caller
@@ -333,7 +333,7 @@ class TaskEvaluator:
                 "items": {n: len(self.docs[n]) for n in self.tasks}, "tokens": self.tokens}
 
     def nll(self, runner) -> tuple[float, int]:
-        from ..engine.runner import as_runner
+        from shapprune.engine.runner import as_runner
 
         runner = as_runner(runner, self.batch_size)
         max_length = self.max_length or resolve_max_length(runner.model, self.tokenizer)
@@ -351,7 +351,7 @@ def make_evaluator(utility: str, tokenizer=None, windows=None, task_dir: str | o
     if kind in ("ppl", "kl"):
         if windows is None:
             raise ValueError(f"the {kind} utility needs calibration windows")
-        from ..game import KLEvaluator, PerplexityEvaluator
+        from shapprune.game.core import KLEvaluator, PerplexityEvaluator
 
         return (PerplexityEvaluator if kind == "ppl" else KLEvaluator)(windows, batch_size=batch_size)
     if task_dir is None:

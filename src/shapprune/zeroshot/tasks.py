@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
+from shapprune.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from shapprune.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "", "auto"):
-        from .engine.hardware import auto_dtype
+        from shapprune.engine.hardware import auto_dtype
 
         return auto_dtype(device)
     if dtype not in _DTYPES:
@@ -213,7 +213,7 @@ def load_model(
 
     src = resolve_spec(spec)
     if not src.gguf_file and Path(src.location).is_dir():
-        from .quantize import check_loadable
+        from shapprune.outputs.quantize import check_loadable
 
         check_loadable(src.location)  # a torchao-quantized checkpoint needs torchao: one-line error
     dev = resolve_device(device)

@@ -45,12 +45,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from .data import Windows
-from .methods import Selection, SelectionContext
-from .search import greedy_cost as sleb_cost  # SLEB's rounds: Σ_{r<n} (L − r) full evaluations
-from .search import swap_neighbours
-from .store import mask_key
-from .surrogate import quadratic_features
+from shapprune.game.store import mask_key
+from shapprune.game.surrogate import quadratic_features
+from shapprune.methods import Selection, SelectionContext
+from shapprune.methods.search import (
+    greedy_cost as sleb_cost,  # SLEB's rounds: Σ_{r<n} (L − r) full evaluations
+)
+from shapprune.methods.search import swap_neighbours
+from shapprune.models.data import Windows
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +307,7 @@ def multifidelity_search(full_game, screen_game, n: int, budget: float, ridge: f
 
 def select_shapprune(ctx: SelectionContext, n: int) -> Selection:
     """``shapprune``: surrogate-guided greedy path + swap search (see the module docstring)."""
-    from .game import ModelGame
+    from shapprune.game.core import ModelGame
 
     L = ctx.game.n_players
     budget = float(ctx.budget) if ctx.budget is not None else default_budget(L, n)
@@ -320,7 +322,7 @@ def select_shapprune(ctx: SelectionContext, n: int) -> Selection:
                                 reuse_prefix=ctx.game.reuse_prefix)
     least = least_budget(L, n, sw.num_windows / ev.windows.num_windows if sw is not None else 1.0)
     if ctx.budget is not None and budget < least:
-        from .errors import UserError
+        from shapprune.errors import UserError
 
         raise UserError(f"--budget {ctx.budget} is below what the shapprune method needs "
                         f"({least:.1f} full evaluations to remove {n} of {L} layers); give at least "

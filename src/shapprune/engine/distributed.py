@@ -1,15 +1,15 @@
-"""Mask evaluation on a Ray cluster: a backend for :class:`shapprune.game.ModelGame`.
+"""Mask evaluation on a Ray cluster: a backend for :class:`shapprune.game.core.ModelGame`.
 
 Each Ray actor loads the model once (from a :class:`WorkerSpec`: where the model comes from, its dtype and
 device, and the game's evaluator, i.e. the data windows and batch size), on its share of the cluster: one
 GPU, several GPUs with ``device_map="auto"``, or a number of CPU threads. The actor builds its own local
 game (its own runner and prefix cache) and evaluates mask keys with
-:meth:`~shapprune.game.ModelGame.evaluate_keys`, exactly as a serial run does, so results are bit-identical
+:meth:`~shapprune.game.core.ModelGame.evaluate_keys`, exactly as a serial run does, so results are bit-identical
 on the same hardware and dtype.
 
 The driver (:class:`RayBackend`) receives the missing masks of one round in prefix-trie order, cuts them into
 contiguous chunks (masks that share their first layers stay together, so prefix reuse works inside each
-actor), hands the chunks to idle actors and yields the returned :class:`~shapprune.store.Evaluation` records;
+actor), hands the chunks to idle actors and yields the returned :class:`~shapprune.game.store.Evaluation` records;
 the game writes them to its store, which stays the single record of results. A chunk whose actor dies is
 sent again to another actor (the dead one is restarted by Ray and rejoins): a death loses at most that chunk.
 """
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from .errors import UserError
-from .store import Evaluation
+from shapprune.errors import UserError
+from shapprune.game.store import Evaluation
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class _Worker:
     def __init__(self, spec: WorkerSpec):
         import torch
 
-        from .loading import load_model
+        from shapprune.models.loading import load_model
 
         if spec.threads:
             torch.set_num_threads(int(spec.threads))
@@ -132,7 +132,7 @@ class _Worker:
 
     def _game(self, evaluator):
         """The local game of ``evaluator`` (one per evaluation data set, built on first use)."""
-        from .game import ModelGame
+        from shapprune.game.core import ModelGame
 
         fp = evaluator.fingerprint()
         if fp not in self.games:
@@ -404,7 +404,7 @@ def make_backend(workers, model, evaluator, *, model_fp: str | None = None, data
     opt = workers if isinstance(workers, WorkersOption) else parse_workers(workers)
     require_ray()
     if model_fp is None or data_fp is None:
-        from .store import model_fingerprint
+        from shapprune.game.store import model_fingerprint
 
         model_fp, data_fp = model_fingerprint(model), evaluator.fingerprint()
     dm = getattr(model, "hf_device_map", None)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
+from shapprune.errors import UserError
 
 #: strata with more masks than this are sampled by rejection instead of by rank (ranks overflow int64)
 _RANK_LIMIT = 2**62

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .engine.head import logits_nll
-from .engine.runner import NLL, Runner
+from shapprune.engine.head import logits_nll
+from shapprune.engine.runner import NLL, Runner
 
 __all__ = ["NLL", "perplexity", "sequence_nll", "token_nll"]
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from .errors import UserError
+from shapprune.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import logging
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import check_budget
-from .base import CachedGame, ShapleyEstimate
+from shapprune.game.estimators import check_budget
+from shapprune.game.estimators.base import CachedGame, ShapleyEstimate
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from shapprune.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,8 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, scheme: 
     """
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
-    from .loading import resolve_device, resolve_dtype
-    from .output import write_json
+    from shapprune.models.loading import resolve_device, resolve_dtype
+    from shapprune.outputs.atomic import write_json
 
     src, dst = Path(src), Path(dst)
     dev = resolve_device(device)
@@ -179,7 +179,7 @@ def quantize_in_memory(model, scheme: str):
     For choosing layers on the quantized model (``--quantize-before-choosing``); a saved checkpoint goes
     through :func:`quantize_checkpoint` instead, so that its config records the quantization.
     """
-    from .loading import model_device
+    from shapprune.models.loading import model_device
 
     check_scheme(scheme, model_device(model))
     from torchao.quantization import quantize_
@@ -195,15 +195,15 @@ def quantize_in_memory(model, scheme: str):
 
 def save_pruned(model, tokenizer, directory: str | os.PathLike, metadata: dict | None = None,
                 scheme: str | None = None, dtype=None) -> Path:
-    """:func:`shapprune.save.save_checkpoint`, then (with ``scheme``) quantize what was saved in place.
+    """:func:`shapprune.outputs.save.save_checkpoint`, then (with ``scheme``) quantize what was saved in place.
 
     The dense checkpoint goes to a temporary directory beside ``directory`` and is quantized from there, in the
     model's own device and dtype, so that ``directory`` ends up holding only the quantized checkpoint.
     """
     import tempfile
 
-    from .loading import model_device
-    from .save import save_checkpoint
+    from shapprune.models.loading import model_device
+    from shapprune.outputs.save import save_checkpoint
 
     directory = Path(directory)
     already = scheme_of(model)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .archs import Arch, arch_for
-from .errors import UserError
+from shapprune.errors import UserError
+from shapprune.models.archs import Arch, arch_for
 
 
 @dataclass
@@ -61,7 +61,7 @@ def find_layer_stack(model: nn.Module) -> LayerStack:
     """Locate the layer stack of a supported causal LM.
 
     The stack is the ``ModuleList`` of blocks named in ``model._no_split_modules`` (the longest one when
-    several match); a per-``model_type`` path in :data:`shapprune.archs.ARCHITECTURES` takes precedence.
+    several match); a per-``model_type`` path in :data:`shapprune.models.archs.ARCHITECTURES` takes precedence.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     arch = arch_for(str(model_type))
@@ -78,7 +78,7 @@ def find_layer_stack(model: nn.Module) -> LayerStack:
         if not candidates:
             raise UserError(
                 f"no layer stack found in {type(model).__name__} (model_type={model_type!r}); "
-                "add its path to shapprune.archs.ARCHITECTURES"
+                "add its path to shapprune.models.archs.ARCHITECTURES"
             )
         path, layers = max(candidates, key=lambda c: len(c[1]))
     parent_path, _, attr = path.rpartition(".")

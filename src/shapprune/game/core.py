@@ -15,10 +15,10 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from .engine.prefix import PrefixCache, default_max_bytes, trie_order
-from .engine.runner import SCORING_VERSION, Runner, as_runner
-from .layers import find_layer_stack, keep_layers
-from .store import Evaluation, EvaluationStore, mask_key, model_fingerprint
+from shapprune.engine.prefix import PrefixCache, default_max_bytes, trie_order
+from shapprune.engine.runner import SCORING_VERSION, Runner, as_runner
+from shapprune.game.store import Evaluation, EvaluationStore, mask_key, model_fingerprint
+from shapprune.models.layers import find_layer_stack, keep_layers
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Evaluator(Protocol):
 
 
 class PerplexityEvaluator:
-    """NLL of every predicted token of fixed token windows (:class:`shapprune.data.Windows`)."""
+    """NLL of every predicted token of fixed token windows (:class:`shapprune.models.data.Windows`)."""
 
     def __init__(self, windows, batch_size: int = 16):
         self.windows = windows

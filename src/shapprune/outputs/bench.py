@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .layers import find_layer_stack, keep_layers
-from .loading import model_device
+from shapprune.models.layers import find_layer_stack, keep_layers
+from shapprune.models.loading import model_device
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from shapprune.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def resolve_bos(tokenizer, bos: str = "auto") -> bool:
 
 def _self_tokens(model, tokenizer, n: int, length: int, seed: int) -> torch.Tensor:
     """``n`` sequences of ``length`` tokens sampled from the model (temperature 1), seeded."""
-    from .loading import model_device
+    from shapprune.models.loading import model_device
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from shapprune.errors import UserError
 
 #: Name of the pruned file inside the output directory.
 GGUF_NAME = "model.gguf"
@@ -331,7 +331,7 @@ def write_pruned_gguf(src: str | os.PathLike, dst: str | os.PathLike, removed: S
 
 def gguf_source(spec: str) -> Path:
     """The ``.gguf`` file behind a model argument, or a one-line error when it is not a GGUF."""
-    from .loading import resolve_spec
+    from shapprune.models.loading import resolve_spec
 
     src = resolve_spec(spec)
     if not src.gguf_file:

@@ -2,7 +2,7 @@
 
 On the real utility the budget must cover all ``2^L`` coalitions. With ``surrogate="mlp"|"quadratic"``
 the enumeration runs on a surrogate fit to ``budget`` stratified real evaluations instead
-(see :mod:`shapprune.estimators.surrogate`).
+(see :mod:`shapprune.game.estimators.surrogate`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import math
 
 import numpy as np
 
-from ..errors import UserError
-from . import check_budget
-from .base import CachedGame, ShapleyEstimate
+from shapprune.errors import UserError
+from shapprune.game.estimators import check_budget
+from shapprune.game.estimators.base import CachedGame, ShapleyEstimate
 
 MAX_PLAYERS = 24
 
@@ -48,7 +48,7 @@ def estimate(game, budget: int | None, rng: np.random.Generator, surrogate: str 
         raise UserError(f"--estimator exact enumerates 2^{L} coalitions; use it only up to {MAX_PLAYERS} layers")
     masks = all_masks(L)
     if surrogate is not None:
-        from .surrogate import stage1_and_fit
+        from shapprune.game.estimators.surrogate import stage1_and_fit
 
         fit, cg, info = stage1_and_fit(game, budget, rng, surrogate=surrogate, progress=progress, **options)
         phi = shapley_from_table(fit.surrogate(masks), L)

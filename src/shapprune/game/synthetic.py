@@ -1,7 +1,7 @@
 """Synthetic games with known Shapley values, for checking estimators.
 
 Each game is a callable on a boolean matrix of coalitions ``[B, L]`` returning ``[B]`` values (like
-:class:`shapprune.game.ModelGame`) with ``n_players``, the exact ``shapley_values`` and a ``calls`` counter
+:class:`shapprune.game.core.ModelGame`) with ``n_players``, the exact ``shapley_values`` and a ``calls`` counter
 of coalitions evaluated. All are sums of unanimity games ``u_T(S) = 1[T ⊆ S]`` weighted by Harsanyi
 dividends ``c_T``, for which ``φᵢ = Σ_{T ∋ i} c_T / |T|`` and ``Σφ = v(N) − v(∅)``.
 """

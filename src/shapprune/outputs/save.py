@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .output import write_json
+from shapprune.outputs.atomic import write_json
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def save_checkpoint(model, tokenizer, directory: str | os.PathLike, metadata: di
                     dtype: torch.dtype | None = None) -> Path:
     """Write safetensors weights, config, generation config, tokenizer and ``pruning.json`` to ``directory``.
 
-    The caller has already removed the layers (:func:`shapprune.layers.remove_layers`), so the config and
+    The caller has already removed the layers (:func:`shapprune.models.layers.remove_layers`), so the config and
     the module tree agree; ``directory`` is expected to be a fresh (temporary) directory. With ``dtype``, the
     floating-point weights are converted first (not for a quantised model); ``metadata["saved"]`` then
     records the dtype and the size of the weights.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import StoreLocked, UserError
+from shapprune.errors import StoreLocked, UserError
 
 SCHEMA = "shapprune-evaluation-store/1"
 

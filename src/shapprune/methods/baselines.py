@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .engine.head import logits_nll
-from .engine.runner import Runner
-from .errors import UserError
-from .layers import find_layer_stack
-from .methods import Selection, SelectionContext
+from shapprune.engine.head import logits_nll
+from shapprune.engine.runner import Runner
+from shapprune.errors import UserError
+from shapprune.methods import Selection, SelectionContext
+from shapprune.models.layers import find_layer_stack
 
 log = logging.getLogger(__name__)
 

@@ -58,7 +58,7 @@ ARCHITECTURES: dict[str, Arch] = {
 
 
 def arch_for(model_type: str) -> Arch:
-    from .errors import UnsupportedArchitecture
+    from shapprune.errors import UnsupportedArchitecture
 
     try:
         return ARCHITECTURES[model_type]

@@ -10,10 +10,10 @@ import logging
 
 import numpy as np
 
-from .baselines import lowest
-from .estimators import budget_limits, check_budget, check_estimator, estimate
-from .methods import Selection, SelectionContext
-from .sampling import check_strata
+from shapprune.game.estimators import budget_limits, check_budget, check_estimator, estimate
+from shapprune.game.sampling import check_strata
+from shapprune.methods import Selection, SelectionContext
+from shapprune.methods.baselines import lowest
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ DEFAULT_ESTIMATOR = "surrogate"
 def default_budget(estimator: str, num_layers: int, surrogate: str | None = None,
                    num_strata: int | None = None) -> int:
     """The estimator's default budget: a sensible answer on a small model in minutes on a CPU
-    (see :func:`shapprune.estimators.budget_limits`)."""
+    (see :func:`shapprune.game.estimators.budget_limits`)."""
     return budget_limits(estimator, num_layers, surrogate, num_strata)[1]
 
 
@@ -57,7 +57,7 @@ def select_shapley(ctx: SelectionContext, n: int) -> Selection:
     if strata is not None:
         kwargs["strata"] = strata
     if opts.get("paper_recipe") and name == "surrogate":
-        from .surrogate import MLPConfig
+        from shapprune.game.surrogate import MLPConfig
 
         kwargs["mlp"] = MLPConfig(min_steps_per_epoch=1, center=False)  # the published optimiser, exactly
     log.info("shapley: estimator %s%s, budget %d, seed %d", name,

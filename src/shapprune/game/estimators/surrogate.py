@@ -16,10 +16,10 @@ import logging
 
 import numpy as np
 
-from ..sampling import check_strata, default_strata, stratified_masks
-from ..surrogate import MLPConfig, fit_surrogate
-from . import check_budget
-from .base import CachedGame, ShapleyEstimate
+from shapprune.game.estimators import check_budget
+from shapprune.game.estimators.base import CachedGame, ShapleyEstimate
+from shapprune.game.sampling import check_strata, default_strata, stratified_masks
+from shapprune.game.surrogate import MLPConfig, fit_surrogate
 
 log = logging.getLogger(__name__)
 

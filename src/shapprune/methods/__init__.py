@@ -1,4 +1,5 @@
-"""Layer-selection methods: a registry of string names to functions, imported lazily.
+"""Stage 4, methods: a registry of string names to functions, imported lazily (the baselines, the paper's
+Shapley ranking, ``search`` and the default ``multifidelity``).
 
 Every method has the signature ``select(ctx: SelectionContext, n: int) -> Selection`` and chooses ``n``
 layers (0-based) to remove. Methods that evaluate masks do so through ``ctx.game`` so that every real
@@ -11,24 +12,24 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UserError
+from shapprune.errors import UserError
 
 #: what ``prune --remove N`` uses when no ``--method`` is given
 DEFAULT_METHOD = "shapprune"
 
 #: method name -> "module:function"
 METHODS: dict[str, str] = {
-    "shapprune": "shapprune.multifidelity:select_shapprune",
-    "search": "shapprune.search:select_search",
-    "shapley": "shapprune.shapley:select_shapley",
-    "shortgpt": "shapprune.baselines:select_shortgpt",
-    "angular": "shapprune.baselines:select_angular",
-    "ppl": "shapprune.baselines:select_ppl",
-    "taylor": "shapprune.baselines:select_taylor",
-    "sleb": "shapprune.baselines:select_sleb",
-    "last": "shapprune.baselines:select_last",
-    "random": "shapprune.baselines:select_random",
-    "exhaustive": "shapprune.baselines:select_exhaustive",
+    "shapprune": "shapprune.methods.multifidelity:select_shapprune",
+    "search": "shapprune.methods.search:select_search",
+    "shapley": "shapprune.methods.shapley:select_shapley",
+    "shortgpt": "shapprune.methods.baselines:select_shortgpt",
+    "angular": "shapprune.methods.baselines:select_angular",
+    "ppl": "shapprune.methods.baselines:select_ppl",
+    "taylor": "shapprune.methods.baselines:select_taylor",
+    "sleb": "shapprune.methods.baselines:select_sleb",
+    "last": "shapprune.methods.baselines:select_last",
+    "random": "shapprune.methods.baselines:select_random",
+    "exhaustive": "shapprune.methods.baselines:select_exhaustive",
 }
 
 
@@ -48,7 +49,7 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 #: method name -> "module:function" checking ``(num_layers, n, budget, options)`` before any evaluation
 #: (e.g. a budget below the method's minimum); methods without an entry need no check.
 METHOD_CHECKS: dict[str, str] = {
-    "shapley": "shapprune.shapley:check_shapley",
+    "shapley": "shapprune.methods.shapley:check_shapley",
     "exhaustive": "shapprune.methods:check_exhaustive",
 }
 
@@ -65,7 +66,7 @@ def check_exhaustive(num_layers: int, n: int, budget: int | None, options: dict)
     """The exhaustive method's budget caps ``C(L, N)``: refuse a smaller one, naming the evaluations needed."""
     from math import comb
 
-    from .baselines import DEFAULT_EXHAUSTIVE_BUDGET
+    from shapprune.methods.baselines import DEFAULT_EXHAUSTIVE_BUDGET
 
     cap = int(options.get("exhaustive_budget") or budget or DEFAULT_EXHAUSTIVE_BUDGET)
     if comb(num_layers, n) > cap:
@@ -87,12 +88,12 @@ def check_method(name: str) -> str:
 
 @dataclass
 class SelectionContext:
-    """Everything a method may use. ``game`` is a :class:`shapprune.game.ModelGame` on the calibration data."""
+    """Everything a method may use. ``game`` is a :class:`shapprune.game.core.ModelGame` on the calibration data."""
 
     model: Any
     tokenizer: Any
-    windows: Any  # shapprune.data.Windows (calibration)
-    game: Any  # shapprune.game.ModelGame
+    windows: Any  # shapprune.models.data.Windows (calibration)
+    game: Any  # shapprune.game.core.ModelGame
     seed: int = 0
     budget: int | None = None
     batch_size: int = 16

@@ -1,7 +1,7 @@
 """Shapley-value estimators over a game, behind one interface and a lazy registry.
 
 Every estimator is ``estimate(game, budget, rng, **options) -> ShapleyEstimate``: ``game`` is a callable on a
-boolean matrix of coalitions ``[B, L]`` returning ``[B]`` utilities (a :class:`shapprune.game.ModelGame` or
+boolean matrix of coalitions ``[B, L]`` returning ``[B]`` utilities (a :class:`shapprune.game.core.ModelGame` or
 a synthetic game), ``budget`` bounds the number of *distinct* coalitions it asks the game for, and ``rng`` is
 a ``numpy`` Generator (same state, same result). Estimators are registered by name as ``"module:function"``
 and imported only when used, like lm-eval's task registry.
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import UserError
-from .base import BudgetExceeded, CachedGame, ShapleyEstimate
+from shapprune.errors import UserError
+from shapprune.game.estimators.base import BudgetExceeded, CachedGame, ShapleyEstimate
 
 #: estimator name -> "module:function"
 ESTIMATORS: dict[str, str] = {
-    "surrogate": "shapprune.estimators.surrogate:estimate",
-    "permutation": "shapprune.estimators.permutation:estimate",
-    "exact": "shapprune.estimators.exact:estimate",
-    "kernel": "shapprune.estimators.kernel:estimate",
+    "surrogate": "shapprune.game.estimators.surrogate:estimate",
+    "permutation": "shapprune.game.estimators.permutation:estimate",
+    "exact": "shapprune.game.estimators.exact:estimate",
+    "kernel": "shapprune.game.estimators.kernel:estimate",
 }
 
 #: options each estimator reads besides the budget (the command line refuses the others)
@@ -57,7 +57,7 @@ def budget_limits(name: str, num_layers: int, surrogate: str | None = None,
     check_estimator(name)
     if name == "surrogate" or (name == "exact" and surrogate is not None):
         if num_strata is None:
-            from ..sampling import default_strata
+            from shapprune.game.sampling import default_strata
 
             num_strata = len(default_strata(L))
         return (5 * num_strata, max(DEFAULT_BUDGET, 10 * num_strata),

@@ -22,9 +22,9 @@ import logging
 import numpy as np
 from tqdm.auto import tqdm
 
-from .methods import Selection, SelectionContext
-from .store import mask_key
-from .surrogate import QuadraticSurrogate
+from shapprune.game.store import mask_key
+from shapprune.game.surrogate import QuadraticSurrogate
+from shapprune.methods import Selection, SelectionContext
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def propose(f, num_layers: int, keep: int, seen: set[str], starts: np.ndarray, c
 
 def search_masks(game, n: int, budget: int, rng: np.random.Generator, ridge: float = 1e-3,
                  restarts: int = 48, progress: bool = True) -> dict:
-    """Run the search on ``game`` (a :class:`~shapprune.game.ModelGame`); returns the best mask and evidence.
+    """Run the search on ``game`` (a :class:`~shapprune.game.core.ModelGame`); returns the best mask and evidence.
 
     1. Greedy path: ``n`` rounds, each evaluating every single further removal (SLEB's rounds; they also give
        the surrogate its training data, all near the target size).
@@ -102,7 +102,7 @@ def search_masks(game, n: int, budget: int, rng: np.random.Generator, ridge: flo
     L = game.n_players
     keep = L - n
     if budget < greedy_cost(L, n):
-        from .errors import UserError
+        from shapprune.errors import UserError
 
         raise UserError(f"search needs a budget of at least {greedy_cost(L, n)} evaluations to remove {n} of {L} "
                         f"layers (its greedy path); the default is {default_search_budget(L, n)}")

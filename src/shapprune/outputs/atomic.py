@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import UserError
+from shapprune.errors import UserError
 
 
 def _umask() -> int:
