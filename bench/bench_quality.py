@@ -5,7 +5,7 @@
                                   [--out bench/results/quality.md]
 
 Calibration: the first windows of ``valid.tokens.txt`` (in order; a spec ending in ``r``, e.g. ``10x128r``, draws
-them at random offsets with seed 0, as ``--sample-windows`` does); test: the first ``--test-windows`` windows
+them at random offsets with seed 0, as ``--sample-windows`` does, ``10x128r1`` with seed 1); test: the first ``--test-windows`` windows
 of 2,048 tokens of ``test.raw.txt`` (148 is all of them). Every method starts from an empty in-memory store of
 its own per calibration (shared across N, so a later N reuses what an earlier one evaluated, as a user's store
 would; ``cost`` counts everything the method asked for, reused or not). ``cost`` is in full evaluations: the
@@ -70,9 +70,10 @@ def main() -> None:
     rows, task_rows = [], []
     tasks_at = {int(x) for x in a.tasks_at.split(",") if x}
     for spec in a.calibrations.split(","):
-        sampled = spec.endswith("r")  # "10x128r": 10 windows at random (seed 0) offsets instead of the first 10
-        w, t = (int(x) for x in spec.rstrip("r").split("x"))
-        calib = (make_windows(tok, a.calib, t, sample_windows=w, seed=0) if sampled
+        # "10x128r": 10 windows at random offsets (seed 0) instead of the first 10; "10x128r1": seed 1
+        size, sampled, seed = spec.partition("r")
+        w, t = (int(x) for x in size.split("x"))
+        calib = (make_windows(tok, a.calib, t, sample_windows=w, seed=int(seed or 0)) if sampled
                  else make_windows(tok, a.calib, t, max_windows=w))
         for method in methods:
             game = ModelGame(model, PerplexityEvaluator(calib, batch_size=16), EvaluationStore(None), progress=False)
@@ -103,6 +104,13 @@ def main() -> None:
     write(a, rows, task_rows, header)
 
 
+def spec_tokens(spec: str) -> int:
+    """Predicted tokens of one evaluation on all windows of a calibration spec (``WxT[r[seed]]``): each window of
+    T tokens predicts T - 1 (SmolLM2's windows carry no BOS)."""
+    w, t = (int(x) for x in spec.partition("r")[0].split("x"))
+    return w * (t - 1)
+
+
 def write(a, rows: list[dict], task_rows: list[dict], header: str, merged: list[str] | None = None) -> None:
     counts = sorted({r["n"] for r in rows})
     made = f"`python {' '.join(sys.argv)}`"
@@ -114,15 +122,20 @@ def write(a, rows: list[dict], task_rows: list[dict], header: str, merged: list[
     for r in rows:
         lines.append(f"| {r['calibration']} | {r['method']} | {r['n']} | {r['cost']:.1f} | {r['seconds']} | "
                      f"{r['calib_ppl']:.2f} | {r['test_ppl']:.2f} | {r['removed']} |")
-    lines += ["\n## Against SLEB\n", "| calibration | N | test PPL SLEB | test PPL shapprune | change | cost ratio |",
+    lines += ["\n## Against SLEB\n", "| calibration | N | test PPL SLEB | test PPL shapprune | change | cost ratio (tokens) |",
               "|---|---|---|---|---|---|"]
     by = {(r["calibration"], r["method"], r["n"]): r for r in rows}
+    sleb_specs = list(dict.fromkeys(r["calibration"] for r in rows if r["method"] == "sleb"))
     for spec in dict.fromkeys(r["calibration"] for r in rows):
         for n in counts:
-            s, d = by.get((spec, "sleb", n)), by.get((spec, "shapprune", n))
+            # against SLEB at the same calibration, else at SLEB's first (the paper's, when it was run)
+            ref = spec if (spec, "sleb", n) in by else next((c for c in sleb_specs if (c, "sleb", n) in by), None)
+            s, d = by.get((ref, "sleb", n)), by.get((spec, "shapprune", n))
             if s and d:
-                lines.append(f"| {spec} | {n} | {s['test_ppl']:.2f} | {d['test_ppl']:.2f} | "
-                             f"{(d['test_ppl'] / s['test_ppl'] - 1):+.1%} | {d['cost'] / s['cost']:.2f} |")
+                label = spec if ref == spec else f"{spec} (SLEB at {ref})"
+                ratio = d["cost"] * spec_tokens(spec) / (s["cost"] * spec_tokens(ref))  # in calibration tokens
+                lines.append(f"| {label} | {n} | {s['test_ppl']:.2f} | {d['test_ppl']:.2f} | "
+                             f"{(d['test_ppl'] / s['test_ppl'] - 1):+.1%} | {ratio:.2f} |")
     if task_rows:
         names = TASKS.split(",")
         most = max(max(r["items"].values()) for r in task_rows)

@@ -131,18 +131,23 @@ def bad_cases(ckpt, data, tmp_path):
                               "needs 10 evaluations"),
         "out under a file": (["prune", ckpt, "--drop", "1", "--out", str(mine / "x")], "is a file"),
         "json under a file": (["eval", ckpt, *sel[:6], "--json", str(mine / "x.json")], "is a file"),
+        "paper calibration and seqlen": (["prune", ckpt, "--remove", "1", "--paper-calibration", "--seqlen", "64",
+                                          "--data", data], "--paper-calibration sets --seqlen"),
+        "both window options": (["shapley", ckpt, "--max-windows", "2", "--sample-windows", "2", "--data", data],
+                                "exclude each other"),
     }
 
 
 CASES = ["out of range", "negative", "duplicated", "not a number", "all layers", "prune all", "missing data",
          "empty data", "short data", "non-empty out", "missing model", "bad seqlen", "json exists",
-         "shapley json exists", "unknown method", "unknown estimator", "unknown surrogate", "bad strata",
+         "shapley json exists", "paper calibration and seqlen", "both window options", "unknown method",
+         "unknown estimator", "unknown surrogate", "bad strata",
          "ignored estimator", "ignored budget", "ignored strata", "ignored with drop", "compare estimator",
          "compare strata", "compare surrogate", "compare ignored", "compare budget", "permutation budget",
          "kernel budget", "surrogate budget", "exact budget", "exhaustive budget", "out under a file",
          "json under a file"]
 #: cases refused from the command line alone, before any model is loaded
-BEFORE_LOADING = ["json exists", "shapley json exists", "unknown method", "unknown estimator", "unknown surrogate",
+BEFORE_LOADING = ["json exists", "shapley json exists", "paper calibration and seqlen", "both window options", "unknown method", "unknown estimator", "unknown surrogate",
                   "bad strata", "ignored estimator", "ignored budget", "ignored strata", "ignored with drop",
                   "compare estimator", "compare strata", "compare surrogate", "compare ignored", "out under a file",
                   "json under a file"]
@@ -457,3 +462,23 @@ def test_unwritable_store_is_not_called_corrupt(tmp_path, monkeypatch):
     monkeypatch.setattr(sqlite3, "connect", lambda path, timeout: real(f"file:{path}?mode=ro", uri=True, timeout=timeout))
     with pytest.raises(UserError, match="cannot write the evaluation store"):
         EvaluationStore(tmp_path / "s.sqlite")
+
+
+@pytest.mark.parametrize("extra,expected", [
+    ([], (256, None, 5)),  # the default: measured best on held-out text (bench/results/quality.md)
+    (["--paper-calibration"], (128, 10, None)),  # the paper's: the first 10 windows of 128 tokens
+    (["--max-windows", "3"], (256, 3, None)),  # in order when asked
+    (["--seqlen", "64", "--sample-windows", "7"], (64, None, 7)),
+])
+def test_calibration_defaults(extra, expected):
+    """prune, shapley and compare share one calibration default and one --paper-calibration switch."""
+    from shapprune.cli import build_parser
+    from shapprune.cli.common import resolve_calibration
+
+    for argv in (["prune", "m", "--remove", "1"], ["shapley", "m"], ["compare", "m", "--remove", "1", "--out", "o"]):
+        args = build_parser().parse_args([*argv, *extra])
+        resolve_calibration(args)
+        assert (args.seqlen, args.max_windows, args.sample_windows) == expected
+    args = build_parser().parse_args(["eval", "m"])  # eval keeps its own: every 2,048-token window
+    resolve_calibration(args)
+    assert (args.seqlen, args.max_windows, args.sample_windows) == (2048, None, None)

@@ -35,15 +35,37 @@ def show_progress(args) -> bool:
     return not (getattr(args, "no_progress", False) or getattr(args, "quiet", False))
 
 
-def add_data_args(p: argparse.ArgumentParser, data: str, seqlen: int, max_windows: int | None,
-                  batch_size: int = 8) -> None:
+#: the calibration of ``prune``, ``shapley`` and ``compare`` when none is given, chosen by measurement
+#: (``bench/results/quality.md``: at the paper's cost in tokens, 5 windows of 256 at random offsets of the
+#: calibration text chose layers that did best on held-out text)
+CALIBRATION_SEQLEN, CALIBRATION_SAMPLES = 256, 5
+#: the paper's calibration (``--paper-calibration``): the first 10 windows of 128 tokens
+PAPER_SEQLEN, PAPER_WINDOWS = 128, 10
+
+
+def add_data_args(p: argparse.ArgumentParser, data: str, seqlen: int | None, max_windows: int | None,
+                  batch_size: int = 8, calibration: bool = False) -> None:
+    """``--data``, ``--seqlen``, ``--max-windows``, ``--sample-windows``, ``--seed``, ``--bos``, ``--batch-size``;
+    with ``calibration``, the defaults are :data:`CALIBRATION_SEQLEN` × :data:`CALIBRATION_SAMPLES` windows at
+    random offsets, and ``--paper-calibration`` gives the paper's (see :func:`resolve_calibration`)."""
     p.add_argument("--data", default=data,
                    help=f"wikitext2, c4, self, or a .txt/.jsonl file (default: {data})")
-    p.add_argument("--seqlen", type=positive_int, default=seqlen, help=f"tokens per window (default: {seqlen})")
-    p.add_argument("--max-windows", type=positive_int, default=max_windows,
-                   help=f"windows taken in order from the start (default: {max_windows or 'all'})")
-    p.add_argument("--sample-windows", type=positive_int, default=None,
-                   help="draw this many windows at random offsets instead (with --seed)")
+    if calibration:
+        p.add_argument("--seqlen", type=positive_int, default=None,
+                       help=f"tokens per window (default: {CALIBRATION_SEQLEN})")
+        p.add_argument("--max-windows", type=positive_int, default=None,
+                       help="take this many windows in order from the start instead of sampling them")
+        p.add_argument("--sample-windows", type=positive_int, default=None,
+                       help=f"windows drawn at random offsets (with --seed; default: {CALIBRATION_SAMPLES})")
+        p.add_argument("--paper-calibration", action="store_true",
+                       help=f"the paper's calibration: the first {PAPER_WINDOWS} windows of {PAPER_SEQLEN} tokens "
+                            "(default: what measured best on held-out text, see above)")
+    else:
+        p.add_argument("--seqlen", type=positive_int, default=seqlen, help=f"tokens per window (default: {seqlen})")
+        p.add_argument("--max-windows", type=positive_int, default=max_windows,
+                       help=f"windows taken in order from the start (default: {max_windows or 'all'})")
+        p.add_argument("--sample-windows", type=positive_int, default=None,
+                       help="draw this many windows at random offsets instead (with --seed)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--bos", choices=("auto", "always", "never"), default="auto",
                    help="start each window with BOS: auto = when the tokenizer adds one itself")
@@ -89,16 +111,45 @@ def load(args):
                       max_memory=parse_max_memory(getattr(args, "max_memory", None)))
 
 
+def resolve_calibration(args) -> None:
+    """Fill in the calibration windows of a selection command (``prune``, ``shapley``, ``compare``): the
+    default (:data:`CALIBRATION_SEQLEN` tokens, :data:`CALIBRATION_SAMPLES` windows at random offsets), windows
+    in order when ``--max-windows`` is given, or the paper's with ``--paper-calibration``. Idempotent; a one-line
+    error when ``--paper-calibration`` meets an option it would override, or both window options are given."""
+    if not hasattr(args, "paper_calibration") or getattr(args, "_calibration_resolved", False):
+        return
+    if args.max_windows is not None and args.sample_windows is not None:
+        raise UserError("--max-windows (windows in order) and --sample-windows (at random offsets) exclude each "
+                        "other; give one")
+    if args.paper_calibration:
+        given = [f for f, v in (("--seqlen", args.seqlen), ("--max-windows", args.max_windows),
+                                ("--sample-windows", args.sample_windows)) if v is not None]
+        if given:
+            raise UserError(f"--paper-calibration sets {given[0]} itself ({PAPER_WINDOWS} windows of {PAPER_SEQLEN} "
+                            f"tokens in order); drop {given[0]} or --paper-calibration")
+        args.seqlen, args.max_windows = PAPER_SEQLEN, PAPER_WINDOWS
+    else:
+        args.seqlen = args.seqlen or CALIBRATION_SEQLEN
+        if args.max_windows is None and args.sample_windows is None:
+            args.sample_windows = CALIBRATION_SAMPLES
+    args._calibration_resolved = True
+
+
 def windows(args, tokenizer, model, split: str):
     from shapprune.models.data import make_windows
 
+    if split == "calibration":
+        resolve_calibration(args)
     return make_windows(tokenizer, args.data, args.seqlen, max_windows=args.max_windows, split=split,
                         sample_windows=args.sample_windows, seed=args.seed, bos=args.bos, model=model)
 
 
 def check_data_early(args) -> None:
-    """Fail on a missing or empty data file before a model is loaded."""
+    """Fail on a missing or empty data file, or on calibration options that exclude each other, before a
+    model is loaded."""
     from pathlib import Path
+
+    resolve_calibration(args)
 
     spec = args.data
     if spec.endswith((".txt", ".jsonl")) or Path(spec).exists():
@@ -179,7 +230,7 @@ def add_selection_args(p: argparse.ArgumentParser, batch_size: int = 16) -> None
     p.add_argument("--paper-recipe", action="store_true", default=None,
                    help="shapley: fit the MLP surrogate with the published optimiser exactly (0/1 masks, batch 300, "
                         "300 epochs) instead of shapprune's adaptation for small samples")
-    add_data_args(p, data="wikitext2", seqlen=128, max_windows=10, batch_size=batch_size)
+    add_data_args(p, data="wikitext2", seqlen=None, max_windows=None, batch_size=batch_size, calibration=True)
     p.add_argument("--store", default=None, metavar="PATH",
                    help="SQLite evaluation store (default: $SHAPPRUNE_STORE or ~/.cache/shapprune/evaluations.sqlite)")
     p.add_argument("--no-prefix-reuse", action="store_true",
