@@ -75,7 +75,8 @@ def test_prune_tiny_end_to_end(tiny, tmp_path, extra):
     assert list(rec) == KEYS
     assert len(rec["removed"]) == 2 and len(rec["kept"]) == 3 and rec["method"] == "shapley"
     assert len(rec["values"]) == 5 and rec["num_layers"] == 5
-    assert rec["calibration"] == {"data": tiny[1], "seqlen": 32, "windows": 4, "tokens": 4 * 31}
+    assert rec["calibration"] == {"data": tiny[1], "seqlen": 32, "windows": 4, "tokens": 4 * 31,
+                                  "layout": "in order"}
     assert rec["calibration_ppl"]["pruned"] > 0 and rec["evaluations"]["new"] >= 2
     sorted_layers = sorted(range(5), key=lambda i: rec["values"][i])
     assert sorted(sorted_layers[:2]) == rec["removed"]
@@ -175,6 +176,17 @@ def test_default_method_is_shapprune(tiny, tmp_path, capsys):
     assert "held-out R² n/a" not in stdout and "evaluated on all calibration windows" in stdout
     assert f"SLEB's greedy path: {cost['sleb_full_evaluations']}" in stdout
     assert "SLEB's greedy path" in (out / "report.md").read_text()
+    assert rec["calibration"]["layout"] == "in order"  # --max-windows: in order; the default samples
+
+
+def test_default_calibration_is_recorded(tiny, tmp_path):
+    """Without window options the calibration is sampled at random offsets, and the record says so."""
+    out = tmp_path / "out"
+    args = [a for a in tiny if a not in ("--max-windows", "4")]
+    assert main(["prune", "tiny", "--remove", "1", *args, "--seqlen", "16", "--out", str(out)]) == 0
+    rec = json.loads((out / "pruning.json").read_text())
+    assert rec["calibration"]["layout"] == "random offsets, seed 0" and rec["calibration"]["windows"] == 5
+    assert "random offsets, seed 0" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("method,plot", [("shapley", "shapley.png"), ("ppl", "ppl_without_layer.png"),

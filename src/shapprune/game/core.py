@@ -54,7 +54,7 @@ class PerplexityEvaluator:
 
     def describe(self) -> dict:
         d = self.windows.describe()
-        return {k: d[k] for k in ("data", "seqlen", "windows", "tokens")}
+        return {k: d[k] for k in ("data", "seqlen", "windows", "tokens", "layout")}
 
     def nll(self, runner: Runner) -> tuple[float, int]:
         res = as_runner(runner, self.batch_size).sequence_nll(self.windows.input_ids)

@@ -31,6 +31,8 @@ class Windows:
     data: str
     seqlen: int
     bos: bool
+    #: how the windows were cut: "in order" from the start, or "random offsets, seed S"
+    layout: str = "in order"
 
     @property
     def num_windows(self) -> int:
@@ -47,11 +49,11 @@ class Windows:
 
     def first(self, k: int) -> Windows:
         """The first ``k`` windows."""
-        return Windows(self.input_ids[:k], self.data, self.seqlen, self.bos)
+        return Windows(self.input_ids[:k], self.data, self.seqlen, self.bos, self.layout)
 
     def describe(self) -> dict:
         return {"data": self.data, "seqlen": self.seqlen, "windows": self.num_windows, "tokens": self.tokens,
-                "bos": self.bos}
+                "bos": self.bos, "layout": self.layout}
 
 
 def _join_dataset(rows, field: str = "text") -> str:
@@ -195,4 +197,6 @@ def make_windows(
             chunks = ids[: n * body].view(n, body)
     if use_bos:
         chunks = torch.cat([torch.full((chunks.shape[0], 1), tokenizer.bos_token_id, dtype=torch.long), chunks], 1)
-    return Windows(input_ids=chunks.contiguous(), data=data, seqlen=seqlen, bos=use_bos)
+    layout = (f"sampled from the model, seed {seed}" if data == "self"
+              else f"random offsets, seed {seed}" if sample_windows else "in order")
+    return Windows(input_ids=chunks.contiguous(), data=data, seqlen=seqlen, bos=use_bos, layout=layout)

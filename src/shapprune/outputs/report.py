@@ -133,7 +133,8 @@ def render_report(record: dict, info: dict, has_sur_plot: bool) -> str:
         lines.append(f"- output: `{g['file']}` ({g['architecture']}, {g['block_count']['pruned']} blocks), "
                      f"{b['pruned']:,} bytes = {100 * b['ratio']:.1f}% of the source's {b['source']:,}; tensors {types}")
     c = r.get("calibration") or {}
-    lines.append(f"- calibration: {c.get('windows')} windows × {c.get('seqlen')} tokens of `{c.get('data')}` "
+    layout = f", {c['layout']}" if c.get("layout") else ""
+    lines.append(f"- calibration: {c.get('windows')} windows × {c.get('seqlen')} tokens of `{c.get('data')}`{layout} "
                  f"({c.get('tokens')} predicted tokens)")
     cp = r.get("calibration_ppl") or {}
     lines.append(f"- calibration perplexity: full {_fmt(cp.get('full'))}, pruned {_fmt(cp.get('pruned'))}")
