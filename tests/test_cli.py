@@ -473,12 +473,10 @@ def test_unwritable_store_is_not_called_corrupt(tmp_path, monkeypatch):
 def test_calibration_defaults(extra, expected):
     """prune, shapley and compare share one calibration default and one --paper-calibration switch."""
     from shapprune.cli import build_parser
-    from shapprune.cli.common import resolve_calibration
+    from shapprune.cli.common import window_options
 
     for argv in (["prune", "m", "--remove", "1"], ["shapley", "m"], ["compare", "m", "--remove", "1", "--out", "o"]):
         args = build_parser().parse_args([*argv, *extra])
-        resolve_calibration(args)
-        assert (args.seqlen, args.max_windows, args.sample_windows) == expected
+        assert window_options(args) == expected
     args = build_parser().parse_args(["eval", "m"])  # eval keeps its own: every 2,048-token window
-    resolve_calibration(args)
-    assert (args.seqlen, args.max_windows, args.sample_windows) == (2048, None, None)
+    assert window_options(args) == (2048, None, None)

@@ -47,25 +47,25 @@ def add_data_args(p: argparse.ArgumentParser, data: str, seqlen: int | None, max
                   batch_size: int = 8, calibration: bool = False) -> None:
     """``--data``, ``--seqlen``, ``--max-windows``, ``--sample-windows``, ``--seed``, ``--bos``, ``--batch-size``;
     with ``calibration``, the defaults are :data:`CALIBRATION_SEQLEN` × :data:`CALIBRATION_SAMPLES` windows at
-    random offsets, and ``--paper-calibration`` gives the paper's (see :func:`resolve_calibration`)."""
+    random offsets, and ``--paper-calibration`` gives the paper's (see :func:`window_options`)."""
     p.add_argument("--data", default=data,
                    help=f"wikitext2, c4, self, or a .txt/.jsonl file (default: {data})")
+    if calibration:  # the defaults are filled in by window_options, so that --paper-calibration can see what was given
+        seqlen = max_windows = None
+        seqlen_default, in_order, sampled = (
+            CALIBRATION_SEQLEN, "take this many windows in order from the start instead of sampling them",
+            f"windows drawn at random offsets (with --seed; default: {CALIBRATION_SAMPLES})")
+    else:
+        seqlen_default, in_order, sampled = (
+            seqlen, f"windows taken in order from the start (default: {max_windows or 'all'})",
+            "draw this many windows at random offsets instead (with --seed)")
+    p.add_argument("--seqlen", type=positive_int, default=seqlen, help=f"tokens per window (default: {seqlen_default})")
+    p.add_argument("--max-windows", type=positive_int, default=max_windows, help=in_order)
+    p.add_argument("--sample-windows", type=positive_int, default=None, help=sampled)
     if calibration:
-        p.add_argument("--seqlen", type=positive_int, default=None,
-                       help=f"tokens per window (default: {CALIBRATION_SEQLEN})")
-        p.add_argument("--max-windows", type=positive_int, default=None,
-                       help="take this many windows in order from the start instead of sampling them")
-        p.add_argument("--sample-windows", type=positive_int, default=None,
-                       help=f"windows drawn at random offsets (with --seed; default: {CALIBRATION_SAMPLES})")
         p.add_argument("--paper-calibration", action="store_true",
                        help=f"the paper's calibration: the first {PAPER_WINDOWS} windows of {PAPER_SEQLEN} tokens "
                             "(default: what measured best on held-out text, see above)")
-    else:
-        p.add_argument("--seqlen", type=positive_int, default=seqlen, help=f"tokens per window (default: {seqlen})")
-        p.add_argument("--max-windows", type=positive_int, default=max_windows,
-                       help=f"windows taken in order from the start (default: {max_windows or 'all'})")
-        p.add_argument("--sample-windows", type=positive_int, default=None,
-                       help="draw this many windows at random offsets instead (with --seed)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--bos", choices=("auto", "always", "never"), default="auto",
                    help="start each window with BOS: auto = when the tokenizer adds one itself")
@@ -111,37 +111,38 @@ def load(args):
                       max_memory=parse_max_memory(getattr(args, "max_memory", None)))
 
 
-def resolve_calibration(args) -> None:
-    """Fill in the calibration windows of a selection command (``prune``, ``shapley``, ``compare``): the
-    default (:data:`CALIBRATION_SEQLEN` tokens, :data:`CALIBRATION_SAMPLES` windows at random offsets), windows
-    in order when ``--max-windows`` is given, or the paper's with ``--paper-calibration``. Idempotent; a one-line
-    error when ``--paper-calibration`` meets an option it would override, or both window options are given."""
-    if not hasattr(args, "paper_calibration") or getattr(args, "_calibration_resolved", False):
-        return
-    if args.max_windows is not None and args.sample_windows is not None:
+def window_options(args) -> tuple[int, int | None, int | None]:
+    """``(seqlen, max_windows, sample_windows)`` for :func:`shapprune.models.data.make_windows`.
+
+    For a selection command (``prune``, ``shapley``, ``compare``: the ones with ``--paper-calibration``), what was
+    not given gets the default (:data:`CALIBRATION_SEQLEN` tokens, :data:`CALIBRATION_SAMPLES` windows at random
+    offsets); ``--max-windows`` takes windows in order; ``--paper-calibration`` gives the paper's. A one-line
+    error when ``--paper-calibration`` meets an option it would override, or both window options are given.
+    Other commands get their options as parsed."""
+    seqlen, max_windows, sample_windows = args.seqlen, args.max_windows, args.sample_windows
+    if not hasattr(args, "paper_calibration"):
+        return seqlen, max_windows, sample_windows
+    if max_windows is not None and sample_windows is not None:
         raise UserError("--max-windows (windows in order) and --sample-windows (at random offsets) exclude each "
                         "other; give one")
     if args.paper_calibration:
-        given = [f for f, v in (("--seqlen", args.seqlen), ("--max-windows", args.max_windows),
-                                ("--sample-windows", args.sample_windows)) if v is not None]
+        given = [f for f, v in (("--seqlen", seqlen), ("--max-windows", max_windows),
+                                ("--sample-windows", sample_windows)) if v is not None]
         if given:
             raise UserError(f"--paper-calibration sets {given[0]} itself ({PAPER_WINDOWS} windows of {PAPER_SEQLEN} "
                             f"tokens in order); drop {given[0]} or --paper-calibration")
-        args.seqlen, args.max_windows = PAPER_SEQLEN, PAPER_WINDOWS
-    else:
-        args.seqlen = args.seqlen or CALIBRATION_SEQLEN
-        if args.max_windows is None and args.sample_windows is None:
-            args.sample_windows = CALIBRATION_SAMPLES
-    args._calibration_resolved = True
+        return PAPER_SEQLEN, PAPER_WINDOWS, None
+    if max_windows is None and sample_windows is None:
+        sample_windows = CALIBRATION_SAMPLES
+    return seqlen or CALIBRATION_SEQLEN, max_windows, sample_windows
 
 
 def windows(args, tokenizer, model, split: str):
     from shapprune.models.data import make_windows
 
-    if split == "calibration":
-        resolve_calibration(args)
-    return make_windows(tokenizer, args.data, args.seqlen, max_windows=args.max_windows, split=split,
-                        sample_windows=args.sample_windows, seed=args.seed, bos=args.bos, model=model)
+    seqlen, max_windows, sample_windows = window_options(args)
+    return make_windows(tokenizer, args.data, seqlen, max_windows=max_windows, split=split,
+                        sample_windows=sample_windows, seed=args.seed, bos=args.bos, model=model)
 
 
 def check_data_early(args) -> None:
@@ -149,7 +150,7 @@ def check_data_early(args) -> None:
     model is loaded."""
     from pathlib import Path
 
-    resolve_calibration(args)
+    window_options(args)
 
     spec = args.data
     if spec.endswith((".txt", ".jsonl")) or Path(spec).exists():
