@@ -70,10 +70,8 @@ def main() -> None:
     rows, task_rows = [], []
     tasks_at = {int(x) for x in a.tasks_at.split(",") if x}
     for spec in a.calibrations.split(","):
-        # "10x128r": 10 windows at random offsets (seed 0) instead of the first 10; "10x128r1": seed 1
-        size, sampled, seed = spec.partition("r")
-        w, t = (int(x) for x in size.split("x"))
-        calib = (make_windows(tok, a.calib, t, sample_windows=w, seed=int(seed or 0)) if sampled
+        w, t, seed = parse_spec(spec)
+        calib = (make_windows(tok, a.calib, t, sample_windows=w, seed=seed) if seed is not None
                  else make_windows(tok, a.calib, t, max_windows=w))
         for method in methods:
             game = ModelGame(model, PerplexityEvaluator(calib, batch_size=16), EvaluationStore(None), progress=False)
@@ -104,10 +102,18 @@ def main() -> None:
     write(a, rows, task_rows, header)
 
 
+def parse_spec(spec: str) -> tuple[int, int, int | None]:
+    """``(windows, tokens per window, seed)`` of a calibration spec ``WxT[r[seed]]``: ``10x128`` is the first 10
+    windows (seed ``None``), ``10x128r`` 10 at random offsets with seed 0, ``10x128r1`` with seed 1."""
+    size, sampled, seed = spec.partition("r")
+    w, t = (int(x) for x in size.split("x"))
+    return w, t, (int(seed or 0) if sampled else None)
+
+
 def spec_tokens(spec: str) -> int:
-    """Predicted tokens of one evaluation on all windows of a calibration spec (``WxT[r[seed]]``): each window of
-    T tokens predicts T - 1 (SmolLM2's windows carry no BOS)."""
-    w, t = (int(x) for x in spec.partition("r")[0].split("x"))
+    """Predicted tokens of one evaluation on all windows of a calibration spec: each window of T tokens predicts
+    T - 1 (SmolLM2's windows carry no BOS)."""
+    w, t, _ = parse_spec(spec)
     return w * (t - 1)
 
 
