@@ -206,3 +206,37 @@ def test_boundary():
     m[[0, 3, 4]] = False
     assert boundary(m).tolist() == [1, 2, 5]
     assert boundary(np.ones(4, dtype=bool)).tolist() == []
+
+
+def test_block_swaps():
+    from shapprune.methods.multifidelity import block_swaps
+
+    m = np.array([0, 0, 1, 1, 1, 0, 1], dtype=bool)  # removed run (0, 1); kept runs (2, 3), (3, 4)
+    got = sorted(mask_key(x) for x in block_swaps(m))
+    assert got == sorted(["1100101", "1110001"])
+    assert block_swaps(np.ones(5, dtype=bool)).shape == (0, 5)
+
+
+def block_trap_game():
+    """Layers 4 and 5 are each costly but cheap together; greedy takes 0, 1, then 7, 8 (cheapest singly). From
+    {0, 1, 7, 8} every single swap is worse; only swapping the block 7-8 for 4-5 reaches the optimum."""
+    L = 10
+    c = np.array([0.05, 0.05, 1.0, 1.0, 0.5, 0.5, 1.0, 0.15, 0.15, 1.0])
+    w = np.zeros((L, L))
+    w[4, 5] = -0.8
+    return c, w
+
+
+@pytest.mark.parametrize("blocks", [True, False])
+def test_block_swap_escapes_a_block_trap(blocks, monkeypatch):
+    import shapprune.methods.multifidelity as mf
+
+    if not blocks:
+        monkeypatch.setattr(mf, "block_swaps", lambda m, size=2: np.zeros((0, m.shape[0]), dtype=bool))
+    c, w = block_trap_game()
+    full = QuadraticGame(c, w)
+    assert optimum(full, 4) == [0, 1, 4, 5]
+    res = multifidelity_search(full, None, 4, budget=60, progress=False)
+    assert sorted(res["path"]) == [0, 1, 7, 8]
+    removed = sorted(np.flatnonzero(~res["mask"]).tolist())
+    assert removed == ([0, 1, 4, 5] if blocks else [0, 1, 7, 8])

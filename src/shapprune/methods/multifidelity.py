@@ -21,8 +21,11 @@ what works in both and pays for half of SLEB's calibration tokens:
    18 and 6 ranked 6th, 11th and 11th a round before they were taken, each right after a neighbour went), then the surrogate's
    best-predicted. A misranking can cost a candidate its place, never decide the pick.
 4. **Swap search.** Around the best mask evaluated on all windows, the swap neighbours (keep one removed
-   layer, remove one kept layer) are ranked by the surrogate and the best-predicted are evaluated on all
-   windows. The search moves whenever that improves, and stops after two rounds without improvement or when
+   layer, remove one kept layer) and the block swaps (keep two adjacent removed layers, remove two adjacent
+   kept ones) are ranked by the surrogate and the best-predicted are evaluated on all windows. Block swaps
+   reach what no chain of improving single swaps does: on SmolLM2 at N = 9 the path ends at
+   [3–7, 16, 17, 25, 26]; swapping 16–17 for 13–14 and then 7 for 12 lowers calibration perplexity from 137.4
+   to 125.7 (and the first 16 test windows from 109.3 to 90.7). The search moves whenever that improves, and stops after two rounds without improvement or when
    the budget is spent. Its best set replaces the greedy path's only if it is better by more than the
    calibration's noise (``SWAP_NOISE / √tokens`` in log PPL, one standard error of a paired difference):
    a smaller gain on 1,270 tokens does not carry to held-out text (measured: 0.2% better on calibration at
@@ -227,6 +230,20 @@ def boundary(mask: np.ndarray) -> np.ndarray:
     return np.flatnonzero(near & mask)
 
 
+def block_swaps(mask: np.ndarray, size: int = 2) -> np.ndarray:
+    """Every mask reached by keeping a run of ``size`` adjacent removed layers and removing a run of ``size``
+    adjacent kept layers instead: ``[runs removed × runs kept, L]``. Adjacent layers are often cheap to remove
+    together but not one at a time, so no chain of single swaps that each improve reaches such a block."""
+    L = mask.shape[0]
+    off = [i for i in range(L - size + 1) if not mask[i:i + size].any()]
+    on = [j for j in range(L - size + 1) if mask[j:j + size].all()]
+    out = np.repeat(mask[None], len(off) * len(on), axis=0)
+    for r, (i, j) in enumerate((i, j) for i in off for j in on):
+        out[r, i:i + size] = True
+        out[r, j:j + size] = False
+    return out
+
+
 def _best_full(mf: MultiFidelity, keep: int) -> tuple[str, float]:
     cands = [(v, k) for k, v in mf.ledger.full.items() if k.count("1") == keep]
     v, k = min(cands)
@@ -281,7 +298,9 @@ def multifidelity_search(full_game, screen_game, n: int, budget: float, ridge: f
     bar = tqdm(desc="swap search", leave=False, disable=not progress, unit="round")
     while mf.ledger.cost + 1 <= budget + 1e-9:
         best_key, best_val = _best_full(mf, keep)
-        nb = [m for m in swap_neighbours(_as_mask(best_key)) if mask_key(m) not in mf.ledger.full]
+        best_mask = _as_mask(best_key)
+        moves = np.concatenate([swap_neighbours(best_mask), block_swaps(best_mask)])
+        nb = [m for m in moves if mask_key(m) not in mf.ledger.full]
         if not nb:
             break  # every neighbour evaluated, none better: a local optimum on all windows
         nb = np.stack(nb)
