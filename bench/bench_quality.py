@@ -51,13 +51,16 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/quality.md")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                    help="only write --out from the .json files of earlier runs (e.g. one process per method)")
+                    help="only write --out from the .json files of earlier runs (e.g. one process per method); a "
+                         "later file's row replaces an earlier one of the same calibration, method and N")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.merge:
         parts = [json.loads(Path(p).read_text()) for p in a.merge]
-        write(a, [r for p in parts for r in p["rows"]], [r for p in parts for r in p["tasks"]],
+        rows = {(r["calibration"], r["method"], r["n"]): r for p in parts for r in p["rows"]}  # the last one wins
+        tasks = {(r["method"], r["n"]): r for p in parts for r in p["tasks"]}
+        write(a, list(rows.values()), list(tasks.values()),
               parts[0]["header"], merged=a.merge)
         return
 
