@@ -8,11 +8,11 @@ evaluation lands in the shared store and is never repeated across methods.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from shapprune.errors import UserError
+from shapprune.registry import load
 
 #: what ``prune --remove N`` uses when no ``--method`` is given
 DEFAULT_METHOD = "shapprune"
@@ -58,8 +58,7 @@ def check_selection(name: str, num_layers: int, n: int, budget: int | None, opti
     """Run ``name``'s check from :data:`METHOD_CHECKS` (once the layer count is known, before evaluating)."""
     target = METHOD_CHECKS.get(check_method(name))
     if target:
-        module, func = target.split(":")
-        getattr(importlib.import_module(module), func)(num_layers, n, budget, dict(options or {}))
+        load(target)(num_layers, n, budget, dict(options or {}))
 
 
 def check_exhaustive(num_layers: int, n: int, budget: int | None, options: dict) -> None:
@@ -111,8 +110,7 @@ class Selection:
 
 
 def get_method(name: str):
-    module, func = METHODS[check_method(name)].split(":")
-    return getattr(importlib.import_module(module), func)
+    return load(METHODS[check_method(name)])
 
 
 def select(name: str, ctx: SelectionContext, n: int) -> Selection:

@@ -9,10 +9,9 @@ and imported only when used, like lm-eval's task registry.
 
 from __future__ import annotations
 
-import importlib
-
 from shapprune.errors import UserError
 from shapprune.game.estimators.base import BudgetExceeded, CachedGame, ShapleyEstimate
+from shapprune.registry import load
 
 #: estimator name -> "module:function"
 ESTIMATORS: dict[str, str] = {
@@ -38,8 +37,7 @@ def check_estimator(name: str) -> str:
 
 def get_estimator(name: str):
     """The ``estimate`` function registered as ``name``."""
-    module, func = ESTIMATORS[check_estimator(name)].split(":")
-    return getattr(importlib.import_module(module), func)
+    return load(ESTIMATORS[check_estimator(name)])
 
 
 #: the default budget of the estimators that have no size-dependent one
