@@ -32,6 +32,7 @@ def main() -> None:
     from shapprune.game.core import ModelGame, PerplexityEvaluator
     from shapprune.game.sampling import stratified_masks
     from shapprune.game.store import EvaluationStore
+    from shapprune.models.layers import find_layer_stack
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -45,7 +46,7 @@ def main() -> None:
     model, tok = load_model(a.model, device="cpu", dtype="float32")
     win = make_windows(tok, a.data, a.seqlen, max_windows=a.windows)
     ev = PerplexityEvaluator(win, batch_size=16)
-    num = sum(1 for _ in model.model.layers)
+    num = find_layer_stack(model).num_layers
     masks = stratified_masks(num, a.masks, np.random.default_rng(0)).masks
 
     rows = []
