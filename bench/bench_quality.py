@@ -73,9 +73,7 @@ def main() -> None:
     rows, task_rows = [], []
     tasks_at = {int(x) for x in a.tasks_at.split(",") if x}
     for spec in a.calibrations.split(","):
-        w, t, seed = parse_spec(spec)
-        calib = (make_windows(tok, a.calib, t, sample_windows=w, seed=seed) if seed is not None
-                 else make_windows(tok, a.calib, t, max_windows=w))
+        calib = calibration_windows(tok, a.calib, spec)
         for method in methods:
             game = ModelGame(model, PerplexityEvaluator(calib, batch_size=16), EvaluationStore(None), progress=False)
             num = game.n_players
@@ -111,6 +109,16 @@ def parse_spec(spec: str) -> tuple[int, int, int | None]:
     size, sampled, seed = spec.partition("r")
     w, t = (int(x) for x in size.split("x"))
     return w, t, (int(seed or 0) if sampled else None)
+
+
+def calibration_windows(tokenizer, path: str, spec: str):
+    """The calibration windows of ``path`` that a spec ``WxT[r[seed]]`` names (see :func:`parse_spec`)."""
+    from shapprune import make_windows
+
+    w, t, seed = parse_spec(spec)
+    if seed is not None:
+        return make_windows(tokenizer, path, t, sample_windows=w, seed=seed)
+    return make_windows(tokenizer, path, t, max_windows=w)
 
 
 def spec_tokens(spec: str) -> int:
