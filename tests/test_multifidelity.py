@@ -240,3 +240,27 @@ def test_block_swap_escapes_a_block_trap(blocks, monkeypatch):
     assert sorted(res["path"]) == [0, 1, 7, 8]
     removed = sorted(np.flatnonzero(~res["mask"]).tolist())
     assert removed == ([0, 1, 4, 5] if blocks else [0, 1, 7, 8])
+
+
+def test_swap_rounds_take_turns_with_the_edge_swaps(monkeypatch):
+    """The surrogate predicts removing layer 6 (next to the removed 5) as costly as alone and ranks it last;
+    each round still evaluates, in turn with the best-predicted neighbours, the best-predicted single swap of
+    every edge of the removed blocks, so that an interaction no evaluation has shown can be found."""
+    import shapprune.methods.multifidelity as mf
+    from shapprune.methods.multifidelity import LayerSurrogate, swap_moves, swap_round
+
+    L = 8
+    best = np.ones(L, dtype=bool)
+    best[[0, 5]] = False  # removed: 0 and 5; edges: 1, 4, 6
+    c = np.array([0.1, 0.9, 0.2, 0.3, 0.8, 0.1, 1.0, 0.25])
+    f = LayerSurrogate(0.0, c, np.zeros((L, L)))
+    nb = swap_moves(best)
+    pred = f(nb)
+    got = [np.flatnonzero(~m).tolist() for m in swap_round(best, nb, f, 6)]
+    # surrogate's best, edge 4, surrogate's 2nd, edge 1, surrogate's 3rd, edge 6 (each restoring 0 or 5, the
+    # cheapest to restore; 0.1 both)
+    assert got == [[2, 5], [4, 5], [0, 2], [1, 5], [5, 7], [5, 6]]
+    assert sorted(pred)[:3] == pytest.approx([0.3, 0.3, 0.35])
+    monkeypatch.setattr(mf, "EDGE_SWAPS", False)
+    plain = swap_round(best, nb, f, 6)
+    assert np.array_equal(plain, nb[np.argsort(pred, kind="stable")[:6]])
