@@ -264,3 +264,26 @@ def test_swap_rounds_take_turns_with_the_edge_swaps(monkeypatch):
     monkeypatch.setattr(mf, "EDGE_SWAPS", False)
     plain = swap_round(best, nb, f, 6)
     assert np.array_equal(plain, nb[np.argsort(pred, kind="stable")[:6]])
+
+
+def test_greedy_rounds_take_turns_between_edges_and_the_rest():
+    """With many removed blocks the edges alone would fill a narrow round; each round takes them in turn with
+    the other layers, each in the surrogate's order, an edge first, so that the best-predicted layer away from
+    the blocks is evaluated too and a costly edge is left out."""
+    from shapprune.methods.multifidelity import LayerSurrogate, removals, round_candidates
+
+    L = 10
+    cur = np.ones(L, dtype=bool)
+    cur[[2, 6]] = False  # edges: 1, 3, 5, 7
+    c = np.array([0.5, 3.0, 0.4, 0.6, 0.2, 0.7, 0.1, 0.8, 0.1, 0.3])
+    f = LayerSurrogate(0.0, c, np.zeros((L, L)))
+    cands = removals(cur)
+
+    def removed(width, evaluated=frozenset()):
+        got = round_candidates(cur, cands, f, set(evaluated), width)
+        return [int(np.flatnonzero(cur & ~m)[0]) for m in got]
+
+    assert removed(4) == [3, 8, 5, 4]  # edge 3 (0.6), layer 8 (0.1), edge 5 (0.7), layer 4 (0.2)
+    assert removed(8) == [3, 8, 5, 4, 7, 9, 1, 0]  # edge 1 (3.0) among the last
+    seen = {mask_key(cands[np.flatnonzero(cur).tolist().index(3)])}
+    assert removed(2, seen) == [8]  # already evaluated: not asked again, not replaced

@@ -16,10 +16,11 @@ what works in both and pays for half of SLEB's calibration tokens:
    mask evaluated so far at either fidelity, with the screen as one more indicator, so that it learns the
    screen's offset and per-layer bias instead of trusting it.
 3. **Greedy path on all windows.** Round ``r`` removes one more layer. Only ``width`` candidates are
-   evaluated, on all windows, and the best of those is taken: first the layers at the edges of the blocks
-   removed so far (a neighbour of a removed layer often becomes cheap to remove: on SmolLM2 SLEB's picks 16,
-   18 and 6 ranked 6th, 11th and 11th a round before they were taken, each right after a neighbour went), then the surrogate's
-   best-predicted. A misranking can cost a candidate its place, never decide the pick.
+   evaluated, on all windows, and the best of those is taken: the layers at the edges of the blocks removed
+   so far (a neighbour of a removed layer often becomes cheap to remove: on SmolLM2 SLEB's picks 16, 18 and
+   6 ranked 6th, 11th and 11th a round before they were taken, each right after a neighbour went) take turns
+   with the other layers, each in the surrogate's order. A misranking can cost a candidate its place, never
+   decide the pick.
 4. **Swap search.** Around the best mask evaluated on all windows, the swap neighbours (keep one removed
    layer, remove one kept layer) and the block swaps (keep two adjacent removed layers, remove two adjacent
    kept ones) are candidates. Each round evaluates on all windows the surrogate's best-predicted, taking
@@ -28,8 +29,9 @@ what works in both and pays for half of SLEB's calibration tokens:
    the surrogate cannot know before it is seen. Block swaps reach what no chain of improving single swaps
    does: on SmolLM2 at N = 9 the path ends at [3–7, 16, 17, 25, 26]; swapping 16–17 for 13–14 and then 7 for
    12 lowers calibration perplexity from 137.4 to 125.7 (and the first 16 test windows from 109.3 to 90.7).
-   Edge swaps reach blocks of three: at N = 12 on another draw of the default calibration the path ends at
-   [3–7, 12–14, 21, 22, 25, 26] (242.5); the search reaches [4–7, 12–14, 16–18, 25, 26] (174.4). The search
+   Edge swaps reach blocks of three: at N = 12 on another draw of the default calibration (seed 2), from
+   [3–7, 12–14, 21, 22, 25, 26] (242.5; the path's end before its rounds took turns) the search reaches
+   [4–7, 12–14, 16–18, 25, 26] (174.4). The search
    moves whenever that improves and spends the whole budget (or stops when every neighbour of its best has
    been evaluated). Its best set replaces the greedy path's only if it is better by more than the
    calibration's noise (``SWAP_NOISE / √tokens`` in log PPL, one standard error of a paired difference):
@@ -297,15 +299,20 @@ def _as_mask(key: str) -> np.ndarray:
 
 def round_candidates(cur: np.ndarray, cands: np.ndarray, f: LayerSurrogate, evaluated: set[str],
                      width: int) -> np.ndarray:
-    """Which of ``cands`` (``removals(cur)``) to evaluate on all windows this round: the layers at the edges of
-    the removed blocks first (a layer next to a removed one often becomes cheap to remove, an interaction no
-    evaluation has shown yet), then the surrogate's best-predicted, ``width`` in all (fewer if already
-    evaluated)."""
+    """Which of ``cands`` (``removals(cur)``) to evaluate on all windows this round, ``width`` in all (fewer if
+    already evaluated): the layers at the edges of the removed blocks (a layer next to a removed one often
+    becomes cheap to remove, an interaction no evaluation has shown yet) taking turns with the other layers,
+    each in the surrogate's order, an edge first. With many blocks the edges alone would fill a narrow round
+    with layers whose own cost rules them out (on SmolLM2 at N = 12, layers 8 and 11 next to removed 7 and 12,
+    each over five times the round's best), while the best-predicted layer elsewhere went unevaluated."""
     on = np.flatnonzero(cur)
     edge = set(boundary(cur).tolist())
     pred = f(cands)
-    order = sorted(range(len(on)), key=lambda i: (on[i] not in edge, pred[i], on[i]))
-    return cands[[i for i in order[:width] if mask_key(cands[i]) not in evaluated]]
+    order = sorted(range(len(on)), key=lambda i: (pred[i], on[i]))
+    edges = [i for i in order if on[i] in edge]
+    rest = [i for i in order if on[i] not in edge]
+    picks = [i for pair in itertools.zip_longest(edges, rest) for i in pair if i is not None]
+    return cands[[i for i in picks[:width] if mask_key(cands[i]) not in evaluated]]
 
 
 def multifidelity_search(full_game, screen_game, n: int, budget: float, ridge: float = 1e-3,
