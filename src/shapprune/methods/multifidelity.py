@@ -260,6 +260,11 @@ def swap_moves(mask: np.ndarray) -> np.ndarray:
     return np.concatenate([swap_neighbours(mask), block_swaps(mask)])
 
 
+def take_turns(first: list[int], second: list[int]) -> list[int]:
+    """``first[0], second[0], first[1], second[1], ...``, the longer list's tail at the end."""
+    return [i for pair in itertools.zip_longest(first, second) for i in pair if i is not None]
+
+
 def swap_round(best: np.ndarray, nb: np.ndarray, f: LayerSurrogate, q: int) -> np.ndarray:
     """Which ``q`` of the unevaluated neighbours ``nb`` of ``best`` to evaluate on all windows: the surrogate's
     best-predicted, taking turns with the *edge swaps*: for each kept layer at the edge of a removed block,
@@ -283,8 +288,7 @@ def swap_round(best: np.ndarray, nb: np.ndarray, f: LayerSurrogate, q: int) -> n
                     edges.append(r)
     taken = set(edges)
     rest = [r for r in order if r not in taken]
-    picks = [r for pair in itertools.zip_longest(rest, edges) for r in pair if r is not None]
-    return nb[picks[:q]]
+    return nb[take_turns(rest, edges)[:q]]
 
 
 def _best_full(mf: MultiFidelity, keep: int) -> tuple[str, float]:
@@ -311,8 +315,7 @@ def round_candidates(cur: np.ndarray, cands: np.ndarray, f: LayerSurrogate, eval
     order = sorted(range(len(on)), key=lambda i: (pred[i], on[i]))
     edges = [i for i in order if on[i] in edge]
     rest = [i for i in order if on[i] not in edge]
-    picks = [i for pair in itertools.zip_longest(edges, rest) for i in pair if i is not None]
-    return cands[[i for i in picks[:width] if mask_key(cands[i]) not in evaluated]]
+    return cands[[i for i in take_turns(edges, rest)[:width] if mask_key(cands[i]) not in evaluated]]
 
 
 def multifidelity_search(full_game, screen_game, n: int, budget: float, ridge: float = 1e-3,
