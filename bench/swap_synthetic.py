@@ -16,23 +16,7 @@ import json
 
 import numpy as np
 
-
-class Game:
-    def __init__(self, c, w, triple):
-        self.c, self.w, self.triple = c, w, triple
-        self.n_players = len(c)
-        self.evaluator = self  # the search asks evaluator.describe()["tokens"]
-
-    def describe(self):
-        return {"tokens": 1000}
-
-    def log_ppl(self, mask):
-        r = ~np.asarray(mask, dtype=bool)
-        rf = r.astype(float)
-        return float(self.c @ rf + rf @ np.triu(self.w, 1) @ rf - self.triple * (r[:-2] & r[1:-1] & r[2:]).sum())
-
-    def perplexities(self, masks):
-        return np.exp([self.log_ppl(m) for m in masks])
+from shapprune.game.synthetic import LayerRemovalGame
 
 
 def main() -> None:
@@ -51,7 +35,7 @@ def main() -> None:
         for i in range(L - 1):
             if rng.random() < 0.3:
                 w[i, i + 1] = -rng.uniform(0.2, 0.6) * min(c[i], c[i + 1])
-        game = Game(c, w, a.triple)
+        game = LayerRemovalGame(c, w, triple=a.triple)
         opt = min(game.log_ppl(np.isin(np.arange(L), rem, invert=True)) for rem in itertools.combinations(range(L), n))
         for name, edges in (("edge swaps", True), ("without", False)):
             mf.EDGE_SWAPS = edges

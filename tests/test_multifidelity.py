@@ -7,41 +7,8 @@ import pytest
 from scipy.stats import spearmanr
 
 from shapprune.game.store import mask_key
+from shapprune.game.synthetic import LayerRemovalGame as QuadraticGame
 from shapprune.methods.multifidelity import default_budget, multifidelity_search, screen_windows, sleb_cost
-
-
-class Eval:
-    def __init__(self, tokens):
-        self.tokens = tokens
-
-    def describe(self):
-        return {"tokens": self.tokens}
-
-
-class QuadraticGame:
-    """log PPL(m) = Σ_{i removed} c_i + Σ_{i<j both removed} w_ij (+ deterministic noise for a screen)."""
-
-    def __init__(self, c, w, tokens=1000, noise=0.0, seed=0):
-        self.c, self.w, self.noise, self.seed = np.asarray(c, float), np.asarray(w, float), noise, seed
-        self.n_players = len(c)
-        self.evaluator = Eval(tokens)
-        self.asked = []
-
-    def log_ppl(self, m):
-        r = ~np.asarray(m, bool)
-        v = float(self.c[r].sum() + r.astype(float) @ np.triu(self.w, 1) @ r.astype(float))
-        if self.noise:
-            rng = np.random.default_rng(abs(hash((mask_key(m), self.seed))) % 2**32)
-            v += self.noise * rng.standard_normal()
-        return v
-
-    @property
-    def full_perplexity(self):
-        return 1.0
-
-    def perplexities(self, masks):
-        self.asked += [mask_key(m) for m in masks]
-        return np.exp([self.log_ppl(m) for m in masks])
 
 
 def optimum(game, n):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from shapprune.game.store import mask_key
+
 
 class UnanimityGame:
     """``v(S) = c_∅ + Σ_T c_T · 1[T ⊆ S]`` for a list of coalitions ``T`` (player index lists) and dividends."""
@@ -75,3 +77,44 @@ def higher_order_game(n_players: int, rng: np.random.Generator, terms: int = 20,
         div.append(float(rng.normal(0.0, 1.0)))
     return UnanimityGame(n_players, coal, div, constant)
 
+
+
+class _Tokens:
+    def __init__(self, tokens: int):
+        self.tokens = tokens
+
+    def describe(self) -> dict:
+        return {"tokens": self.tokens}
+
+
+class LayerRemovalGame:
+    """A layer-removal game with a known log perplexity, for the search methods (optimum by enumeration):
+    ``log PPL(m) = Σ_{i removed} cᵢ + Σ_{i<j both removed} wᵢⱼ − triple·#(runs of three removed layers)``,
+    plus deterministic noise per mask (``noise`` × a standard normal) to stand in for a screen. Like
+    :class:`shapprune.game.core.ModelGame` it has ``n_players``, ``perplexities(masks)`` (True = kept),
+    ``full_perplexity`` and ``evaluator.describe()["tokens"]``; ``asked`` lists every mask key evaluated."""
+
+    def __init__(self, c, w, tokens: int = 1000, noise: float = 0.0, seed: int = 0, triple: float = 0.0):
+        self.c, self.w = np.asarray(c, float), np.asarray(w, float)
+        self.noise, self.seed, self.triple = noise, seed, triple
+        self.n_players = len(self.c)
+        self.evaluator = _Tokens(tokens)
+        self.asked: list[str] = []
+
+    def log_ppl(self, mask) -> float:
+        r = ~np.asarray(mask, bool)
+        v = float(self.c[r].sum() + r.astype(float) @ np.triu(self.w, 1) @ r.astype(float))
+        if self.triple:
+            v -= self.triple * float((r[:-2] & r[1:-1] & r[2:]).sum())
+        if self.noise:
+            rng = np.random.default_rng(abs(hash((mask_key(mask), self.seed))) % 2**32)
+            v += self.noise * rng.standard_normal()
+        return v
+
+    @property
+    def full_perplexity(self) -> float:
+        return 1.0
+
+    def perplexities(self, masks) -> np.ndarray:
+        self.asked += [mask_key(m) for m in masks]
+        return np.exp([self.log_ppl(m) for m in masks])
