@@ -119,6 +119,34 @@ def test_default_method_prunes_a_tiny_model(tmp_path):
     assert rec["calibration_ppl"]["pruned"] <= extra["greedy_ppl"] + 1e-9
 
 
+def test_singles_are_screened_when_the_screen_holds_enough_tokens(monkeypatch):
+    from shapprune.methods import multifidelity as mfm
+    from shapprune.models.data import Windows
+    from shapprune.pipeline import choose_layers
+    from tiny import tiny_inputs, tiny_model
+
+    # SmolLM2's 30 layers, N = 3, half of SLEB's budget: 32 x 512's screen (8 windows, 4,088 tokens) is used,
+    # 5 x 256's (2 windows, 510 tokens) and 10 x 128's (3 windows, 381 tokens) are not; N = 1 always needs it
+    budget = default_budget(30, 3)
+    assert not mfm.needs_screen(30, 3, budget)
+    assert mfm.screens_singles(30, 3, budget, 8 * 511)
+    assert not mfm.screens_singles(30, 3, budget, 2 * 255) and not mfm.screens_singles(30, 3, budget, 3 * 127)
+    assert mfm.screens_singles(30, 1, default_budget(30, 1), 0)
+
+    win = Windows(tiny_inputs(n=8, t=16), "tiny", 16, False)  # a screen of 2 windows, 30 tokens
+    model = tiny_model("llama")
+    kw = dict(source="tiny", method="shapprune", remove=2, budget=12, seed=0, options={}, store_path=None,
+              progress=False)
+    plain = choose_layers(model, None, win, **kw).selection.extra
+    assert plain["screen_windows"] == 0 and plain["screen_evaluations"] == 0  # the budget allows all singles
+    monkeypatch.setattr(mfm, "SCREEN_TOKENS", 30)
+    screened = choose_layers(model, None, win, **kw).selection.extra
+    assert screened["screen_windows"] == 2 and screened["screen_evaluations"] == 5
+    # at SmolLM2's size the singles' saved cost widens every greedy round (unit 1/4: the screen's share)
+    assert mfm.path_width(30, 3, budget, 0.25) == 9 > mfm.path_width(30, 3, budget, 1.0) == 5
+    assert screened["cost_full_equivalents"] <= 12
+
+
 def test_surrogate_trust_warns_with_the_budget_to_try():
     from shapprune.methods.shapley import surrogate_trust
 

@@ -9,8 +9,10 @@ what works in both and pays for half of SLEB's calibration tokens:
 1. **Every layer, once.** Every single removal is evaluated on all windows when that leaves each later
    round at least ``MIN_WIDTH`` candidates; otherwise (small budgets, N ≤ 2) it is scored on a few windows
    (the *screen*: ``screen_fraction`` of them, as EvoPress judges candidates on 2k tokens before 32k) and the
-   best-predicted are evaluated on all windows. At 128-token windows the screen misranks layers whose costs
-   are within a few percent, so it is only used where the budget requires.
+   best-predicted are evaluated on all windows. At 128- and 256-token windows the screen misranks layers whose
+   costs are within a few percent, so it is only used where the budget requires, or where the screen holds
+   ``SCREEN_TOKENS`` (2k) or more (32 × 512: eight windows, 4,096 tokens), which frees three quarters of the
+   singles' cost for wider greedy rounds.
 2. **The game, learned from every evaluation made.** A quadratic surrogate of log perplexity in the removed
    layers, ``c₀ + Σ cᵢrᵢ + Σ wᵢⱼrᵢrⱼ`` (each layer's cost and the pairwise interactions), is fitted on every
    mask evaluated so far at either fidelity, with the screen as one more indicator, so that it learns the
@@ -77,6 +79,11 @@ BUDGET_SHARE = 0.5
 #: ``SWAP_NOISE / sqrt(calibration tokens)`` in log PPL (3.5% at 1,270 tokens), so that it never trades the
 #: greedy path's set for one that only fits the noise of the calibration text
 SWAP_NOISE = 1.25
+#: the fewest predicted tokens on the screen for the single removals to be screened although the budget could
+#: evaluate them all on all windows (:func:`screens_singles`): at 10 x 128 and 5 x 256 the screen (384 and 512
+#: tokens) misranks layers within a few percent of each other, so the singles are screened only at larger
+#: calibrations (32 x 512: 4,096 tokens)
+SCREEN_TOKENS = 2048
 #: the fewest candidates a greedy round should evaluate on all windows when the singles are not screened
 MIN_WIDTH = 4
 #: the swap search's rounds take turns between the surrogate's best-predicted neighbours and the edge swaps
@@ -225,6 +232,14 @@ def needs_screen(num_layers: int, n: int, budget: float) -> bool:
     """Whether the single removals must be screened: evaluating all of them on all windows (the surest start:
     the screen misranks close layers) would leave fewer than ``MIN_WIDTH`` candidates to each later round."""
     return n < 2 or budget - num_layers < MIN_WIDTH * (n - 1) / PATH_SHARE
+
+
+def screens_singles(num_layers: int, n: int, budget: float, screen_tokens: int) -> bool:
+    """Whether the single removals are scored on the screen: when the budget requires it
+    (:func:`needs_screen`), or when the screen holds ``SCREEN_TOKENS`` or more, enough to rank layers whose
+    costs differ by a few percent (EvoPress judges its candidates on 2k tokens). Then the budget that all
+    windows would have spent on far-from-best single removals widens every greedy round instead."""
+    return needs_screen(num_layers, n, budget) or screen_tokens >= SCREEN_TOKENS
 
 
 def least_budget(num_layers: int, n: int, unit: float) -> float:
@@ -384,7 +399,7 @@ def select_shapprune(ctx: SelectionContext, n: int) -> Selection:
     ev = ctx.game.evaluator
     # a screen for evaluators on calibration windows (perplexity, KL); task utilities are scored in full
     sw = screen_windows(ev.windows, fraction) if hasattr(ev, "first") else None
-    if sw is not None and needs_screen(L, n, budget):
+    if sw is not None and screens_singles(L, n, budget, sw.tokens):
         screen_game = ModelGame(ctx.model, ev.first(sw.num_windows), ctx.game.store, progress=False,
                                 reuse_prefix=ctx.game.reuse_prefix)
     least = least_budget(L, n, sw.num_windows / ev.windows.num_windows if sw is not None else 1.0)
