@@ -122,6 +122,8 @@ def bad_cases(ckpt, data, tmp_path):
         "compare ignored": ([*cmp, "--methods", "ppl,sleb", "--estimator", "kernel"], "would be ignored by ppl, sleb"),
         "compare budget": ([*cmp, "--methods", "ppl,shapley", "--estimator", "permutation", "--budget", "5"],
                            "give at least 26"),
+        "compare shapprune budget": ([*cmp, "--methods", "ppl,shapprune", "--budget", "40"],
+                                     "give --shapprune-budget"),
         "permutation budget": (["shapley", ckpt, "--estimator", "permutation", "--budget", "23", *sel],
                                "give at least 26"),
         "kernel budget": (["shapley", ckpt, "--estimator", "kernel", "--budget", "11", *sel], "give at least 12"),
@@ -143,13 +145,15 @@ CASES = ["out of range", "negative", "duplicated", "not a number", "all layers",
          "shapley json exists", "paper calibration and seqlen", "both window options", "unknown method",
          "unknown estimator", "unknown surrogate", "bad strata",
          "ignored estimator", "ignored budget", "ignored strata", "ignored with drop", "compare estimator",
-         "compare strata", "compare surrogate", "compare ignored", "compare budget", "permutation budget",
+         "compare strata", "compare surrogate", "compare ignored", "compare budget", "compare shapprune budget",
+         "permutation budget",
          "kernel budget", "surrogate budget", "exact budget", "exhaustive budget", "out under a file",
          "json under a file"]
 #: cases refused from the command line alone, before any model is loaded
 BEFORE_LOADING = ["json exists", "shapley json exists", "paper calibration and seqlen", "both window options", "unknown method", "unknown estimator", "unknown surrogate",
                   "bad strata", "ignored estimator", "ignored budget", "ignored strata", "ignored with drop",
-                  "compare estimator", "compare strata", "compare surrogate", "compare ignored", "out under a file",
+                  "compare estimator", "compare strata", "compare surrogate", "compare ignored",
+                  "compare shapprune budget", "out under a file",
                   "json under a file"]
 
 

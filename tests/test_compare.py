@@ -47,6 +47,19 @@ def test_compare_all_methods(setup, capsys):
     capsys.readouterr()
 
 
+def test_compare_gives_shapprune_its_own_budget(setup, capsys):
+    ck, data, tmp = setup
+    # --budget is shapley's (masks); shapprune's counts full evaluations and comes from --shapprune-budget
+    asked = {}
+    for b in ("6", "20"):
+        assert compare(ck, data, tmp / b, methods="shapprune,shapley", remove="2",
+                       budget=("--budget", "40", "--shapprune-budget", b)) == 0
+        rows = {r["method"]: r for r in json.loads((tmp / b / "results.json").read_text())}
+        asked[b] = rows["shapprune"]["evaluations"]
+    assert asked["6"] <= 6 < asked["20"] <= 20
+    capsys.readouterr()
+
+
 def test_compare_reuses_the_store(setup, capsys):
     ck, data, tmp = setup
     assert compare(ck, data, tmp / "a", methods="ppl,sleb", budget=()) == 0

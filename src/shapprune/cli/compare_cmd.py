@@ -34,6 +34,9 @@ def add_arguments(p) -> None:
     p.add_argument("--eval-max-windows", type=positive_int, default=None, help="test windows (default: all)")
     p.add_argument("--search-budget", type=positive_int, default=None,
                    help="real evaluations for search (default: its greedy path + 2·L)")
+    p.add_argument("--shapprune-budget", type=positive_int, default=None,
+                   help="calibration tokens in full evaluations for shapprune (default: half of SLEB's path at "
+                        "each N); --budget is the other methods' (shapley's masks), whose units differ")
     p.add_argument("--exhaustive-budget", type=positive_int, default=None,
                    help="largest C(L, N) the exhaustive method may evaluate; larger N are skipped and listed "
                         "(default: the method's own, 5000)")
@@ -61,7 +64,15 @@ def run(args) -> int:
 
     t0 = time.time()
     methods = parse_methods(args.methods)
+    from shapprune.errors import UserError
+    from shapprune.methods import method_options
+
     check_selection_args(args, methods)
+    budget_of = {"search": args.search_budget, "exhaustive": args.exhaustive_budget,
+                 "shapprune": args.shapprune_budget}  # each method's own flag; --budget for the rest
+    if args.budget is not None and not any(m not in budget_of and "budget" in method_options(m) for m in methods):
+        raise UserError(f"--budget would be ignored by {', '.join(methods)}: in compare it is shapley's; give "
+                        "--shapprune-budget, --search-budget or --exhaustive-budget instead")
     counts = parse_counts(args.remove)
     out = Path(args.out)
     check_out_dir(out)
@@ -81,7 +92,7 @@ def run(args) -> int:
 
     for name in methods:  # a bad budget or strata fails here, before any evaluation
         if name not in SKIPPABLE:
-            check_selection(name, find_layer_stack(model).num_layers, min(counts), args.budget,
+            check_selection(name, find_layer_stack(model).num_layers, min(counts), budget_of.get(name, args.budget),
                             selection_options(args))
     calib = windows(args, tokenizer, model, split="calibration")
     test = make_windows(tokenizer, args.eval_data, args.eval_seqlen, max_windows=args.eval_max_windows,
@@ -110,7 +121,7 @@ def run(args) -> int:
     options = {**selection_options(args), "exhaustive_budget": args.exhaustive_budget}
     cmp = run_comparison(model, tokenizer, calib, calib_game, test_game, methods=methods, counts=counts,
                          seed=args.seed, budget=args.budget, options=options, batch_size=args.batch_size,
-                         table1=not args.no_table1, task_fn=task_fn, budgets={"search": args.search_budget, "exhaustive": args.exhaustive_budget})
+                         table1=not args.no_table1, task_fn=task_fn, budgets=budget_of)
     if backend is not None:
         backend.close()  # logs each worker's throughput
     header = {"model": args.model, "calibration": calib.describe(), "test": test.describe(),
