@@ -101,3 +101,4 @@ def test_a_failing_method_is_an_error_not_a_skipped_row(setup, capsys, monkeypat
                    budget=("--exhaustive-budget", "5")) == 0
     analysis = json.loads((tmp / "d" / "analysis.json").read_text())
     assert analysis["skipped"] == [{"method": "exhaustive", "n": 2, "reason": analysis["skipped"][0]["reason"]}]
+    assert "give --exhaustive-budget 10" in analysis["skipped"][0]["reason"]  # compare's flag, not prune's

@@ -68,9 +68,10 @@ def check_exhaustive(num_layers: int, n: int, budget: int | None, options: dict)
     from shapprune.methods.baselines import DEFAULT_EXHAUSTIVE_BUDGET
 
     cap = int(options.get("exhaustive_budget") or budget or DEFAULT_EXHAUSTIVE_BUDGET)
+    flag = "--exhaustive-budget" if "exhaustive_budget" in options else "--budget"  # compare has its own flag
     if comb(num_layers, n) > cap:
         raise UserError(f"exhaustive search over {n} of {num_layers} layers needs {comb(num_layers, n)} evaluations, "
-                        f"more than the budget {cap}; give --budget {comb(num_layers, n)} or use a smaller N")
+                        f"more than the budget {cap}; give {flag} {comb(num_layers, n)} or use a smaller N")
 
 
 def method_options(name: str) -> tuple[str, ...]:

@@ -17,8 +17,7 @@ from tqdm.auto import tqdm
 
 from shapprune.engine.head import logits_nll
 from shapprune.engine.runner import Runner
-from shapprune.errors import UserError
-from shapprune.methods import Selection, SelectionContext
+from shapprune.methods import Selection, SelectionContext, check_exhaustive
 from shapprune.models.layers import find_layer_stack
 
 log = logging.getLogger(__name__)
@@ -226,12 +225,7 @@ DEFAULT_EXHAUSTIVE_BUDGET = 5000
 def select_exhaustive(ctx: SelectionContext, n: int) -> Selection:
     num = ctx.game.n_players
     total = math.comb(num, n)
-    budget = int(ctx.options.get("exhaustive_budget") or ctx.budget or DEFAULT_EXHAUSTIVE_BUDGET)
-    if total > budget:
-        raise UserError(
-            f"exhaustive search over {n} of {num} layers needs {total} evaluations, more than the budget {budget}; "
-            "raise --budget or use a smaller N"
-        )
+    check_exhaustive(num, n, ctx.budget, ctx.options or {})
     combos = list(itertools.combinations(range(num), n))
     ppl = ctx.game.perplexities(np.stack([mask_without(num, c) for c in combos]))
     best = min(range(total), key=lambda j: (ppl[j], combos[j]))
