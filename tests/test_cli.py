@@ -123,7 +123,7 @@ def bad_cases(ckpt, data, tmp_path):
         "compare budget": ([*cmp, "--methods", "ppl,shapley", "--estimator", "permutation", "--budget", "5"],
                            "give at least 26"),
         "compare shapprune budget": ([*cmp, "--methods", "ppl,shapprune", "--budget", "40"],
-                                     "give --shapprune-budget"),
+                                     "give --shapprune-budget for shapprune"),
         "permutation budget": (["shapley", ckpt, "--estimator", "permutation", "--budget", "23", *sel],
                                "give at least 26"),
         "kernel budget": (["shapley", ckpt, "--estimator", "kernel", "--budget", "11", *sel], "give at least 12"),

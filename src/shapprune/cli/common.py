@@ -248,11 +248,13 @@ def given_options(args) -> list[str]:
     return out
 
 
-def check_selection_args(args, methods: list[str]) -> None:
+def check_selection_args(args, methods: list[str], own_budgets: dict[str, str] | None = None) -> None:
     """Check the shared selection options for ``methods`` before a model is loaded.
 
     Unknown methods, estimators and surrogates and malformed strata are errors, and so is an option that
-    every chosen method would ignore (``--estimator`` with ``--method sleb``). ``args.strata`` becomes a list.
+    every chosen method would ignore (``--estimator`` with ``--method sleb``). ``own_budgets`` (method ->
+    flag) names the methods that take their budget from a flag of their own (``compare``'s
+    ``--shapprune-budget``), so that ``--budget`` is not theirs. ``args.strata`` becomes a list.
     """
     from shapprune.game.estimators import ESTIMATOR_OPTIONS, check_estimator
     from shapprune.game.surrogate import SURROGATES
@@ -268,12 +270,18 @@ def check_selection_args(args, methods: list[str]) -> None:
         args.strata = int_list(args.strata)
     if args.strata is not None and min(args.strata) < 1:
         raise UserError(f"--strata {min(args.strata)}: each stratum keeps at least 1 layer")
+    own = own_budgets or {}
+
+    def takes(m: str, opt: str) -> bool:
+        return opt in method_options(m) and not (opt == "budget" and m in own)
+
     for opt in given_options(args):
-        users = [m for m in methods if opt in method_options(m)]
-        if not users:
+        if not any(takes(m, opt) for m in methods):
             which = ", ".join(m for m in methods)
-            using = ", ".join(m for m in dict.fromkeys(_methods_using(opt))) or "no method"
-            raise UserError(f"{FLAGS[opt]} would be ignored by {which}; it applies to {using} only")
+            using = ", ".join(m for m in dict.fromkeys(_methods_using(opt)) if takes(m, opt)) or "no method"
+            instead = [f"{own[m]} for {m}" for m in methods if opt == "budget" and m in own]
+            raise UserError(f"{FLAGS[opt]} would be ignored by {which}; it applies to {using} only"
+                            + (f"; give {', '.join(instead)}" if instead else ""))
     estimator = args.estimator or "surrogate"
     if any("estimator" in method_options(m) for m in methods):
         for opt in ("surrogate", "strata"):

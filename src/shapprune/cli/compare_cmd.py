@@ -20,6 +20,9 @@ from shapprune.cli.common import (
     workers_from_args,
 )
 
+#: methods whose budget counts other things than ``--budget``'s (shapley's masks): each has its own flag
+OWN_BUDGETS = {"search": "--search-budget", "shapprune": "--shapprune-budget", "exhaustive": "--exhaustive-budget"}
+
 HELP = "compare layer-selection methods: test perplexity vs layers removed (results.json/.md, plot)"
 log = logging.getLogger("shapprune")
 
@@ -64,15 +67,9 @@ def run(args) -> int:
 
     t0 = time.time()
     methods = parse_methods(args.methods)
-    from shapprune.errors import UserError
-    from shapprune.methods import method_options
-
-    check_selection_args(args, methods)
-    budget_of = {"search": args.search_budget, "exhaustive": args.exhaustive_budget,
-                 "shapprune": args.shapprune_budget}  # each method's own flag; --budget for the rest
-    if args.budget is not None and not any(m not in budget_of and "budget" in method_options(m) for m in methods):
-        raise UserError(f"--budget would be ignored by {', '.join(methods)}: in compare it is shapley's; give "
-                        "--shapprune-budget, --search-budget or --exhaustive-budget instead")
+    check_selection_args(args, methods, own_budgets=OWN_BUDGETS)
+    # each method's budget: its own flag's value (None: its default), --budget for the rest
+    budget_of = {m: getattr(args, flag.lstrip("-").replace("-", "_")) for m, flag in OWN_BUDGETS.items()}
     counts = parse_counts(args.remove)
     out = Path(args.out)
     check_out_dir(out)
