@@ -78,7 +78,6 @@ def higher_order_game(n_players: int, rng: np.random.Generator, terms: int = 20,
     return UnanimityGame(n_players, coal, div, constant)
 
 
-
 class _Tokens:
     def __init__(self, tokens: int):
         self.tokens = tokens

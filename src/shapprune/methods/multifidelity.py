@@ -11,7 +11,7 @@ what works in both and pays for half of SLEB's calibration tokens:
    (the *screen*: ``screen_fraction`` of them, as EvoPress judges candidates on 2k tokens before 32k) and the
    best-predicted are evaluated on all windows. At 128- and 256-token windows the screen misranks layers whose
    costs are within a few percent, so it is only used where the budget requires, or where the screen holds
-   ``SCREEN_TOKENS`` (2k) or more (32 × 512: eight windows, 4,096 tokens), which frees three quarters of the
+   ``SCREEN_TOKENS`` (2k) or more (32 × 512: eight windows, 4,088 predicted tokens), which frees three quarters of the
    singles' cost for wider greedy rounds.
 2. **The game, learned from every evaluation made.** A quadratic surrogate of log perplexity in the removed
    layers, ``c₀ + Σ cᵢrᵢ + Σ wᵢⱼrᵢrⱼ`` (each layer's cost and the pairwise interactions), is fitted on every
@@ -80,9 +80,9 @@ BUDGET_SHARE = 0.5
 #: greedy path's set for one that only fits the noise of the calibration text
 SWAP_NOISE = 1.25
 #: the fewest predicted tokens on the screen for the single removals to be screened although the budget could
-#: evaluate them all on all windows (:func:`screens_singles`): at 10 x 128 and 5 x 256 the screen (384 and 512
-#: tokens) misranks layers within a few percent of each other, so the singles are screened only at larger
-#: calibrations (32 x 512: 4,096 tokens)
+#: evaluate them all on all windows (:func:`screens_singles`): at 10 x 128 and 5 x 256 the screen (381 and 510
+#: predicted tokens) misranks layers within a few percent of each other, so the singles are screened only at
+#: larger calibrations (32 x 512: 4,088)
 SCREEN_TOKENS = 2048
 #: the fewest candidates a greedy round should evaluate on all windows when the singles are not screened
 MIN_WIDTH = 4
