@@ -21,7 +21,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="hub id, local checkpoint directory, .gguf file, or alias (smollm2-135m)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 where the hardware computes it natively: CUDA, CPUs with AMX or "
+                        "AVX512-BF16; else fp32), float32, bfloat16, float16")
     p.add_argument("--device-map", default=None, help="'auto' spreads a large model over all visible GPUs")
     p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
                    help="with --device-map auto: the most each device holds, e.g. 0=20GiB,1=20GiB,cpu=60GiB "

@@ -17,7 +17,8 @@ def add_arguments(p) -> None:
                    help="; ".join(f"{s.name}: {s.description} ({'/'.join(s.devices)})" for s in SCHEMES.values()))
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto",
-                   help="dtype of what is not quantized: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+                   help="dtype of what is not quantized: auto (bf16 where the hardware computes it "
+                        "natively: CUDA, CPUs with AMX or AVX512-BF16; else fp32), float32, bfloat16")
     p.add_argument("--out", default=None,
                    help="output directory; must not exist or be empty (default: shapprune-out/<dir>-<scheme>-<time>)")
 
