@@ -12,6 +12,11 @@ would; ``cost`` counts everything the method asked for, reused or not). ``cost``
 calibration tokens processed divided by the tokens of one evaluation on all windows (a screen on a quarter of
 the windows counts a quarter). Zero-shot: the six shared tasks of ``../shared/data/zeroshot`` (first
 ``--task-limit`` items each).
+
+``--cache PATH`` keeps the calibration evaluations in an evaluation store on disk, for trying variants of a
+method: the sets and costs are the same (``cost`` counts what the method asks for, reused or not), only the
+seconds shrink. A results file is made without it, from empty stores, so that re-running its command gives the
+same table; the header of a cached run says so.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ def main() -> None:
     ap.add_argument("--task-limit", type=int, default=200)
     ap.add_argument("--out", default="bench/results/quality.md")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
+    ap.add_argument("--cache", default=None, metavar="PATH",
+                    help="evaluation store on disk for experiments (seconds are then not comparable)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="only write --out from the .json files of earlier runs (e.g. one process per method); a "
                          "later file's row replaces an earlier one of the same calibration, method and N")
@@ -75,7 +82,7 @@ def main() -> None:
     for spec in a.calibrations.split(","):
         calib = calibration_windows(tok, a.calib, spec)
         for method in methods:
-            game = ModelGame(model, PerplexityEvaluator(calib, batch_size=16), EvaluationStore(None), progress=False)
+            game = ModelGame(model, PerplexityEvaluator(calib, batch_size=16), EvaluationStore(a.cache), progress=False)
             num = game.n_players
             for n in counts:
                 asked_before = game.new + game.reused
@@ -100,6 +107,8 @@ def main() -> None:
               f"Test: {test.num_windows} windows x 2048 tokens of `test.raw.txt` (full model "
               f"{test_game.full_perplexity:.2f}). Cost: calibration tokens processed, in full evaluations (SLEB: one "
               "per candidate).")
+    if a.cache:
+        header += f" Calibration evaluations reused from the cache `{a.cache}`: the seconds are not comparable."
     write(a, rows, task_rows, header)
 
 
