@@ -46,17 +46,40 @@ ENV_KEYS = ("OMP_NUM_THREADS", "SHAPPRUNE_STORE", "PYTHONPATH", "CUDA_VISIBLE_DE
 
 # -- arguments -------------------------------------------------------------------------------------------------
 
-def parser(doc: str | None, out: str | None = None, model: bool = True) -> argparse.ArgumentParser:
-    """An argument parser with the options every benchmark has: ``--model``, ``--dtype``, ``--threads`` and
-    (when ``out`` is given) ``--out``. ``doc`` (the script's docstring) is the help text."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def options(out: str | None = None, model: bool = True, dtype: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark has, as a parent parser: ``--model``, ``--dtype``, ``--threads`` and (when
+    ``out`` is given) ``--out``. Pass it as ``parents=[...]`` to a parser or subcommand."""
+    ap = argparse.ArgumentParser(add_help=False)
     if model:
         ap.add_argument("--model", default="smollm2-135m", help="model spec, as for shapprune (default: %(default)s)")
+    if dtype:
         ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or auto (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 gives steadier times on a shared CPU)")
     if out is not None:
         ap.add_argument("--out", default=out, help="results file (.md; a .json beside it) (default: %(default)s)")
     return ap
+
+
+def parser(doc: str | None, out: str | None = None, model: bool = True, dtype: bool = True) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: :func:`options` plus ``doc`` (the script's docstring) as its help."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   parents=[options(out, model, dtype)])
+
+
+def subcommands(doc: str | None):
+    """A parser whose subcommands each answer one part of a benchmark's question. Returns ``(parser, add)``;
+    ``add(name, func, help, out=None, model=True, dtype=True)`` adds a subcommand with :func:`options` that runs
+    ``func(args)``. Run it with ``a = parse(parser); a.func(a)``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True, metavar="WHAT")
+
+    def add(name: str, func, help: str, out: str | None = None, model: bool = True, dtype: bool = True):
+        p = sub.add_parser(name, help=help, description=(func.__doc__ or help),
+                           formatter_class=argparse.RawDescriptionHelpFormatter, parents=[options(out, model, dtype)])
+        p.set_defaults(func=func)
+        return p
+
+    return ap, add
 
 
 def parse(ap: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
