@@ -1,56 +1,52 @@
-"""Benchmark: mask evaluation by the serial engine against Ray actors on this machine.
+"""Does Ray spread mask evaluation without changing results, and what does the driver add per mask?
 
-    PYTHONPATH=src python bench/bench_ray.py [--model smollm2-135m] [--masks 20]
-        [--data ../shared/data/wikitext-2/valid.tokens.txt]
+    python bench/scale_out.py [--model smollm2-135m] [--masks 20] [--windows 10] [--seqlen 128]
 
-One Stage-1 batch of stratified masks (as the Shapley estimator draws them) on 10 windows x 128 tokens, batch
-size 16, fp32 on the CPU, evaluated (1) by the serial engine in this process (torch's default threads),
-(2) by 1 Ray actor of 1 thread, (3) by 2 Ray actors of 1 thread each (a local cluster with 2 CPUs). Every
-run uses an in-memory store, so nothing is read from a cache; the actors' model loading is timed apart. The
-Ray results are checked against the serial ones (bit-identical NLLs). Prints a markdown table.
+One Stage-1 batch of stratified masks (as the Shapley estimator draws them) on ``--windows`` x ``--seqlen``
+tokens of ``valid.tokens.txt``, batch size 16, on the CPU, evaluated (1) by the serial engine in this process
+(torch's threads, ``--threads``), (2) by 1 Ray actor of 1 thread, (3) by 2 Ray actors of 1 thread each (a local
+cluster with 2 CPUs). Every run uses an in-memory store, so nothing is read from a cache; the actors' model
+loading is timed apart. The Ray results are checked against the serial ones (bit-identical NLLs). Prints a
+Markdown table.
 
 Driver overhead per mask = (wall time of the round - busiest actor's compute time) / masks: scheduling,
 serialising masks and results, and waiting, i.e. what the driver adds on top of the workers' own work.
+(Named scale_out, not ray: a script bench/ray.py would shadow the ray package.)
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
 
+import common
 import numpy as np
 
 
 def main() -> None:
+    ap = common.parser(__doc__)
+    ap.add_argument("--masks", type=int, default=20)
+    ap.add_argument("--windows", type=int, default=10)
+    ap.add_argument("--seqlen", type=int, default=128)
+    a = common.parse(ap)
+
     import ray
     import torch
 
-    from shapprune import load_model, make_windows
     from shapprune.engine.distributed import RayBackend, WorkerSpec
     from shapprune.game.core import ModelGame, PerplexityEvaluator
     from shapprune.game.sampling import stratified_masks
     from shapprune.game.store import EvaluationStore
-    from shapprune.models.layers import find_layer_stack
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data", default="../shared/data/wikitext-2/valid.tokens.txt")
-    ap.add_argument("--masks", type=int, default=20)
-    ap.add_argument("--windows", type=int, default=10)
-    ap.add_argument("--seqlen", type=int, default=128)
-    a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-
-    model, tok = load_model(a.model, device="cpu", dtype="float32")
-    win = make_windows(tok, a.data, a.seqlen, max_windows=a.windows)
-    ev = PerplexityEvaluator(win, batch_size=16)
-    num = find_layer_stack(model).num_layers
+    model, tok = common.load(a.model, a.dtype)
+    ev = PerplexityEvaluator(common.calibration(tok, f"{a.windows}x{a.seqlen}"), batch_size=16)
+    serial = ModelGame(model, ev, EvaluationStore(None), progress=False)
+    num = serial.n_players
     masks = stratified_masks(num, a.masks, np.random.default_rng(0)).masks
 
     rows = []
-    serial = ModelGame(model, ev, EvaluationStore(None), progress=False)
     t0 = time.perf_counter()
     ref = [e.nll for e in serial.evaluate(masks)]
     wall = time.perf_counter() - t0
@@ -84,13 +80,13 @@ def main() -> None:
         ray.shutdown()
 
     n = len(masks)
-    print(f"{n} stratified masks of {num} layers; {a.windows} windows x {a.seqlen} tokens; batch 16; fp32 CPU\n")
-    print("| run | workers | wall s | masks/s | s/mask | driver overhead ms/mask | actor start s | = serial |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
-    for name, how, wall, ovh, load, same in rows:
-        print(f"| {name} | {how} | {wall:.1f} | {n / wall:.2f} | {wall / n:.3f} | "
-              f"{'' if ovh is None else f'{ovh * 1e3:.1f}'} | {'' if load is None else f'{load:.1f}'} | "
-              f"{'yes' if same else 'NO'} |")
+    print(f"{n} stratified masks of {num} layers; {a.windows} windows x {a.seqlen} tokens; batch 16; "
+          f"{a.dtype} CPU\n")
+    print(common.table(
+        ["run", "workers", "wall s", "masks/s", "s/mask", "driver overhead ms/mask", "actor start s", "= serial"],
+        [[name, how, f"{wall:.1f}", f"{n / wall:.2f}", f"{wall / n:.3f}", "" if ovh is None else f"{ovh * 1e3:.1f}",
+          "" if load is None else f"{load:.1f}", "yes" if same else "NO"]
+         for name, how, wall, ovh, load, same in rows]))
 
 
 if __name__ == "__main__":
