@@ -19,16 +19,19 @@ def positive_int(text: str) -> int:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
-                   help="hub id, local checkpoint directory, .gguf file, or alias (smollm2-135m)")
+                   help="hub id, local checkpoint directory, .gguf file, or alias (smollm2-135m, gemma3-270m)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto",
-                   help="auto (bf16 where the hardware computes it natively: CUDA, CPUs with AMX or "
-                        "AVX512-BF16; else fp32), float32, bfloat16, float16")
+                   help="auto (bf16 on CUDA where supported; on a CPU, bf16 only where a short probe measures "
+                        "bf16 matmuls faster than fp32 at the model's shapes; else fp32), float32, bfloat16, float16")
     p.add_argument("--device-map", default=None, help="'auto' spreads a large model over all visible GPUs")
     p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
                    help="with --device-map auto: the most each device holds, e.g. 0=20GiB,1=20GiB,cpu=60GiB "
                         "(the rest is offloaded to disk)")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
+    p.add_argument("--no-gguf-cache", action="store_true",
+                   help="read a GGUF's weights from the file on every run instead of the dequantized copy cached "
+                        "under ~/.cache/shapprune/gguf ($SHAPPRUNE_GGUF_CACHE: another folder, or off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (also off with --quiet)")
 
 
@@ -110,7 +113,8 @@ def load(args):
 
     return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                       trust_remote_code=args.trust_remote_code, progress=show_progress(args),
-                      max_memory=parse_max_memory(getattr(args, "max_memory", None)))
+                      max_memory=parse_max_memory(getattr(args, "max_memory", None)),
+                      gguf_cache=not getattr(args, "no_gguf_cache", False))
 
 
 def window_options(args) -> tuple[int, int | None, int | None]:

@@ -28,7 +28,7 @@ from shapprune.engine.head import (
 )
 from shapprune.engine.prefix import PrefixCache
 from shapprune.errors import OutOfMemory, is_out_of_memory
-from shapprune.models.archs import ARCHITECTURES
+from shapprune.models.archs import ARCHITECTURES, stack_config
 from shapprune.models.loading import model_device
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class Runner:
             if base is not None and base is not model and isinstance(head, torch.nn.Linear) and not _offloaded(head):
                 self.body, self.head = base, head
                 if arch.logit_softcap:
-                    self.softcap = getattr(model.config, arch.logit_softcap, None) or None
+                    self.softcap = getattr(stack_config(model.config, arch), arch.logit_softcap, None) or None
 
     # ------------------------------------------------------------------------------------------- batching
     def batches(self, n: int, step: Callable[[int, int], None], desc: str = "", progress: bool = False,

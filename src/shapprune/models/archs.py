@@ -25,6 +25,13 @@ class Arch:
         split_head: the model is ``base_model`` (returning final-normed hidden states) followed by a plain
             ``Linear`` output embedding, so the engine may apply the head itself, only where needed.
         logit_softcap: config attribute of a final logit soft-cap ``c·tanh(z/c)`` the head applies (Gemma 2).
+        layer_rules: config attributes that decide from a block's *index* what the block is when the model is
+            built (mixture-of-experts or dense), and how removal rewrites each so that the saved config builds
+            the kept blocks again (see :data:`shapprune.models.layers.LAYER_RULES`).
+        text_config: attribute of the model's config that holds the layer stack's own config (the language
+            model of a multimodal model, e.g. Gemma 3's ``text_config``); ``None``: the config itself. Layer
+            counts, per-layer lists and the soft-cap are read and renumbered there; everything else (the
+            vision tower, the projector) is left untouched.
     """
 
     path: str | None = None
@@ -34,6 +41,8 @@ class Arch:
     first_block_modules: tuple[str, ...] = ()
     split_head: bool = True
     logit_softcap: str | None = None
+    layer_rules: dict = field(default_factory=dict)
+    text_config: str | None = None
 
 
 ARCHITECTURES: dict[str, Arch] = {
@@ -43,6 +52,11 @@ ARCHITECTURES: dict[str, Arch] = {
     "qwen3": Arch("model.layers"),
     "gemma": Arch("model.layers"),
     "gemma2": Arch("model.layers", logit_softcap="final_logit_softcapping"),
+    # Gemma 3: sliding-window and full attention told apart by `layer_types` (subset with the layers, so each
+    # kept layer keeps its type, its window and its type's rotary base); the multimodal model's language
+    # model is the stack, its vision tower and projector are kept as they are.
+    "gemma3_text": Arch("model.layers", logit_softcap="final_logit_softcapping"),
+    "gemma3": Arch("model.language_model.layers", logit_softcap="final_logit_softcapping", text_config="text_config"),
     "phi3": Arch("model.layers"),
     "gpt2": Arch("transformer.h"),
     "opt": Arch("model.decoder.layers"),
@@ -54,7 +68,40 @@ ARCHITECTURES: dict[str, Arch] = {
     # weights to match; with blocks skipped or removed the positions change, so rescaling is switched off.
     # Block 0 also owns the LayerNorm applied to the embeddings (`pre_ln`).
     "rwkv": Arch("rwkv.blocks", config_overrides={"rescale_every": 0}, first_block_modules=("pre_ln",)),
+    # Phi-2: attention and MLP in parallel on one LayerNorm, partial rotary; the head has a bias.
+    "phi": Arch("model.layers"),
+    "olmo2": Arch("model.layers"),
+    "olmo3": Arch("model.layers"),  # sliding-window and full attention by `layer_types`
+    "starcoder2": Arch("model.layers"),
+    # Granite divides the logits by `logits_scaling` (and Cohere 2 multiplies by `logit_scale`): the head is
+    # not a plain Linear, so the engine runs the model's own.
+    "granite": Arch("model.layers", split_head=False),
+    "granitemoe": Arch("model.layers", split_head=False),
+    "cohere2": Arch("model.layers", split_head=False),
+    "exaone4": Arch("model.layers"),
+    # SmolLM3: `no_rope_layers` (1 = rotary, 0 = no position encoding) is per layer, like `layer_types`.
+    "smollm3": Arch("model.layers", per_layer_keys=("layer_types", "no_rope_layers")),
+    # Mixture of experts: the router and the experts are part of the block, so they go with their layer.
+    "mixtral": Arch("model.layers"),
+    "olmoe": Arch("model.layers"),
+    "gpt_oss": Arch("model.layers"),
+    # Qwen-MoE: block i is mixture-of-experts iff i is not in `mlp_only_layers` and (i + 1) % decoder_sparse_step
+    # == 0, decided by index when the model is built; removal writes the rule out per kept layer.
+    "qwen2_moe": Arch("model.layers", layer_rules={"mlp_only_layers": "indices",
+                                                   "decoder_sparse_step": "step:mlp_only_layers"}),
+    "qwen3_moe": Arch("model.layers", layer_rules={"mlp_only_layers": "indices",
+                                                   "decoder_sparse_step": "step:mlp_only_layers"}),
+    # DeepSeek-V3 / GLM-4.5 MoE: the first `first_k_dense_replace` blocks are dense, the rest mixture-of-experts.
+    "deepseek_v3": Arch("model.layers", layer_rules={"first_k_dense_replace": "leading"}),
+    "glm4_moe": Arch("model.layers", layer_rules={"first_k_dense_replace": "leading"}),
 }
+
+
+def stack_config(config, arch: Arch):
+    """The config that describes the layer stack: ``config`` itself, or its ``arch.text_config`` part."""
+    if arch.text_config is None:
+        return config
+    return getattr(config, arch.text_config, None) or config
 
 
 def arch_for(model_type: str) -> Arch:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from shapprune.errors import UserError
-from shapprune.models.archs import Arch, arch_for
+from shapprune.models.archs import Arch, arch_for, stack_config
 
 
 @dataclass
@@ -137,9 +137,60 @@ def _settable(config, key: str) -> bool:
     return not isinstance(getattr(type(config), key, None), property)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _rule_indices(key: str, value, kept: Sequence[int], config) -> dict:
+    """A list of layer indices (the layers that have some property): renumbered, removed ones dropped."""
+    if not isinstance(value, list | tuple):
+        return {}
+    new = {old: i for i, old in enumerate(kept)}
+    return {key: type(value)(new[i] for i in value if i in new)}
+
+
+def _rule_leading(key: str, value, kept: Sequence[int], config) -> dict:
+    """The first ``k`` layers are special (dense before mixture-of-experts): ``k`` becomes the number of kept
+    layers below ``k``, which stay the first ones."""
+    return {key: sum(1 for i in kept if i < value)} if _is_int(value) else {}
+
+
+def _rule_step(key: str, value, kept: Sequence[int], config, listed: str) -> dict:
+    """Layer ``i`` is special iff ``(i + 1) % k == 0`` and ``i`` is not in the index list ``listed`` (Qwen-MoE's
+    ``decoder_sparse_step`` and ``mlp_only_layers``). No step fits the kept layers in general, so the rule is
+    written out: ``k`` becomes 1 and ``listed`` names every kept layer that was not special."""
+    if not _is_int(value) or value <= 1:
+        return {}
+    was_listed = set(getattr(config, listed, None) or ())
+    ordinary = [new for new, old in enumerate(kept) if (old + 1) % value != 0 or old in was_listed]
+    return {key: 1, listed: ordinary}
+
+
+#: How removal rewrites a config attribute named in :attr:`Arch.layer_rules <shapprune.models.archs.Arch>`:
+#: ``"indices"`` (a list of layer indices), ``"leading"`` (the first k layers), ``"step:LIST"`` (every k-th
+#: layer unless listed in the index list ``LIST``). Each rule is exact: the rewritten config builds, block by
+#: block, the kept blocks (tests/test_architectures.py reloads every family with no missing or unexpected keys).
+LAYER_RULES = {"indices": _rule_indices, "leading": _rule_leading, "step": _rule_step}
+
+
+def layer_rule_values(config, rules: dict[str, str], kept: Sequence[int]) -> dict:
+    """The config values that build exactly the blocks ``kept`` (original indices), by :data:`LAYER_RULES`.
+
+    Step rules come last, so their written-out index list replaces a plain renumbering of the same list.
+    """
+    updates: dict = {}
+    for key, rule in sorted(rules.items(), key=lambda kv: kv[1].startswith("step")):
+        name, _, arg = rule.partition(":")
+        value = getattr(config, key, None)
+        if value is not None:
+            updates.update(LAYER_RULES[name](key, value, kept, config, arg) if arg else
+                           LAYER_RULES[name](key, value, kept, config))
+    return updates
+
+
 def _apply_config_overrides(stack: LayerStack) -> None:
     """Config values removal needs; applied once, permanently (they do not change the function computed)."""
-    config = stack.model.config
+    config = stack_config(stack.model.config, stack.arch)
     for key, value in stack.arch.config_overrides.items():
         if getattr(config, key, value) == value:
             continue
@@ -156,15 +207,18 @@ def _apply_config_overrides(stack: LayerStack) -> None:
 
 def _subset(stack: LayerStack, kept: Sequence[int]):
     """Install the subset and return a function that undoes it."""
-    config = stack.model.config
+    config = stack_config(stack.model.config, stack.arch)
     num = stack.num_layers
     saved_list = getattr(stack.parent, stack.attr)
     saved_num = config.num_hidden_layers
     saved_lists = {}
     for key in stack.arch.per_layer_keys:
         value = getattr(config, key, None)
-        if isinstance(value, list | tuple) and len(value) == num and _settable(config, key):
+        # SmolLM3's `no_rope_layers` may be longer than the stack; entries past the last layer are unused
+        if isinstance(value, list | tuple) and len(value) >= num and _settable(config, key):
             saved_lists[key] = value
+    rule_values = layer_rule_values(config, stack.arch.layer_rules, kept)
+    saved_rules = {key: getattr(config, key) for key in rule_values}
     refs = {old: _index_refs(stack.layers[old], stack.arch.index_attrs, old) for old in kept}
 
     moved = []
@@ -179,6 +233,8 @@ def _subset(stack: LayerStack, kept: Sequence[int]):
     config.num_hidden_layers = len(kept)
     for key, value in saved_lists.items():
         setattr(config, key, type(value)(value[i] for i in kept))
+    for key, value in rule_values.items():
+        setattr(config, key, value)
     for new, old in enumerate(kept):
         for mod, attr in refs[old]:
             setattr(mod, attr, new)
@@ -186,7 +242,7 @@ def _subset(stack: LayerStack, kept: Sequence[int]):
     def restore() -> None:
         setattr(stack.parent, stack.attr, saved_list)
         config.num_hidden_layers = saved_num
-        for key, value in saved_lists.items():
+        for key, value in {**saved_lists, **saved_rules}.items():
             setattr(config, key, value)
         for old in kept:
             for mod, attr in refs[old]:

