@@ -1,9 +1,14 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# `--dtype auto` picks bf16 on CPUs where bf16 matmuls measure faster; tests compare numbers, so the suite pins
+# auto to fp32 on every CPU kind (subprocesses inherit it). tests/test_dtype.py forces the choice both ways.
+os.environ["SHAPPRUNE_CPU_BF16"] = "no"
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WIKI_TEST = SHARED / "data" / "wikitext-2" / "test.raw.txt"

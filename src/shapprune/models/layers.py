@@ -297,4 +297,9 @@ def remove_layers(model: nn.Module, drop: Sequence[int]) -> list[int]:
     kept = kept_from(stack.num_layers, drop=parse_layer_list(list(drop), stack.num_layers))
     _apply_config_overrides(stack)
     _subset(stack, kept)  # never restored
+    # what was removed from the source, so that saving can take the kept tensors from the source itself
+    model._shapprune_removed = sorted(set(getattr(model, "_shapprune_removed", None) or []) | {
+        (getattr(model, "_shapprune_kept", None) or list(range(stack.num_layers)))[i] for i in set(drop)})
+    model._shapprune_kept = [(getattr(model, "_shapprune_kept", None) or list(range(stack.num_layers)))[i]
+                             for i in kept]
     return kept

@@ -120,18 +120,54 @@ _DTYPES = {
 }
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto`` (or None) is bf16 where the hardware computes it natively (CUDA; CPUs with AMX or AVX512-BF16)
-    and fp32 elsewhere (:func:`shapprune.engine.hardware.auto_dtype`)."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device,
+                  shape: tuple[int, int, int] | None = None) -> torch.dtype:
+    """``auto`` (or None) is :func:`shapprune.engine.hardware.choose_dtype`'s choice for ``device`` and a model
+    of ``shape`` ``(tokens, hidden, intermediate)`` (bf16 on CUDA; on a CPU, bf16 only where it measures
+    faster), logged with its reason; anything else is the dtype named."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "", "auto"):
-        from shapprune.engine.hardware import auto_dtype
+        from shapprune.engine.hardware import choose_dtype
 
-        return auto_dtype(device)
+        choice = choose_dtype(device, shape)
+        log.info("--dtype auto: %s (%s)", str(choice.dtype).replace("torch.", ""), choice.reason)
+        return choice.dtype
     if dtype not in _DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     return _DTYPES[dtype]
+
+
+#: the tokens of the matmul the dtype probe times (a calibration window's worth)
+PROBE_TOKENS = 256
+
+
+def model_shape(src: ModelSource) -> tuple[int, int, int] | None:
+    """``(tokens, hidden, intermediate)`` of the model at ``src``, from its config or GGUF header without
+    loading it; ``None`` when unknown (a hub id not in the local cache, an unusual config)."""
+    hidden = inter = None
+    try:
+        if src.gguf_file:
+            from shapprune.models.gguf_meta import read_header
+
+            meta = read_header(Path(src.location) / src.gguf_file).metadata
+            arch = meta.get("general.architecture")
+            hidden, inter = meta.get(f"{arch}.embedding_length"), meta.get(f"{arch}.feed_forward_length")
+        elif (Path(src.location) / "config.json").is_file():
+            import json
+
+            cfg = json.loads((Path(src.location) / "config.json").read_text(encoding="utf-8"))
+            cfg = cfg.get("text_config") or cfg
+            hidden = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model")
+            inter = cfg.get("intermediate_size") or cfg.get("ffn_dim") or cfg.get("n_inner") or (
+                4 * hidden if isinstance(hidden, int) else None)
+    except (OSError, ValueError, UserError):
+        return None
+    if isinstance(inter, list):  # per-layer widths: the largest
+        inter = max(inter) if inter else None
+    if not (isinstance(hidden, int) and isinstance(inter, int) and hidden > 0 and inter > 0):
+        return None
+    return (PROBE_TOKENS, hidden, inter)
 
 
 @contextlib.contextmanager
@@ -330,7 +366,7 @@ def load_model(
 
         check_loadable(src.location)  # a torchao-quantized checkpoint needs torchao: one-line error
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    torch_dtype = resolve_dtype(dtype, dev, model_shape(src) if dtype in (None, "", "auto") else None)
     kwargs = {"trust_remote_code": trust_remote_code}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
