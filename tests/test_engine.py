@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from shapprune.engine import Runner, hardware, head_nll, layer_forwards, logits_nll, trie_order
+from shapprune.engine import Runner, head_nll, layer_forwards, logits_nll, trie_order
 from shapprune.errors import OutOfMemory
 from shapprune.game.core import ModelGame, PerplexityEvaluator
 from shapprune.game.store import model_fingerprint
