@@ -129,3 +129,43 @@ def test_dropping_first_layer(model):
     pruned = copy.deepcopy(model)
     remove_layers(pruned, [0])
     torch.testing.assert_close(logits(pruned, ids), masked, rtol=0, atol=0)
+
+
+def _structure(model):
+    """Each block's module classes and plain attributes (what the config decided when it was built), and every
+    weight's shape."""
+    plain = (bool, int, float, str, type(None))
+    blocks = []
+    for block in find_layer_stack(model).layers:
+        blocks.append({name: (type(mod).__name__, {k: v for k, v in vars(mod).items()
+                                                   if isinstance(v, plain) and k != "training" and not k.startswith("_")})
+                       for name, mod in block.named_modules()})
+    return blocks, {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_saved_config_rebuilds_the_kept_blocks(model):
+    """The pruned config builds, block by block, what removal kept: the same classes (expert or dense MLP),
+    shapes and per-layer settings (rotary or not, window), whatever index rule the family uses."""
+    num = find_layer_stack(model).num_layers
+    pruned = copy.deepcopy(model)
+    remove_layers(pruned, [0, num - 2])
+    rebuilt = AutoModelForCausalLM.from_config(copy.deepcopy(pruned.config), dtype=torch.float32)
+    assert _structure(rebuilt) == _structure(pruned)
+
+
+@pytest.mark.parametrize("rules, values, kept, expected", [
+    ({"mlp_only_layers": "indices"}, {"mlp_only_layers": [0, 3]}, [1, 2, 3, 4], {"mlp_only_layers": [2]}),
+    ({"first_k_dense_replace": "leading"}, {"first_k_dense_replace": 3}, [0, 2, 4, 5], {"first_k_dense_replace": 2}),
+    # experts at (i + 1) % 2 == 0 unless listed: at 1 and 5 (3 is listed); kept 1, 2, 3, 5 -> ordinary 2, 3
+    ({"mlp_only_layers": "indices", "decoder_sparse_step": "step:mlp_only_layers"},
+     {"mlp_only_layers": [3], "decoder_sparse_step": 2}, [1, 2, 3, 5],
+     {"mlp_only_layers": [1, 2], "decoder_sparse_step": 1}),
+    ({"mlp_only_layers": "indices", "decoder_sparse_step": "step:mlp_only_layers"},
+     {"mlp_only_layers": [0], "decoder_sparse_step": 1}, [0, 2], {"mlp_only_layers": [0]}),
+])
+def test_layer_rules(rules, values, kept, expected):
+    from types import SimpleNamespace
+
+    from shapprune.models.layers import layer_rule_values
+
+    assert layer_rule_values(SimpleNamespace(**values), rules, kept) == expected

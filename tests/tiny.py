@@ -9,23 +9,41 @@ VOCAB = 96
 
 def _configs():
     from transformers import (
+        Cohere2Config,
+        DeepseekV3Config,
+        Exaone4Config,
         Gemma2Config,
         GemmaConfig,
+        Glm4MoeConfig,
         GPT2Config,
         GPTNeoXConfig,
+        GptOssConfig,
+        GraniteConfig,
+        GraniteMoeConfig,
         LlamaConfig,
         MambaConfig,
         MistralConfig,
+        MixtralConfig,
+        Olmo2Config,
+        Olmo3Config,
+        OlmoeConfig,
         OPTConfig,
         Phi3Config,
+        PhiConfig,
         Qwen2Config,
+        Qwen2MoeConfig,
         Qwen3Config,
+        Qwen3MoeConfig,
         RwkvConfig,
+        SmolLM3Config,
+        Starcoder2Config,
     )
 
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
                   pad_token_id=0)
+    moe = dict(num_experts_per_tok=2)
+    granite = dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=4.0)
     return {
         "llama": LlamaConfig(num_hidden_layers=5, **common),
         "mistral": MistralConfig(num_hidden_layers=5, sliding_window=8, **common),
@@ -46,11 +64,42 @@ def _configs():
                              conv_kernel=4, bos_token_id=1, eos_token_id=2, pad_token_id=0),
         "rwkv": RwkvConfig(vocab_size=VOCAB, hidden_size=32, attention_hidden_size=32, intermediate_size=64,
                            num_hidden_layers=6, context_length=128, rescale_every=2, bos_token_id=1, eos_token_id=2),
+        "phi": PhiConfig(num_hidden_layers=5, partial_rotary_factor=0.5, **common),
+        "olmo2": Olmo2Config(num_hidden_layers=5, **common),
+        "olmo3": Olmo3Config(num_hidden_layers=5, sliding_window=8, **common),  # full attention at layer 3
+        "starcoder2": Starcoder2Config(num_hidden_layers=5, sliding_window=8, **common),
+        "granite": GraniteConfig(num_hidden_layers=5, **granite, **common),
+        "granitemoe": GraniteMoeConfig(num_hidden_layers=5, num_local_experts=4, **moe, **granite, **common),
+        "cohere2": Cohere2Config(num_hidden_layers=5, sliding_window=8, sliding_window_pattern=2, logit_scale=0.5,
+                                 **common),
+        "exaone4": Exaone4Config(num_hidden_layers=5, sliding_window=8, sliding_window_pattern=2, **common),
+        # NoPE at layers 1 and 3 (`no_rope_layers` = [1, 0, 1, 0, 1]), which are also the sliding-window ones
+        "smollm3": SmolLM3Config(num_hidden_layers=5, no_rope_layer_interval=2, use_sliding_window=True,
+                                 sliding_window=8, **common),
+        "mixtral": MixtralConfig(num_hidden_layers=5, num_local_experts=4, **moe, **common),
+        "olmoe": OlmoeConfig(num_hidden_layers=5, num_experts=4, **moe, **common),
+        "gpt_oss": GptOssConfig(num_hidden_layers=5, head_dim=8, num_local_experts=4, sliding_window=8,
+                                layer_types=["sliding_attention", "full_attention"] * 2 + ["sliding_attention"],
+                                **moe, **common),
+        # experts at layers 1, 2, 4 (every layer but those in mlp_only_layers)
+        "qwen2_moe": Qwen2MoeConfig(num_hidden_layers=5, num_experts=4, moe_intermediate_size=16,
+                                    shared_expert_intermediate_size=16, mlp_only_layers=[0, 3], **moe, **common),
+        # experts at layer 1 only: every 2nd layer (decoder_sparse_step) unless in mlp_only_layers
+        "qwen3_moe": Qwen3MoeConfig(num_hidden_layers=5, head_dim=8, num_experts=4, moe_intermediate_size=16,
+                                    decoder_sparse_step=2, mlp_only_layers=[3], **moe, **common),
+        # dense layers 0 and 1 (first_k_dense_replace), experts at 2, 3, 4
+        "deepseek_v3": DeepseekV3Config(num_hidden_layers=5, n_routed_experts=4, n_shared_experts=1,
+                                        moe_intermediate_size=16, first_k_dense_replace=2, n_group=1, topk_group=1,
+                                        kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+                                        v_head_dim=8, **moe, **common),
+        "glm4_moe": Glm4MoeConfig(num_hidden_layers=5, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=16,
+                                  first_k_dense_replace=2, n_group=1, topk_group=1, head_dim=8, **moe, **common),
     }
 
 
 ARCH_NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "opt", "gpt_neox", "mamba",
-              "rwkv"]
+              "rwkv", "phi", "olmo2", "olmo3", "starcoder2", "granite", "granitemoe", "cohere2", "exaone4", "smollm3",
+              "mixtral", "olmoe", "gpt_oss", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe"]
 
 
 def tiny_model(name: str, seed: int = 0):
