@@ -315,19 +315,46 @@ def source_dtype(src: ModelSource, trust_remote_code: bool = False) -> torch.dty
     return found if isinstance(found, torch.dtype) else None
 
 
+#: GGUF ``general.architecture`` names whose transformers ``model_type`` differs (as transformers' GGUF loader
+#: renames them)
+GGUF_MODEL_TYPES = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "qwen2moe": "qwen2_moe",
+                    "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
+
+
+def gguf_config(path: str | os.PathLike):
+    """A config of the right ``model_type`` and layer count for the GGUF at ``path``, from its header alone
+    (milliseconds; no tensor, no token list read): the default config of that type with the file's block
+    count. Enough to find the layer stack; the full config comes with loading."""
+    from transformers import AutoConfig
+
+    from shapprune.models.gguf_meta import read_header
+
+    header = read_header(path)
+    arch = str(header.architecture)
+    model_type = GGUF_MODEL_TYPES.get(arch, arch)
+    if model_type == "llama" and "mistral" in str(header.metadata.get("general.name", "")).lower():
+        model_type = "mistral"
+    if header.block_count is None:
+        raise ValueError(f"{path} has no {arch}.block_count")
+    return AutoConfig.for_model(model_type, num_hidden_layers=header.block_count)
+
+
 def load_skeleton(spec: str, trust_remote_code: bool = False):
     """The model built from its config on the meta device (no weights read or downloaded), or ``None`` when
-    the config alone can't build it (then load the model). Enough for the layer stack of a 70B model."""
+    the config alone can't build it (then load the model). Enough for the layer stack of a 70B model; for a
+    GGUF, the config comes from its header (:func:`gguf_config`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     src = resolve_spec(spec)
-    kwargs = {"trust_remote_code": trust_remote_code}
-    if src.gguf_file:
-        kwargs["gguf_file"] = src.gguf_file
     try:
-        config = AutoConfig.from_pretrained(src.location, **kwargs)
+        if src.gguf_file:
+            config = gguf_config(Path(src.location) / src.gguf_file)
+        else:
+            config = AutoConfig.from_pretrained(src.location, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure means: fall back to loading the weights
         log.debug("no meta-device skeleton for %s (%s); loading the model", spec, exc)
         return None
