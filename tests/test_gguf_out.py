@@ -117,6 +117,22 @@ def test_gemma3_pattern_preserved_or_refused():
     assert plan_prune(m, [], [2, 3, 4, 5, 6, 7]).metadata["gemma3.block_count"] == 6
 
 
+def test_smollm3_nope_and_olmo3_window_patterns_preserved_or_refused():
+    # SmolLM3: llama.cpp drops rotary embeddings on every 4th layer by position
+    with pytest.raises(UserError, match=r"kept layer 3 \(no-rotary \(NoPE\)\) to position 2 \(rotary\)"):
+        plan_prune(md("smollm3", 8), [], [1])
+    assert plan_prune(md("smollm3", 8), [], [0, 1, 2, 3]).kept == [4, 5, 6, 7]
+    # OLMo 3 (olmo2 with a sliding window): full attention on every 4th layer unless the file says otherwise
+    with pytest.raises(UserError, match="olmo2 with a sliding window"):
+        plan_prune(md("olmo2", 8, attention__sliding_window=4096), [], [1])
+    assert plan_prune(md("olmo2", 8, attention__sliding_window=4096), [], [4, 5, 6, 7]).kept == [0, 1, 2, 3]
+    assert plan_prune(md("olmo2", 8), [], [1]).kept == [0, 2, 3, 4, 5, 6, 7]  # OLMo 2: no window, no pattern
+    with pytest.raises(UserError, match="sliding_window_pattern"):  # the file's own period: the key's rule
+        plan_prune(md("olmo2", 8, attention__sliding_window=4096, attention__sliding_window_pattern=2), [], [0])
+    for arch in ("phi2", "granite"):  # nothing by position
+        assert plan_prune(md(arch, 8), [], [1, 2]).metadata[f"{arch}.block_count"] == 6
+
+
 def test_gemma_27b_attention_scale_is_refused():
     big = md("gemma2", 46, embedding_length=4608, attention__head_count=32, attention__key_length=128)
     with pytest.raises(UserError, match="27B"):

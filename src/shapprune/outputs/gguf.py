@@ -43,10 +43,16 @@ class GgufArch:
         scale_counts: block counts at which llama.cpp picks another attention scale (Gemma 2/3 27B use
             ``1/sqrt(n_embd/n_head)`` instead of ``1/sqrt(head_dim)``). A prune may neither leave nor reach
             such a count, unless the two scales coincide for this file.
+        pattern: the names of the two kinds of layer ``global_every`` tells apart (ordinary, special).
+        swa_every: where the file has ``{arch}.attention.sliding_window`` > 0 but no
+            ``attention.sliding_window_pattern``, llama.cpp's default pattern: layer ``i`` is full attention iff
+            ``(i + 1) % swa_every == 0`` (OLMo 3 in the ``olmo2`` architecture: 4), checked like ``global_every``.
     """
 
     global_every: int = 0
     scale_counts: tuple[int, ...] = ()
+    pattern: tuple[str, str] = ("sliding-window", "global attention")
+    swa_every: int = 0
 
 
 #: The architectures whose pruned GGUF is known to compute exactly what the masked source computes. Any
@@ -65,6 +71,11 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     # LFM2 marks its attention layers by a per-layer `attention.head_count_kv` array (0 = convolution
     # block), which is sliced with the layers.
     "lfm2": GgufArch(),
+    "phi2": GgufArch(),
+    "granite": GgufArch(),
+    "olmo2": GgufArch(swa_every=4),
+    # SmolLM3: llama.cpp skips rotary embeddings on layer i iff (i + 1) % 4 == 0 (hard-coded, no metadata key)
+    "smollm3": GgufArch(global_every=4, pattern=("rotary", "no-rotary (NoPE)")),
 }
 
 #: Keys (after ``{arch}.``) that count or index layers, and how a prune carries each one through:
@@ -190,7 +201,11 @@ def plan_prune(metadata: dict[str, Any], tensor_names: Sequence[str], removed: S
     new[f"{arch}.block_count"] = len(kept)
 
     # position-derived behaviour hard-coded for the architecture
-    _check_interval(kept, row.global_every, f"llama.cpp's {arch}", removed, ("sliding-window", "global attention"))
+    _check_interval(kept, row.global_every, f"llama.cpp's {arch}", removed, row.pattern)
+    swa = metadata.get(f"{arch}.attention.sliding_window")
+    if row.swa_every and isinstance(swa, int) and swa > 0 and f"{arch}.attention.sliding_window_pattern" not in metadata:
+        _check_interval(kept, row.swa_every, f"llama.cpp's {arch} with a sliding window", removed,
+                        ("sliding-window", "global attention"))
     if row.scale_counts and (n in row.scale_counts) != (len(kept) in row.scale_counts):
         embd, heads = metadata.get(f"{arch}.embedding_length"), _first(metadata.get(f"{arch}.attention.head_count"))
         head_dim = metadata.get(f"{arch}.attention.key_length")
