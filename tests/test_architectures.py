@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from shapprune import find_layer_stack, keep_layers, remove_layers, save_checkpoint
+from shapprune.errors import UserError
 from shapprune.models.archs import ARCHITECTURES
 from shapprune.models.layers import _generic_layer_paths, prepare_model
 from tiny import ARCH_NAMES, tiny_inputs, tiny_model
@@ -162,10 +163,20 @@ def test_saved_config_rebuilds_the_kept_blocks(model):
      {"mlp_only_layers": [1, 2], "decoder_sparse_step": 1}),
     ({"mlp_only_layers": "indices", "decoder_sparse_step": "step:mlp_only_layers"},
      {"mlp_only_layers": [0], "decoder_sparse_step": 1}, [0, 2], {"mlp_only_layers": [0]}),
+    # experts at 2..5: kept 0, 3, 4, 7 -> new 1, 2; none kept -> an empty range past the end (not -1)
+    ({"k": "range:lo:hi"}, {"k": 1, "lo": 2, "hi": 5}, [0, 3, 4, 7], {"lo": 1, "hi": 2}),
+    ({"k": "range:lo:hi"}, {"k": 1, "lo": 2, "hi": 5}, [0, 1, 6], {"lo": 3, "hi": 3}),
+    # every 2nd layer in 1..7 (1, 3, 5, 7): kept 0, 1, 3, 4 -> new 1, 2 are not every 2nd: refused
+    ({"k": "range:lo:hi"}, {"k": 2, "lo": 1, "hi": 7}, [0, 1, 3, 4], None),
+    ({"k": "range:lo:hi"}, {"k": 2, "lo": 1, "hi": 7}, [0, 1, 2, 5], {"lo": 1, "hi": 3}),
 ])
 def test_layer_rules(rules, values, kept, expected):
     from types import SimpleNamespace
 
     from shapprune.models.layers import layer_rule_values
 
-    assert layer_rule_values(SimpleNamespace(**values), rules, kept) == expected
+    if expected is None:
+        with pytest.raises(UserError, match="no config rebuilds"):
+            layer_rule_values(SimpleNamespace(**values), rules, kept)
+    else:
+        assert layer_rule_values(SimpleNamespace(**values), rules, kept) == expected

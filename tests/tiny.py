@@ -11,6 +11,8 @@ def _configs():
     from transformers import (
         Cohere2Config,
         DeepseekV3Config,
+        Dots1Config,
+        Ernie4_5_MoeConfig,
         Exaone4Config,
         Gemma2Config,
         GemmaConfig,
@@ -20,6 +22,8 @@ def _configs():
         GptOssConfig,
         GraniteConfig,
         GraniteMoeConfig,
+        GraniteMoeHybridConfig,
+        Llama4TextConfig,
         LlamaConfig,
         MambaConfig,
         MistralConfig,
@@ -34,6 +38,7 @@ def _configs():
         Qwen2MoeConfig,
         Qwen3Config,
         Qwen3MoeConfig,
+        Qwen3NextConfig,
         RwkvConfig,
         SmolLM3Config,
         Starcoder2Config,
@@ -94,12 +99,37 @@ def _configs():
                                         v_head_dim=8, **moe, **common),
         "glm4_moe": Glm4MoeConfig(num_hidden_layers=5, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=16,
                                   first_k_dense_replace=2, n_group=1, topk_group=1, head_dim=8, **moe, **common),
+        # dense 0 and 1, then experts; sliding-window attention from layer 3 (max_window_layers)
+        "dots1": Dots1Config(num_hidden_layers=5, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=16,
+                             first_k_dense_replace=2, n_group=1, topk_group=1, head_dim=8, use_sliding_window=True,
+                             sliding_window=8, max_window_layers=3, **moe, **common),
+        # linear attention at 0, 2, 4; experts at layer 1 only (as qwen3_moe)
+        "qwen3_next": Qwen3NextConfig(num_hidden_layers=5, head_dim=8, num_experts=4, moe_intermediate_size=16,
+                                      shared_expert_intermediate_size=16, decoder_sparse_step=2, mlp_only_layers=[3],
+                                      layer_types=["linear_attention", "full_attention"] * 2 + ["linear_attention"],
+                                      linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                                      linear_value_head_dim=8, linear_conv_kernel_dim=4, **moe, **common),
+        # experts at layers 1..3 (moe_layer_start_index..moe_layer_end_index)
+        "ernie4_5_moe": Ernie4_5_MoeConfig(num_hidden_layers=5, moe_num_experts=4, moe_k=2, moe_intermediate_size=16,
+                                           moe_layer_start_index=1, moe_layer_end_index=3, moe_num_shared_experts=1,
+                                           **common),
+        # experts at 1 and 3 (moe_layers), no rotary at 1 and 3 (no_rope_layers), chunked attention elsewhere
+        "llama4_text": Llama4TextConfig(num_hidden_layers=5, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
+                                        intermediate_size_mlp=64, moe_layers=[1, 3], no_rope_layer_interval=2,
+                                        attention_chunk_size=8, **common),
+        # Mamba-2 at 0, 2, 4, attention at 1, 3
+        "granitemoehybrid": GraniteMoeHybridConfig(num_hidden_layers=5, num_local_experts=4,
+                                                   layer_types=["mamba", "attention"] * 2 + ["mamba"], mamba_n_heads=4,
+                                                   mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_d_conv=4,
+                                                   mamba_expand=2, shared_intermediate_size=64, **moe, **granite,
+                                                   **common),
     }
 
 
 ARCH_NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "opt", "gpt_neox", "mamba",
               "rwkv", "phi", "olmo2", "olmo3", "starcoder2", "granite", "granitemoe", "cohere2", "exaone4", "smollm3",
-              "mixtral", "olmoe", "gpt_oss", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe"]
+              "mixtral", "olmoe", "gpt_oss", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe", "dots1", "qwen3_next",
+              "ernie4_5_moe", "llama4_text", "granitemoehybrid"]
 
 
 def tiny_model(name: str, seed: int = 0):

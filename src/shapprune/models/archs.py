@@ -94,6 +94,21 @@ ARCHITECTURES: dict[str, Arch] = {
     # DeepSeek-V3 / GLM-4.5 MoE: the first `first_k_dense_replace` blocks are dense, the rest mixture-of-experts.
     "deepseek_v3": Arch("model.layers", layer_rules={"first_k_dense_replace": "leading"}),
     "glm4_moe": Arch("model.layers", layer_rules={"first_k_dense_replace": "leading"}),
+    # dots.llm1: the same leading dense blocks, and sliding-window layers by `layer_types`.
+    "dots1": Arch("model.layers", layer_rules={"first_k_dense_replace": "leading"}),
+    # Qwen3-Next: linear-attention and full-attention blocks by `layer_types`, experts as in Qwen-MoE.
+    "qwen3_next": Arch("model.layers", layer_rules={"mlp_only_layers": "indices",
+                                                    "decoder_sparse_step": "step:mlp_only_layers"}),
+    # ERNIE 4.5 MoE: block i has experts iff (i + 1) % moe_layer_interval == 0 and it lies between
+    # moe_layer_start_index and moe_layer_end_index; removal moves the bounds to the kept expert blocks.
+    "ernie4_5_moe": Arch("model.layers", layer_rules={
+        "moe_layer_interval": "range:moe_layer_start_index:moe_layer_end_index"}),
+    # Llama 4 (text): `moe_layers` lists the expert blocks by index, `no_rope_layers` is per layer; its
+    # base_model_prefix names no attribute, so the engine runs the model's own head.
+    "llama4_text": Arch("model.layers", per_layer_keys=("layer_types", "no_rope_layers"),
+                        layer_rules={"moe_layers": "indices"}, split_head=False),
+    # Granite 4 hybrid: Mamba-2 and attention blocks by `layer_types`; logits scaled as in Granite.
+    "granitemoehybrid": Arch("model.layers", split_head=False),
 }
 
 

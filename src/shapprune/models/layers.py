@@ -166,11 +166,33 @@ def _rule_step(key: str, value, kept: Sequence[int], config, listed: str) -> dic
     return {key: 1, listed: ordinary}
 
 
+def _rule_range(key: str, value, kept: Sequence[int], config, bounds: str) -> dict:
+    """Layer ``i`` is special iff ``(i + 1) % k == 0`` and ``start <= i <= end``, the bounds named by ``bounds``
+    (``"START_KEY:END_KEY"``; ERNIE 4.5's ``moe_layer_interval``, ``moe_layer_start_index``,
+    ``moe_layer_end_index``). The bounds move to the first and last kept special layer; with ``k`` > 1 the
+    kept layers must also fit the interval at their new positions, else no config builds them and the removal
+    is refused."""
+    start_key, end_key = bounds.split(":")
+    start, end = getattr(config, start_key), getattr(config, end_key)
+    if not _is_int(value) or value < 1 or not _is_int(start) or not _is_int(end):
+        return {}
+    special = [(old + 1) % value == 0 and start <= old <= end for old in kept]
+    inside = [new for new, s in enumerate(special) if s]
+    # the tightest range is the only candidate (a wider one holds more layers the interval makes special); with
+    # no kept special layer, an empty range past the last layer (an end of -1 would mean "the last layer")
+    lo, hi = (inside[0], inside[-1]) if inside else (len(kept), len(kept))
+    if all(((i + 1) % value == 0 and lo <= i <= hi) == s for i, s in enumerate(special)):
+        return {start_key: lo, end_key: hi}
+    raise UserError(f"{key} = {value}: with these layers removed, the kept mixture-of-experts layers fit no range "
+                    f"of every {value}th layer, so no config rebuilds the pruned model; remove other layers")
+
+
 #: How removal rewrites a config attribute named in :attr:`Arch.layer_rules <shapprune.models.archs.Arch>`:
 #: ``"indices"`` (a list of layer indices), ``"leading"`` (the first k layers), ``"step:LIST"`` (every k-th
-#: layer unless listed in the index list ``LIST``). Each rule is exact: the rewritten config builds, block by
-#: block, the kept blocks (tests/test_architectures.py reloads every family with no missing or unexpected keys).
-LAYER_RULES = {"indices": _rule_indices, "leading": _rule_leading, "step": _rule_step}
+#: layer unless listed in the index list ``LIST``), ``"range:START:END"`` (every k-th layer between two
+#: bounds). Each rule is exact: the rewritten config builds, block by block, the kept blocks
+#: (tests/test_architectures.py rebuilds and reloads every family with no missing or unexpected keys).
+LAYER_RULES = {"indices": _rule_indices, "leading": _rule_leading, "step": _rule_step, "range": _rule_range}
 
 
 def layer_rule_values(config, rules: dict[str, str], kept: Sequence[int]) -> dict:
