@@ -180,3 +180,23 @@ def test_layer_rules(rules, values, kept, expected):
             layer_rule_values(SimpleNamespace(**values), rules, kept)
     else:
         assert layer_rule_values(SimpleNamespace(**values), rules, kept) == expected
+
+
+@pytest.mark.parametrize("name", ["phi", "granite", "smollm3", "mixtral", "qwen3_moe", "ernie4_5_moe"])
+def test_cli_prune_of_a_checkpoint_reloads_with_the_masked_logits(name, tmp_path, capsys):
+    """`shapprune prune --drop` end to end: the written checkpoint loads in plain transformers with no missing
+    or unexpected keys (experts with their layer, the index rules rewritten) and computes the masked source."""
+    from shapprune.cli import main
+    from tiny import save_tiny
+
+    ckpt = save_tiny(tmp_path / "src", name)
+    out = tmp_path / "pruned"
+    assert main(["prune", ckpt, "--drop", "0,3", "--out", str(out), "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    pruned, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    source = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    ids = tiny_inputs()
+    with keep_layers(source, [1, 2, 4]):
+        masked = logits(source, ids)
+    torch.testing.assert_close(logits(pruned.eval(), ids), masked, rtol=0, atol=0)
