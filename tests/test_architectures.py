@@ -8,9 +8,14 @@ from transformers import AutoModelForCausalLM
 
 from shapprune import find_layer_stack, keep_layers, remove_layers, save_checkpoint
 from shapprune.errors import UserError
-from shapprune.models.archs import ARCHITECTURES
+from shapprune.models.archs import ARCHITECTURES, stack_config
 from shapprune.models.layers import _generic_layer_paths, prepare_model
 from tiny import ARCH_NAMES, tiny_inputs, tiny_model
+
+
+def layer_config(model):
+    """The config of the layer stack (a multimodal model's text config)."""
+    return stack_config(model.config, ARCHITECTURES[model.config.model_type])
 
 
 def logits(model, ids):
@@ -27,7 +32,7 @@ def model(request):
 
 def test_stack_found_generically_and_by_table(model):
     stack = find_layer_stack(model)
-    assert stack.num_layers == model.config.num_hidden_layers
+    assert stack.num_layers == layer_config(model).num_hidden_layers
     assert stack.block_class in model._no_split_modules
     generic = max(_generic_layer_paths(model), key=lambda c: len(c[1]))[0]
     assert generic == stack.path == ARCHITECTURES[model.config.model_type].path
@@ -78,7 +83,7 @@ def test_masked_equals_removed(model):
     pruned = copy.deepcopy(model)
     kept = remove_layers(pruned, drop)
     assert kept == [i for i in range(stack.num_layers) if i not in drop]
-    assert pruned.config.num_hidden_layers == stack.num_layers - 2
+    assert layer_config(pruned).num_hidden_layers == stack.num_layers - 2
     torch.testing.assert_close(logits(pruned, ids), masked, rtol=0, atol=0)
 
 
@@ -90,9 +95,9 @@ def test_save_load_round_trip_and_cached_generation(model, tmp_path):
     loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     loaded.eval()
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    assert loaded.config.num_hidden_layers == num - 2
-    if getattr(loaded.config, "layer_types", None) is not None:
-        assert len(loaded.config.layer_types) == num - 2
+    assert layer_config(loaded).num_hidden_layers == num - 2
+    if getattr(layer_config(loaded), "layer_types", None) is not None:
+        assert len(layer_config(loaded).layer_types) == num - 2
     ids = tiny_inputs(n=1, t=10)
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
     gen_kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0,

@@ -123,13 +123,31 @@ def _configs():
                                                    mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_d_conv=4,
                                                    mamba_expand=2, shared_intermediate_size=64, **moe, **granite,
                                                    **common),
+    } | _gemma3_configs(common)
+
+
+def _gemma3_configs(common: dict) -> dict:
+    """Gemma 3 text-only and multimodal: sliding-window layers (window 4, shorter than the test inputs) and full
+    attention at 1 and 4, each type with its own rotary base; the multimodal one has a one-layer vision tower
+    and its image tokens above the ids the tests feed."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    types = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    text = dict(common, vocab_size=VOCAB + 4, head_dim=8, num_hidden_layers=5, sliding_window=4, layer_types=types)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    return {
+        "gemma3_text": Gemma3TextConfig(**text),
+        "gemma3": Gemma3Config(text_config=Gemma3TextConfig(**text).to_dict(), vision_config=vision.to_dict(),
+                               mm_tokens_per_image=4, boi_token_index=VOCAB + 1, eoi_token_index=VOCAB + 2,
+                               image_token_index=VOCAB + 3),
     }
 
 
 ARCH_NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "opt", "gpt_neox", "mamba",
               "rwkv", "phi", "olmo2", "olmo3", "starcoder2", "granite", "granitemoe", "cohere2", "exaone4", "smollm3",
               "mixtral", "olmoe", "gpt_oss", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe", "dots1", "qwen3_next",
-              "ernie4_5_moe", "llama4_text", "granitemoehybrid"]
+              "ernie4_5_moe", "llama4_text", "granitemoehybrid", "gemma3_text", "gemma3"]
 
 
 def tiny_model(name: str, seed: int = 0):
