@@ -113,7 +113,13 @@ def test_default_method_prunes_a_tiny_model(tmp_path):
     rec = res.record
     assert rec["method"] == "shapprune" and len(rec["removed"]) == 2
     extra = res.selection.extra
-    assert extra["cost_full_equivalents"] <= 0.5 * sleb_cost(5, 2)
+    assert extra["cost_full_equivalents"] <= 0.5 * sleb_cost(5, 2)  # the search, within its budget
+    d = extra["cost_detail"]  # the report's measured values and per-window NLLs counted apart
+    assert d["total_full_equivalents"] == pytest.approx(d["search_full_equivalents"] + d["report"]
+                                                        + d["per_window_recomputed"])
+    # every removed layer's value is its measured cost at the chosen set, with the sign of that cost
+    for i in rec["removed"]:
+        assert extra["value_sources"][i] == "measured"
     assert extra["screen_windows"] == 2 and extra["path_width"] >= 1
     # the chosen set is at least as good on calibration as the greedy path it started from
     assert rec["calibration_ppl"]["pruned"] <= extra["greedy_ppl"] + 1e-9

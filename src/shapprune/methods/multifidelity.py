@@ -1,51 +1,38 @@
 """``shapprune``, the default method: a greedy path whose candidates are chosen by a game surrogate and by the
 structure of the removed blocks, and a swap search around it; every step is decided by evaluations on all
-calibration windows.
-
-SLEB evaluates every candidate removal of every round on all windows, most of them far from the best; the
-paper's Shapley ranking averages interactions away over strata far from the target size. This method keeps
-what works in both and pays for half of SLEB's calibration tokens:
+calibration windows, and every threshold that depends on the model or the text is measured in the run.
 
 1. **Every layer, once.** Every single removal is evaluated on all windows when that leaves each later
-   round at least ``MIN_WIDTH`` candidates; otherwise (small budgets, N ≤ 2) it is scored on a few windows
-   (the *screen*: ``screen_fraction`` of them, as EvoPress judges candidates on 2k tokens before 32k) and the
-   best-predicted are evaluated on all windows. At 128- and 256-token windows the screen misranks layers whose
-   costs are within a few percent, so it is only used where the budget requires, or where the screen holds
-   ``SCREEN_TOKENS`` (2k) or more (32 × 512: eight windows, 4,088 predicted tokens), which frees three quarters of the
-   singles' cost for wider greedy rounds.
+   round at least ``MIN_WIDTH`` candidates; otherwise, or when the screen (the first ``SCREEN_FRACTION`` of the
+   windows) holds ``SCREEN_TOKENS`` predicted tokens or more, it is scored on the screen and the
+   best-predicted are evaluated on all windows. The screen's reliability (rank correlation and bias of the
+   masks evaluated at both fidelities) is measured and reported.
 2. **The game, learned from every evaluation made.** A quadratic surrogate of log perplexity in the removed
-   layers, ``c₀ + Σ cᵢrᵢ + Σ wᵢⱼrᵢrⱼ`` (each layer's cost and the pairwise interactions), is fitted on every
-   mask evaluated so far at either fidelity, with the screen as one more indicator, so that it learns the
-   screen's offset and per-layer bias instead of trusting it.
-3. **Greedy path on all windows.** Round ``r`` removes one more layer. Only ``width`` candidates are
-   evaluated, on all windows, and the best of those is taken: the layers at the edges of the blocks removed
-   so far (a neighbour of a removed layer often becomes cheap to remove: on SmolLM2 SLEB's picks 16, 18 and
-   6 ranked 6th, 11th and 11th a round before they were taken, each right after a neighbour went) take turns
-   with the other layers, each in the surrogate's order. A misranking can cost a candidate its place, never
-   decide the pick.
+   layers, ``c₀ + Σ cᵢrᵢ + Σ wᵢⱼrᵢrⱼ``, is fitted on every mask evaluated so far at either fidelity, with the
+   screen as one more indicator, so that it learns the screen's offset and per-layer bias.
+3. **Greedy path on all windows.** Round ``r`` removes one more layer. ``width`` candidates (the budget's
+   ``PATH_SHARE`` spread over the rounds) are evaluated on all windows and the best of those is taken: the
+   layers at the edges of the blocks removed so far (a neighbour of a removed layer can become cheap once it
+   is gone, an interaction no evaluation has shown yet) take turns with the other layers, each in the
+   surrogate's order. A misranking can cost a candidate its place, never decide the pick.
 4. **Swap search.** Around the best mask evaluated on all windows, the swap neighbours (keep one removed
-   layer, remove one kept layer) and the block swaps (keep two adjacent removed layers, remove two adjacent
-   kept ones) are candidates. Each round evaluates on all windows the surrogate's best-predicted, taking
-   turns with the *edge swaps* (for each kept layer next to a removed block, its best-predicted single swap):
-   as in the greedy rounds, a layer next to a removed block is often cheap only with its neighbour gone, which
-   the surrogate cannot know before it is seen. Block swaps reach what no chain of improving single swaps
-   does: on SmolLM2 at N = 9 the path ends at [3–7, 16, 17, 25, 26]; swapping 16–17 for 13–14 and then 7 for
-   12 lowers calibration perplexity from 137.4 to 125.7 (and the first 16 test windows from 109.3 to 90.7).
-   Edge swaps reach blocks of three: at N = 12 on another draw of the default calibration (seed 2), from
-   [3–7, 12–14, 21, 22, 25, 26] (242.5; the path's end before its rounds took turns) the search reaches
-   [4–7, 12–14, 16–18, 25, 26] (174.4). The search
-   moves whenever that improves and spends the whole budget (or stops when every neighbour of its best has
-   been evaluated). Its best set replaces the greedy path's only if it is better by more than the
-   calibration's noise (``SWAP_NOISE / √tokens`` in log PPL, one standard error of a paired difference):
-   a smaller gain on 1,270 tokens does not carry to held-out text (measured: 0.2% better on calibration at
-   N = 9 was 4.6% worse on test).
+   layer, remove one kept layer) and the block swaps (two adjacent for two adjacent) are candidates; each
+   round evaluates the surrogate's best-predicted in turn with the *edge swaps* (for each kept layer next to a
+   removed block, its best-predicted single swap), until the budget is spent or every neighbour of the best
+   has been evaluated.
+5. **The noise gate.** The search's best set replaces the greedy path's only if it is better by more than
+   ``GATE_SE`` standard errors of a paired difference between masks a swap apart, measured on this
+   calibration: from the per-window NLLs of the last greedy round's candidates and of the two sets compared
+   (:func:`paired_se`, pooled). A smaller gain is within what another draw of the text would undo.
 
 The budget counts calibration tokens processed, in units of one evaluation on all windows (a screen counts
-its share); by default it is half of SLEB's greedy path, of which ``PATH_SHARE`` goes to the path. The
-answer is always a mask evaluated on all windows. The per-layer values reported are each layer's marginal
-contribution under the surrogate at the chosen set (log PPL with the layer removed minus kept); the game's
-own Shapley values would average interactions over coalitions far from the target that were never
-evaluated.
+its share); by default it is ``BUDGET_SHARE`` of SLEB's greedy path. The answer is always a mask evaluated on
+all windows. The per-layer values reported are, for each removed layer, its measured marginal at the chosen
+set (log PPL of the chosen set minus log PPL with that layer put back, with its paired standard error),
+from the evaluations made or a few made for the report, counted apart in the cost; for the kept layers, the
+surrogate's marginal (log PPL with the layer also removed minus kept), labelled as such, with the
+surrogate's held-out error (5-fold, on the masks of the target size) and a warning when that is poor. The
+defaults' measurements are in ``bench/results/quality.md`` (section "Defaults of the default method").
 """
 
 from __future__ import annotations
@@ -59,7 +46,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from shapprune.game.store import mask_key
-from shapprune.game.surrogate import quadratic_features
+from shapprune.game.surrogate import quadratic_features, r2_score
 from shapprune.methods import Selection, SelectionContext
 from shapprune.methods.search import (
     greedy_cost as sleb_cost,  # SLEB's rounds: Σ_{r<n} (L − r) full evaluations
@@ -73,16 +60,15 @@ log = logging.getLogger(__name__)
 SCREEN_FRACTION = 0.25
 #: default budget as a share of SLEB's greedy path (in full evaluations)
 BUDGET_SHARE = 0.5
-#: standard deviation of the per-token log-likelihood difference between two masks a swap apart, measured on
-#: SmolLM2-135M at 10 x 128 (paired per-window standard errors 0.029-0.042 in log PPL): the swap search's
-#: answer replaces the greedy path's only when it is better by more than one standard error,
-#: ``SWAP_NOISE / sqrt(calibration tokens)`` in log PPL (3.5% at 1,270 tokens), so that it never trades the
-#: greedy path's set for one that only fits the noise of the calibration text
-SWAP_NOISE = 1.25
+#: the swap search's answer replaces the greedy path's only when it is better by more than this many standard
+#: errors of a paired difference between masks a swap apart, measured on the run's calibration windows
+GATE_SE = 1.0
+#: standard deviation of the per-token log-likelihood difference of two masks a swap apart, used only where
+#: the game gives no per-window NLLs to measure it from (a task utility, a game without windows): one
+#: standard error is then ``DEFAULT_TOKEN_SD / sqrt(calibration tokens)`` in log PPL
+DEFAULT_TOKEN_SD = 1.25
 #: the fewest predicted tokens on the screen for the single removals to be screened although the budget could
-#: evaluate them all on all windows (:func:`screens_singles`): at 10 x 128 and 5 x 256 the screen (381 and 510
-#: predicted tokens) misranks layers within a few percent of each other, so the singles are screened only at
-#: larger calibrations (32 x 512: 4,088)
+#: evaluate them all on all windows (:func:`screens_singles`)
 SCREEN_TOKENS = 2048
 #: the fewest candidates a greedy round should evaluate on all windows when the singles are not screened
 MIN_WIDTH = 4
@@ -322,8 +308,7 @@ def round_candidates(cur: np.ndarray, cands: np.ndarray, f: LayerSurrogate, eval
     already evaluated): the layers at the edges of the removed blocks (a layer next to a removed one often
     becomes cheap to remove, an interaction no evaluation has shown yet) taking turns with the other layers,
     each in the surrogate's order, an edge first. With many blocks the edges alone would fill a narrow round
-    with layers whose own cost rules them out (on SmolLM2 at N = 12, layers 8 and 11 next to removed 7 and 12,
-    each over five times the round's best), while the best-predicted layer elsewhere went unevaluated."""
+    with layers whose own cost rules them out, while the best-predicted layer elsewhere went unevaluated."""
     on = np.flatnonzero(cur)
     edge = set(boundary(cur).tolist())
     pred = f(cands)
@@ -333,10 +318,212 @@ def round_candidates(cur: np.ndarray, cands: np.ndarray, f: LayerSurrogate, eval
     return cands[[i for i in take_turns(edges, rest)[:width] if mask_key(cands[i]) not in evaluated]]
 
 
+def paired_se(a: np.ndarray, b: np.ndarray, tokens: int) -> float:
+    """One standard error of ``log PPL(a) − log PPL(b)`` from the two masks' summed NLLs per window (``[W]``
+    each, on the same windows, ``tokens`` predicted in all): ``sqrt(W · var(a − b)) / tokens``, the windows
+    taken as independent draws of the text. NaN with fewer than two windows."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    if d.size < 2:
+        return float("nan")
+    return float(math.sqrt(d.size * np.var(d, ddof=1)) / tokens)
+
+
+def pooled_se(pairs: list[tuple[np.ndarray, np.ndarray]], tokens: int) -> float | None:
+    """The root mean square of :func:`paired_se` over ``pairs`` (None when none gives a value)."""
+    se = [paired_se(a, b, tokens) for a, b in pairs]
+    se = [x for x in se if np.isfinite(x)]
+    return float(math.sqrt(np.mean(np.square(se)))) if se else None
+
+
+class _Tap:
+    """An evaluator that answers as ``inner`` does and keeps the per-window NLLs the runner computed for it
+    (``sink[summed NLL] = [W]``); everything else is ``inner``'s (fingerprint, describe, windows...)."""
+
+    def __init__(self, inner, sink: dict):
+        self.inner, self.sink = inner, sink
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def nll(self, runner):
+        got: list = []
+        names = [n for n in ("sequence_nll", "sequence_soft_ce") if hasattr(runner, n)]
+        for n in names:
+            def tap(*a, _orig=getattr(runner, n), **k):
+                res = _orig(*a, **k)
+                got.append(res)
+                return res
+            setattr(runner, n, tap)
+        try:
+            nll, tokens = self.inner.nll(runner)
+        finally:
+            for n in names:
+                delattr(runner, n)
+        if len(got) == 1 and len(got[0].per_window) and math.isclose(float(sum(got[0].per_window)), float(nll),
+                                                                      rel_tol=1e-9, abs_tol=1e-6):
+            self.sink[float(nll)] = np.asarray(got[0].per_window, np.float64)
+        return nll, tokens
+
+
+class WindowNLLs:
+    """Per-window summed NLLs of masks evaluated on all windows, for measuring the calibration's noise.
+
+    A game may give them itself (``window_nlls(masks) -> [B, W]``, as synthetic games do); for a
+    :class:`~shapprune.game.core.ModelGame` they are kept as its evaluations run (:meth:`recording`), and a mask
+    the store answered (summed NLLs only) is evaluated again when asked for (``recomputed`` counts those)."""
+
+    def __init__(self, game):
+        self.game = game
+        self.rows: dict[str, np.ndarray] = {}
+        self.recomputed = 0
+        self._by_nll: dict[float, np.ndarray] = {}
+        self._native = getattr(game, "window_nlls", None)
+        self._model = self._native is None and hasattr(game, "evaluate_keys") and hasattr(game, "store") \
+            and hasattr(getattr(game, "evaluator", None), "nll")
+
+    @property
+    def available(self) -> bool:
+        return self._native is not None or self._model
+
+    def recording(self):
+        """Context manager: the game's evaluations keep their per-window NLLs while it is open."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            if not self._model:
+                yield
+                return
+            inner = self.game.evaluator
+            self.game.evaluator = _Tap(inner, self._by_nll)
+            try:
+                yield
+            finally:
+                self.game.evaluator = inner
+        return cm()
+
+    def get(self, keys: list[str]) -> dict[str, np.ndarray]:
+        """``{key: [W] summed NLLs}`` of every mask known so far, ``keys`` included where :attr:`available`."""
+        keys = [k for k in dict.fromkeys(keys) if k not in self.rows]
+        if keys and self._native is not None:
+            rows = np.asarray(self._native(np.stack([_as_mask(k) for k in keys])), np.float64)
+            self.rows.update(zip(keys, rows, strict=True))
+        elif keys and self._model:
+            g = self.game
+            known = g.store.get_many(g.model_fp, g.data_fp, keys)
+            missing = []
+            for k in keys:
+                ev = known.get(k)
+                row = self._by_nll.get(float(ev.nll)) if ev is not None else None
+                if row is None:
+                    missing.append(k)
+                else:
+                    self.rows[k] = row
+            if missing:
+                with self.recording():
+                    for ev in g.evaluate_keys(missing, desc="per-window NLLs"):
+                        row = self._by_nll.get(float(ev.nll))
+                        if row is not None:
+                            self.rows[ev.mask] = row
+                self.recomputed += len(missing)
+        return dict(self.rows)
+
+    def pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        rows = self.get([k for p in pairs for k in p])
+        return [(rows[a], rows[b]) for a, b in pairs if a in rows and b in rows]
+
+
+def screen_reliability(ledger: Ledger) -> dict | None:
+    """How the screen agrees with all windows on the masks evaluated at both: their number, Spearman ρ, the
+    bias (mean screen − all windows, log PPL) and the spread left after it (RMS). None without such masks."""
+    both = [k for k in ledger.screen if k in ledger.full]
+    if len(both) < 2:
+        return None
+    from scipy import stats
+
+    s = np.array([ledger.screen[k] for k in both])
+    f = np.array([ledger.full[k] for k in both])
+    rho = stats.spearmanr(s, f).statistic if len(both) >= 3 else float("nan")
+    bias = float(np.mean(s - f))
+    return {"masks": len(both), "spearman": _finite(rho), "bias_log_ppl": bias,
+            "rms_after_bias": float(np.sqrt(np.mean((s - f - bias) ** 2)))}
+
+
+def _finite(x) -> float | None:
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
+#: folds of the surrogate's held-out check (:func:`surrogate_heldout`)
+FOLDS = 5
+
+
+def surrogate_heldout(ledger: Ledger, keep: int, ridge: float) -> dict:
+    """The surrogate's held-out error: ``FOLDS``-fold over the masks evaluated on all windows (every screen
+    evaluation stays in training), scored on the masks of the target size (``keep`` kept; all masks when fewer
+    than five are): R², Spearman ρ and Kendall τ of predicted against measured log PPL, and the points."""
+    from scipy import stats
+
+    keys = sorted(ledger.full)
+    pred = np.full(len(keys), np.nan)
+    fold = np.arange(len(keys)) % FOLDS
+    np.random.default_rng(0).shuffle(fold)
+    for k in range(FOLDS):
+        out = [keys[i] for i in np.flatnonzero(fold == k)]
+        train = {x: ledger.full[x] for x in keys if x not in set(out)}
+        if not out or not train:
+            continue
+        f = LayerSurrogate.fit(train, ledger.screen, ridge)
+        pred[fold == k] = f(np.stack([_as_mask(x) for x in out]))
+    y = np.array([ledger.full[x] for x in keys])
+    sel = np.array([x.count("1") == keep for x in keys])
+    if sel.sum() < 5:
+        sel = np.ones(len(keys), bool)
+    sel &= np.isfinite(pred)
+    out = {"heldout_r2": None, "heldout_spearman": None, "heldout_kendall": None, "heldout_masks": int(sel.sum()),
+           "heldout_scope": "target size" if all(k.count("1") == keep for k in np.array(keys)[sel]) else "all sizes",
+           "measured": y[sel].tolist(), "predicted": pred[sel].tolist(),
+           "strata": [k.count("1") for k in np.array(keys)[sel]]}
+    if sel.sum() >= 3:
+        out["heldout_r2"] = _finite(r2_score(y[sel], pred[sel]))
+        out["heldout_spearman"] = _finite(stats.spearmanr(y[sel], pred[sel]).statistic)
+        out["heldout_kendall"] = _finite(stats.kendalltau(y[sel], pred[sel]).statistic)
+    return out
+
+
+def measured_marginals(mf: MultiFidelity, windows: WindowNLLs, chosen: np.ndarray) -> tuple[dict, int]:
+    """Each removed layer's measured marginal at ``chosen``: ``log PPL(chosen) − log PPL(chosen with the layer
+    put back)``, and its paired standard error where per-window NLLs exist: ``({layer: (value, se)},
+    evaluations made for it)``. A restored mask not yet evaluated on all windows is evaluated now."""
+    key = mask_key(chosen)
+    restored = {}
+    for i in np.flatnonzero(~chosen):
+        m = chosen.copy()
+        m[i] = True
+        restored[int(i)] = m
+    fresh = [m for m in restored.values() if mask_key(m) not in mf.ledger.full]
+    if fresh:
+        mf.full(np.stack(fresh))
+    rows = windows.get([key] + [mask_key(m) for m in restored.values()]) if windows.available else {}
+    out = {}
+    for i, m in restored.items():
+        k = mask_key(m)
+        se = paired_se(rows[key], rows[k], mf.ledger.full_tokens) if key in rows and k in rows else float("nan")
+        out[i] = (mf.ledger.full[key] - mf.ledger.full[k], _finite(se))
+    return out, len(fresh)
+
+
 def multifidelity_search(full_game, screen_game, n: int, budget: float, ridge: float = 1e-3,
                          progress: bool = True) -> dict:
     """Run the method (see the module docstring) on ``full_game`` with ``screen_game`` as the screen (None:
-    no screen; the single removals are then evaluated on all windows). ``budget`` is in full evaluations."""
+    no screen; the single removals are then evaluated on all windows). ``budget`` is in full evaluations and
+    bounds the search; the evaluations made for the report's measured values (and any per-window NLLs the
+    store could not give) are counted apart (``report_evaluations``, ``noise_evaluations``)."""
+    wins = WindowNLLs(full_game)
+    with wins.recording():
+        return _search(full_game, screen_game, n, budget, ridge, progress, wins)
+
+
+def _search(full_game, screen_game, n, budget, ridge, progress, wins: WindowNLLs) -> dict:
     L = full_game.n_players
     keep = L - n
     mf = MultiFidelity(full_game, screen_game)
@@ -345,6 +532,7 @@ def multifidelity_search(full_game, screen_game, n: int, budget: float, ridge: f
     cur = np.ones(L, dtype=bool)
     mf.screen(removals(cur))  # every single removal, on the screen (on all windows when there is none)
     path: list[int] = []
+    last_round: list[str] = []
     bar = tqdm(total=n, desc="greedy rounds", leave=False, disable=not progress)
     for _ in range(n):
         cands = removals(cur)
@@ -353,6 +541,7 @@ def multifidelity_search(full_game, screen_game, n: int, budget: float, ridge: f
         if len(fresh):
             mf.full(fresh)
         vals = np.array([mf.ledger.full.get(mask_key(m), np.inf) for m in cands])
+        last_round = [mask_key(m) for m, v in zip(cands, vals, strict=True) if np.isfinite(v)]
         pick = int(np.argmin(vals))
         path.append(int(np.flatnonzero(cur & ~cands[pick])[0]))
         cur = cands[pick]
@@ -376,15 +565,64 @@ def multifidelity_search(full_game, screen_game, n: int, budget: float, ridge: f
         rounds += 1
         bar.update(1)
     bar.close()
+    search_cost = mf.ledger.cost
+    full_evals, screen_evals = len(mf.ledger.full), len(mf.ledger.screen)
     best_key, best_val = _best_full(mf, keep)
-    noise = SWAP_NOISE / math.sqrt(mf.ledger.full_tokens)
+    # the noise gate: one standard error of a paired difference of masks a swap apart, measured on these windows
+    pairs = list(itertools.combinations(last_round, 2))
+    if best_key != greedy_key:
+        pairs.append((best_key, greedy_key))
+    se = pooled_se(wins.pairs(pairs), mf.ledger.full_tokens) if wins.available and pairs else None
+    noise_source = "measured" if se is not None else "default"
+    noise = GATE_SE * (se if se is not None else DEFAULT_TOKEN_SD / math.sqrt(mf.ledger.full_tokens))
     if greedy_val - best_val <= noise:
         best_key, best_val = greedy_key, greedy_val  # within the calibration's noise: keep the greedy path's set
-    f = mf.surrogate(ridge)
-    return {"mask": _as_mask(best_key), "log_ppl": best_val, "greedy": _as_mask(greedy_key),
-            "greedy_log_ppl": greedy_val, "path": path, "width": width, "rounds": rounds, "cost": mf.ledger.cost,
-            "full_evaluations": len(mf.ledger.full), "screen_evaluations": len(mf.ledger.screen),
-            "values": f.marginal_values(_as_mask(best_key)), "surrogate": f}
+    chosen = _as_mask(best_key)
+    f = mf.surrogate(ridge)  # before the report's evaluations: they are held out from it
+    sur_values = f.marginal_values(chosen)
+    measured, report_evals = measured_marginals(mf, wins, chosen)
+    values = sur_values.copy()
+    stderr: list[float | None] = [None] * L
+    sources = ["surrogate"] * L
+    for i, (v, s) in measured.items():
+        values[i], stderr[i], sources[i] = v, s, "measured"
+    removed = sorted(measured)
+    sv, mv = sur_values[removed], np.array([measured[i][0] for i in removed])
+    held = surrogate_heldout(mf.ledger, keep, ridge)
+    return {"mask": chosen, "log_ppl": best_val, "greedy": _as_mask(greedy_key),
+            "greedy_log_ppl": greedy_val, "path": path, "width": width, "rounds": rounds,
+            "cost": search_cost, "full_evaluations": full_evals, "screen_evaluations": screen_evals,
+            "report_evaluations": report_evals, "noise_evaluations": wins.recomputed,
+            "total_cost": search_cost + report_evals + wins.recomputed,
+            "values": values, "stderr": stderr, "value_sources": sources, "surrogate_values": sur_values,
+            "surrogate": mf.surrogate(ridge), "heldout": held,
+            "surrogate_on_removed": {"rmse": float(np.sqrt(np.mean((sv - mv) ** 2))) if removed else None,
+                                     "sign_agreement": float(np.mean(np.sign(sv) == np.sign(mv))) if removed else None},
+            "noise": {"gate_log_ppl": noise, "standard_error": noise / GATE_SE, "gate_se": GATE_SE,
+                      "source": noise_source, "pairs": len(pairs), "tokens": mf.ledger.full_tokens,
+                      "token_sd": noise / GATE_SE * math.sqrt(mf.ledger.full_tokens),
+                      "swap_gain_log_ppl": greedy_val - _best_full(mf, keep)[1]},
+            "screen": screen_reliability(mf.ledger)}
+
+
+def surrogate_warning(held: dict, on_removed: dict) -> str | None:
+    """A plain warning when the surrogate's values are not to be read as costs: held-out R² or Spearman below
+    the ``shapley`` method's thresholds, or the sign of a removed layer's surrogate value unlike its measured
+    cost."""
+    from shapprune.methods.shapley import MIN_R2, MIN_SPEARMAN
+
+    r2, rho = held.get("heldout_r2"), held.get("heldout_spearman")
+    poor = r2 is not None and (r2 < MIN_R2 or (rho is not None and rho < MIN_SPEARMAN))
+    signs = on_removed.get("sign_agreement")
+    wrong = signs is not None and signs < 1.0
+    if not (poor or wrong):
+        return None
+    fit = (f"the surrogate's held-out R² is {r2:.2f} and Spearman {'n/a' if rho is None else f'{rho:.2f}'} "
+           f"(trusted from {MIN_R2} and {MIN_SPEARMAN})" if r2 is not None else "the surrogate has no held-out score")
+    sign = (f"; at the chosen set it gets the sign of {100 * (1 - signs):.0f}% of the removed layers' measured "
+            "costs wrong" if wrong else "")
+    return (f"{fit}{sign}: the kept layers' values (surrogate predictions) are rough; the removed layers' values "
+            "are measured, and the choice was made on evaluations on all windows only")
 
 
 def select_shapprune(ctx: SelectionContext, n: int) -> Selection:
@@ -412,16 +650,40 @@ def select_shapprune(ctx: SelectionContext, n: int) -> Selection:
     res = multifidelity_search(ctx.game, screen_game, n, budget, progress=bool(opts.get("progress", True)))
     removed = [int(i) for i in np.flatnonzero(~res["mask"])]
     full_ppl = ctx.game.full_perplexity
-    log.info("shapprune: %d full + %d screened evaluations (%.1f full-evaluation equivalents, SLEB: %d); "
-             "calibration PPL %.4f (greedy path %.4f)", res["full_evaluations"], res["screen_evaluations"],
-             res["cost"], sleb_cost(L, n), math.exp(res["log_ppl"]), math.exp(res["greedy_log_ppl"]))
+    nz = res["noise"]
+    log.info("shapprune: %d full + %d screened evaluations (%.1f full-evaluation equivalents, SLEB: %d), "
+             "+ %d for the report's measured values, + %d for per-window NLLs; calibration PPL %.4f (greedy path "
+             "%.4f); noise gate %.4f log PPL (%s)", res["full_evaluations"], res["screen_evaluations"], res["cost"],
+             sleb_cost(L, n), res["report_evaluations"], res["noise_evaluations"], math.exp(res["log_ppl"]),
+             math.exp(res["greedy_log_ppl"]), nz["gate_log_ppl"], nz["source"])
+    held = res["heldout"]
+    sur = {"kind": "quadratic (log PPL in the removed layers, both fidelities)",
+           **{k: held[k] for k in ("heldout_r2", "heldout_spearman", "heldout_kendall", "heldout_masks",
+                                   "heldout_scope")},
+           "on_removed_layers": res["surrogate_on_removed"]}
+    warning = surrogate_warning(held, res["surrogate_on_removed"])
+    sur["trusted"] = warning is None
+    sur["warning"] = warning
+    if warning:
+        log.warning(warning)
+    unit = (screen_game.evaluator.describe()["tokens"] / ev.describe()["tokens"]) if screen_game is not None else 1.0
+    cost_detail = {"full": res["full_evaluations"], "screened": res["screen_evaluations"],
+                   "screen_share": round(unit, 4), "search_full_equivalents": round(res["cost"], 2),
+                   "report": res["report_evaluations"], "per_window_recomputed": res["noise_evaluations"],
+                   "total_full_equivalents": round(res["total_cost"], 2)}
+    util = [float(np.exp(np.log(full_ppl) - y)) for y in held["measured"]]
+    util_pred = [float(np.exp(np.log(full_ppl) - y)) for y in held["predicted"]]
     return Selection(
-        removed=removed, values=[float(v) for v in res["values"]], stderr=None,
+        removed=removed, values=[float(v) for v in res["values"]], stderr=res["stderr"],
         extra={"estimator": "multi-fidelity search", "budget": budget,
                "cost_full_equivalents": round(res["cost"], 2), "sleb_cost": sleb_cost(L, n),
+               "cost_detail": cost_detail,
                "full_evaluations": res["full_evaluations"], "screen_evaluations": res["screen_evaluations"],
                "screen_windows": sw.num_windows if screen_game is not None else 0,
                "greedy_path": res["path"], "path_width": res["width"], "rounds": res["rounds"],
                "greedy_ppl": math.exp(res["greedy_log_ppl"]), "full_ppl": full_ppl,
-               "surrogate": {"kind": "quadratic (log PPL in the removed layers, both fidelities)", "heldout_r2": None, "heldout_spearman": None,
-                             "heldout_kendall": None}})
+               "value_sources": res["value_sources"],
+               "evidence": {"noise": nz, "screen": res["screen"], "value_sources": res["value_sources"],
+                            "surrogate_values": [float(v) for v in res["surrogate_values"]]},
+               "surrogate": sur,
+               "info": {"heldout": {"measured": util, "predicted": util_pred, "strata": held["strata"]}}})
