@@ -9,6 +9,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 # `--dtype auto` picks bf16 on CPUs where bf16 matmuls measure faster; tests compare numbers, so the suite pins
 # auto to fp32 on every CPU kind (subprocesses inherit it). tests/test_dtype.py forces the choice both ways.
 os.environ["SHAPPRUNE_CPU_BF16"] = "no"
+# Dequantized GGUFs are cached in a folder of this session only: a test that counts file reads, or compares a
+# direct load with a cached one, must not find a cache left by an earlier run (subprocesses inherit it too).
+if "SHAPPRUNE_GGUF_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["SHAPPRUNE_GGUF_CACHE"] = tempfile.mkdtemp(prefix="shapprune-gguf-cache-")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WIKI_TEST = SHARED / "data" / "wikitext-2" / "test.raw.txt"

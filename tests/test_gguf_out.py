@@ -318,6 +318,7 @@ def test_load_model_parses_a_gguf_once_and_restores_gguf(llama_gguf, monkeypatch
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    monkeypatch.setenv("SHAPPRUNE_GGUF_CACHE", "off")  # the direct load (the cache has its own tests)
     name_map = gguf.get_tensor_name_map
     model, _ = load_model(str(llama_gguf), device="cpu", dtype="float32", progress=False)
     assert len(made) == 1

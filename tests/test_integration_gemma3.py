@@ -111,7 +111,7 @@ def test_gguf_out_refuses_a_broken_pattern_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "g").exists()
 
 
-def test_quantized_prune_reloads(tmp_path, capsys):
+def test_quantized_prune_reloads(gemma3, tmp_path, capsys):
     pytest.importorskip("torchao")
     from shapprune.outputs.quantize import scheme_of
 

@@ -9,7 +9,7 @@ from conftest import WIKI_VALID, need
 from shapprune.cli import main
 
 KEYS = ["source", "num_layers", "removed", "kept", "method", "estimator", "values", "stderr", "calibration",
-        "budget", "evaluations", "surrogate", "cost", "calibration_ppl", "seed", "versions", "seconds", "saved"]
+        "budget", "evaluations", "surrogate", "cost", "evidence", "calibration_ppl", "seed", "versions", "seconds", "saved"]
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs. ") * 40
 

@@ -9,11 +9,13 @@ VOCAB = 96
 
 def _configs():
     from transformers import (
+        BambaConfig,
         Cohere2Config,
         DeepseekV3Config,
         Dots1Config,
         Ernie4_5_MoeConfig,
         Exaone4Config,
+        FalconH1Config,
         Gemma2Config,
         GemmaConfig,
         Glm4MoeConfig,
@@ -123,6 +125,13 @@ def _configs():
                                                    mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_d_conv=4,
                                                    mamba_expand=2, shared_intermediate_size=64, **moe, **granite,
                                                    **common),
+        "bamba": BambaConfig(num_hidden_layers=5, attn_layer_indices=[1, 3], mamba_n_heads=4, mamba_d_head=16,
+                             mamba_d_state=8, mamba_n_groups=1, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8,
+                             **common),
+        "falcon_h1": FalconH1Config(num_hidden_layers=5, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
+                                    mamba_d_state=8, mamba_n_groups=1, mamba_d_conv=4, mamba_expand=2,
+                                    mamba_chunk_size=8, lm_head_multiplier=0.5, embedding_multiplier=2.0,
+                                    **common),
     } | _gemma3_configs(common)
 
 
@@ -147,7 +156,7 @@ def _gemma3_configs(common: dict) -> dict:
 ARCH_NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "opt", "gpt_neox", "mamba",
               "rwkv", "phi", "olmo2", "olmo3", "starcoder2", "granite", "granitemoe", "cohere2", "exaone4", "smollm3",
               "mixtral", "olmoe", "gpt_oss", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe", "dots1", "qwen3_next",
-              "ernie4_5_moe", "llama4_text", "granitemoehybrid", "gemma3_text", "gemma3"]
+              "ernie4_5_moe", "llama4_text", "granitemoehybrid", "gemma3_text", "gemma3", "bamba", "falcon_h1"]
 
 
 def tiny_model(name: str, seed: int = 0):

@@ -118,8 +118,10 @@ def _choose(model, tokenizer, windows, store, evaluator, backend, t0, *, source,
         "budget": extra.get("budget", budget),
         "evaluations": game.counts(),
         "surrogate": extra.get("surrogate"),
-        "cost": ({"full_evaluations": extra["cost_full_equivalents"], "sleb_full_evaluations": extra.get("sleb_cost")}
+        "cost": ({"full_evaluations": extra["cost_full_equivalents"], "sleb_full_evaluations": extra.get("sleb_cost"),
+                  **(extra.get("cost_detail") or {})}
                  if "cost_full_equivalents" in extra else None),
+        "evidence": extra.get("evidence"),
         "calibration_ppl": {"full": float(game.full_perplexity), "pruned": pruned_ppl},
         "seed": seed,
         "versions": versions(),

@@ -225,21 +225,60 @@ def print_summary(record: dict) -> None:
         print(f"calibration perplexity: full {cp['full']:.4f} -> pruned {cp['pruned']:.4f}")
     sur = record.get("surrogate")
     if sur:
-        r2 = sur["heldout_r2"]
-        if r2 is None:  # the default's surrogate only ranks candidates: nothing it predicts is reported
-            print(f"surrogate {sur['kind']}: chose which candidates to evaluate; the answer was evaluated on "
-                  "all calibration windows")
-        else:
-            print(f"surrogate {sur['kind']}: held-out R² {r2:.4f}")
-        if sur.get("warning"):
-            print(f"warning: {sur['warning']}")
+        for line in surrogate_lines(sur):
+            print(line)
     cost = record.get("cost")
     if cost:
-        print(f"cost: {cost['full_evaluations']:.1f} evaluations' worth of calibration tokens (SLEB's greedy path: "
-              f"{cost['sleb_full_evaluations']})")
-    print(f"evaluations: {ev['new']} new, {ev['reused']} reused; {record['seconds']:.1f} s")
+        print(cost_line(cost))
+    nz = (record.get("evidence") or {}).get("noise")
+    if nz:
+        print(noise_line(nz, (record.get("evidence") or {}).get("screen")))
+    print(f"store: {ev['new']} new, {ev['reused']} reused evaluations on all windows; {record['seconds']:.1f} s")
     if record.get("saved"):
         print(saved_line(record))
+
+
+def _num(x, spec: str = ".2f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def surrogate_lines(sur: dict) -> list[str]:
+    """The summary's lines on a selection's surrogate: its held-out fit, what it was used for, its warning."""
+    on = f" on {sur['heldout_masks']} masks" if sur.get("heldout_masks") else ""
+    fit = (f"held-out R² {_num(sur.get('heldout_r2'))}, Spearman {_num(sur.get('heldout_spearman'))}{on}"
+           if sur.get("heldout_r2") is not None else "too few evaluations to hold any out")
+    if "on_removed_layers" in sur:  # the default's: it ranks candidates, the answer is measured
+        lines = [f"surrogate {sur['kind']}: {fit}; it chose which candidates to evaluate, and the answer was "
+                 "evaluated on all calibration windows"]
+    else:
+        lines = [f"surrogate {sur['kind']}: {fit}"]
+    if sur.get("warning"):
+        lines.append(f"warning: {sur['warning']}")
+    return lines
+
+
+def cost_line(cost: dict) -> str:
+    """Evaluations made, screened and full apart, in full-evaluation equivalents, against SLEB's path."""
+    if "screened" in cost:
+        extra = cost.get("report", 0) + cost.get("per_window_recomputed", 0)
+        return (f"cost: {cost['full']} full + {cost['screened']} screened evaluations (a screened one costs "
+                f"{cost['screen_share']:.3g} of a full one) = {cost['search_full_equivalents']:.1f} full-evaluation "
+                f"equivalents for the search, {cost['total_full_equivalents']:.1f} with {extra} for the report; "
+                f"SLEB's greedy path: {cost['sleb_full_evaluations']}")
+    return (f"cost: {cost['full_evaluations']:.1f} evaluations' worth of calibration tokens (SLEB's greedy path: "
+            f"{cost['sleb_full_evaluations']})")
+
+
+def noise_line(nz: dict, screen: dict | None) -> str:
+    """The calibration noise the run measured (or the default it fell back to) and the screen's agreement."""
+    src = (f"measured from {nz['pairs']} paired per-window differences" if nz.get("source") == "measured"
+           else "default: no per-window NLLs to measure it from")
+    line = (f"noise: one paired standard error {nz['standard_error']:.4f} log PPL ({src}); sets within "
+            f"{nz['gate_log_ppl']:.4f} of the greedy path's keep it")
+    if screen:
+        line += (f"; screen vs all windows on {screen['masks']} masks: Spearman {_num(screen.get('spearman'))}, "
+                 f"bias {_num(screen.get('bias_log_ppl'), '+.4f')}")
+    return line
 
 
 def saved_line(record: dict) -> str:

@@ -39,7 +39,8 @@ class Evaluator(Protocol):
         """Summed NLL (nats) and the number of tokens it covers (a bare model is wrapped in a runner)."""
 
     # Optional: ``prepare(runner)`` is called once with the full model before any mask (e.g. to record a
-    # reference); ``first(k)`` returns the same evaluator on its first ``k`` windows (a cheaper screen).
+    # reference); ``first(k)`` returns the same evaluator on its first ``k`` windows (a cheaper screen);
+    # ``windowed(runner)`` returns the runner's NLL with each window's share (``per_window``).
 
 
 class PerplexityEvaluator:
@@ -56,8 +57,12 @@ class PerplexityEvaluator:
         d = self.windows.describe()
         return {k: d[k] for k in ("data", "seqlen", "windows", "tokens", "layout")}
 
+    def windowed(self, runner: Runner):
+        """The :class:`~shapprune.engine.runner.NLL` with each window's summed NLL (``per_window``)."""
+        return as_runner(runner, self.batch_size).sequence_nll(self.windows.input_ids)
+
     def nll(self, runner: Runner) -> tuple[float, int]:
-        res = as_runner(runner, self.batch_size).sequence_nll(self.windows.input_ids)
+        res = self.windowed(runner)
         return res.nll, res.tokens
 
     def first(self, k: int) -> PerplexityEvaluator:
@@ -93,10 +98,14 @@ class KLEvaluator:
         if self.reference is None:
             self.reference = as_runner(runner, self.batch_size).reference(self.windows.input_ids, self.k)
 
-    def nll(self, runner: Runner) -> tuple[float, int]:
+    def windowed(self, runner: Runner):
+        """The :class:`~shapprune.engine.runner.NLL` with each window's summed cross-entropy."""
         if self.reference is None:
             raise RuntimeError("KLEvaluator.prepare(runner) must record the full model's reference first")
-        res = as_runner(runner, self.batch_size).sequence_soft_ce(self.windows.input_ids, *self.reference)
+        return as_runner(runner, self.batch_size).sequence_soft_ce(self.windows.input_ids, *self.reference)
+
+    def nll(self, runner: Runner) -> tuple[float, int]:
+        res = self.windowed(runner)
         return res.nll, res.tokens
 
     def first(self, k: int) -> KLEvaluator:

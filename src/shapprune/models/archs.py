@@ -109,6 +109,11 @@ ARCHITECTURES: dict[str, Arch] = {
                         layer_rules={"moe_layers": "indices"}, split_head=False),
     # Granite 4 hybrid: Mamba-2 and attention blocks by `layer_types`; logits scaled as in Granite.
     "granitemoehybrid": Arch("model.layers", split_head=False),
+    # Bamba: attention at the blocks listed in `attn_layer_indices`, Mamba-2 elsewhere (`layer_types` is
+    # derived from that list, so the list is renumbered).
+    "bamba": Arch("model.layers", layer_rules={"attn_layer_indices": "indices"}),
+    # Falcon-H1: every block runs attention and Mamba-2 in parallel; the head multiplies by lm_head_multiplier.
+    "falcon_h1": Arch("model.layers", split_head=False),
 }
 
 

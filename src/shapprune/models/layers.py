@@ -134,6 +134,9 @@ def _index_refs(block: nn.Module, attrs: tuple[str, ...], index: int) -> list[tu
 
 
 def _settable(config, key: str) -> bool:
+    """Whether ``config.key`` is stored (not a property derived from other keys, such as Bamba's
+    ``layer_types``, which ``attribute_map`` sends to the ``layers_block_type`` property)."""
+    key = (getattr(config, "attribute_map", None) or {}).get(key, key)
     return not isinstance(getattr(type(config), key, None), property)
 
 

@@ -42,27 +42,71 @@ def _plt():
     return plt
 
 
+#: bars beyond this multiple of the others' largest magnitude are clipped (labelled with their value), so one
+#: dominant layer (often layer 0) does not flatten the rest
+CLIP_FACTOR = 3.0
+
+
+def value_limits(values: list[float], factor: float = CLIP_FACTOR) -> tuple[float, float] | None:
+    """The y-range that shows every bar but a few outliers: ``None`` (no clipping) unless some bar exceeds
+    ``factor`` times the largest magnitude among the others' 90%, in which case the range is that bound."""
+    import numpy as np
+
+    a = np.abs(np.asarray(values, dtype=float))
+    if len(a) < 4 or not np.isfinite(a).all():
+        return None
+    bound = float(np.quantile(a, 0.9)) * factor
+    if bound <= 0 or a.max() <= bound:
+        return None
+    lo = min(0.0, max(float(np.min(values)), -bound))
+    hi = max(0.0, min(float(np.max(values)), bound))
+    pad = 0.08 * (hi - lo or 1.0)
+    return lo - (pad if lo < 0 else 0), hi + (pad if hi > 0 else 0)
+
+
 def plot_values(path: str | os.PathLike, values: list[float], stderr: list | None, removed: list[int] | None,
-                title: str, ylabel: str = "estimated value", note: str | None = None) -> Path:
-    """Per-layer values with error bars (±1.96 standard errors); removed layers in red; ``note`` under the
-    axis says what the error bars leave out."""
+                title: str, ylabel: str = "estimated value", note: str | None = None,
+                sources: list[str] | None = None) -> Path:
+    """Per-layer values with error bars (±1.96 standard errors); removed layers in red, kept in blue (a
+    legend says so); bars whose value is a surrogate prediction (``sources[i] == "surrogate"``) hatched;
+    outliers clipped by :func:`value_limits` and labelled; ``note`` under the axis."""
+    from matplotlib.patches import Patch
+
     plt = _plt()
     L = len(values)
     removed = set(removed or [])
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * L + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.3 * L + 2.5), 4.0))
     err = None
     if stderr is not None:
         err = [1.96 * (s if s is not None else 0.0) for s in stderr]
     colors = ["#d62728" if i in removed else "#1f77b4" for i in range(L)]
-    ax.bar(range(L), values, yerr=err, color=colors, capsize=2, ecolor="black", linewidth=0)
+    bars = ax.bar(range(L), values, yerr=err, color=colors, capsize=2, ecolor="black", linewidth=0)
+    if sources:
+        for b, src in zip(bars, sources, strict=False):
+            if src == "surrogate":
+                b.set_hatch("///")
+                b.set_alpha(0.55)
+    lim = value_limits(values)
+    if lim is not None:
+        ax.set_ylim(*lim)
+        for i, v in enumerate(values):
+            if v > lim[1] or v < lim[0]:
+                y = lim[1] if v > 0 else lim[0]
+                ax.annotate(f"{v:.3g}", (i, y), ha="center", va="top" if v > 0 else "bottom", fontsize=7,
+                            xytext=(0, -2 if v > 0 else 2), textcoords="offset points", color="black")
     ax.set_xlabel("layer (0-based)")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(ylabel, fontsize=9)
     ax.set_title(title, fontsize=9)
     ax.set_xticks(range(L))
-    ax.tick_params(axis="x", labelsize=6)
+    ax.tick_params(axis="x", labelsize=8 if L <= 40 else 6)
     ax.axhline(0, color="gray", linewidth=0.5)
+    handles = [Patch(color="#d62728", label="removed"), Patch(color="#1f77b4", label="kept")]
+    if sources and "surrogate" in sources:
+        handles.append(Patch(facecolor="white", edgecolor="#1f77b4", hatch="///", label="surrogate prediction"))
+        handles.append(Patch(color="#777777", label="measured"))
+    ax.legend(handles=handles, fontsize=7, loc="best")
     if note:
-        fig.text(0.01, 0.01, note, fontsize=6, color="#444444", ha="left", va="bottom")
+        fig.text(0.01, 0.01, note, fontsize=7, color="#444444", ha="left", va="bottom")
     fig.tight_layout(rect=(0, 0.05 if note else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -106,7 +150,10 @@ def write_outputs(directory: str | os.PathLike, record: dict, info: dict | None)
         if stderr is not None and record.get("surrogate") and record.get("estimator") == "surrogate":
             note = ("error bars: Monte Carlo error of Stage 2 only; the surrogate's own error is not included "
                     f"(held-out R² {_fmt(record['surrogate'].get('heldout_r2'))})")
-        written.append(plot_values(directory / name, values, stderr, removed, title, ylabel, note))
+        sources = (record.get("evidence") or {}).get("value_sources")
+        if sources and not note:
+            note = "removed layers: measured marginal cost at the chosen set; kept layers: surrogate predictions"
+        written.append(plot_values(directory / name, values, stderr, removed, title, ylabel, note, sources))
     held = info.get("heldout") or {}
     sur = record.get("surrogate")
     has_sur_plot = bool(sur and held.get("measured"))
@@ -139,12 +186,29 @@ def render_report(record: dict, info: dict, has_sur_plot: bool) -> str:
     cp = r.get("calibration_ppl") or {}
     lines.append(f"- calibration perplexity: full {_fmt(cp.get('full'))}, pruned {_fmt(cp.get('pruned'))}")
     ev = r.get("evaluations") or {}
-    lines.append(f"- budget {r.get('budget')}; real evaluations: {ev.get('new')} new, {ev.get('reused')} reused "
-                 "from the store")
+    budget = f"budget {r['budget']}; " if r.get("budget") is not None else ""
+    lines.append(f"- {budget}evaluations on all windows: {ev.get('new')} new, {ev.get('reused')} reused from the store")
     cost = r.get("cost")
-    if cost:
+    if cost and "screened" in cost:
+        lines.append(f"- cost: {cost['full']} full and {cost['screened']} screened evaluations (a screened one "
+                     f"costs {cost['screen_share']:.3g} of a full one): {cost['search_full_equivalents']} "
+                     f"full-evaluation equivalents for the search, + {cost['report']} for the measured values "
+                     f"below and {cost['per_window_recomputed']} to recover per-window NLLs, "
+                     f"{cost['total_full_equivalents']} in all; SLEB's greedy path: {cost['sleb_full_evaluations']}")
+    elif cost:
         lines.append(f"- cost: {cost['full_evaluations']} evaluations' worth of calibration tokens (a screened mask "
                      f"counts its share of the windows); SLEB's greedy path: {cost['sleb_full_evaluations']}")
+    evidence = r.get("evidence") or {}
+    nz = evidence.get("noise")
+    if nz:
+        src = (f"measured from {nz['pairs']} paired per-window differences" if nz.get("source") == "measured"
+               else "a default: no per-window NLLs to measure it from")
+        lines.append(f"- calibration noise: one paired standard error {_fmt(nz['standard_error'])} log PPL ({src}); "
+                     f"a set must beat the greedy path's by {_fmt(nz['gate_log_ppl'])} to replace it")
+    sc = evidence.get("screen")
+    if sc:
+        lines.append(f"- screen against all windows on {sc['masks']} masks: Spearman {_fmt(sc.get('spearman'))}, "
+                     f"bias {_fmt(sc.get('bias_log_ppl'))} log PPL, RMS after the bias {_fmt(sc.get('rms_after_bias'))}")
     lines.append(f"- seed {r.get('seed')}; {_fmt(r.get('seconds'))} s")
     if info.get("strata"):
         lines.append(f"- strata (kept layers): {info['strata']}")
@@ -152,7 +216,20 @@ def render_report(record: dict, info: dict, has_sur_plot: bool) -> str:
     lines.append("")
     lines.append("## Surrogate")
     lines.append("")
-    if sur and sur.get("heldout_r2") is None:
+    if sur and "on_removed_layers" in sur:
+        orl = sur.get("on_removed_layers") or {}
+        lines.append(f"`{sur['kind']}`. It only chose which candidates were evaluated; every set compared, and the "
+                     "answer, was evaluated on all calibration windows. Held out (5-fold over the masks evaluated "
+                     f"on all windows, {sur.get('heldout_scope')}): R² {_fmt(sur.get('heldout_r2'))}, Spearman "
+                     f"{_fmt(sur.get('heldout_spearman'))}, Kendall τ {_fmt(sur.get('heldout_kendall'))} on "
+                     f"{sur.get('heldout_masks')} masks. The removed layers' values below are measured marginals; "
+                     "the kept layers' are the surrogate's predictions (at the removed layers it gets "
+                     f"{_fmt(orl.get('sign_agreement'))} of the signs right, RMS error {_fmt(orl.get('rmse'))}).")
+        lines.append("")
+        lines.append("![held-out predictions](surrogate.png)" if has_sur_plot else "(too few held-out masks to plot)")
+        if sur.get("warning"):
+            lines += ["", f"**Warning:** {sur['warning']}."]
+    elif sur and sur.get("heldout_r2") is None:
         lines.append(f"`{sur['kind']}`, fitted on every evaluation made. It only chose which candidates were "
                      "evaluated; every set compared, and the answer, was evaluated on all calibration windows, so "
                      "no held-out score is reported. The per-layer values below are its predictions.")
@@ -170,13 +247,15 @@ def render_report(record: dict, info: dict, has_sur_plot: bool) -> str:
     if r.get("values"):
         name, ylabel = value_plot(r["method"])
         lines += ["", f"## Per-layer values: {ylabel}", "", f"![{ylabel}]({name})", "",
-                  "| layer | value | std. error | rank (1 = least important) | removed |",
-                  "|---:|---:|---:|---:|:---:|"]
+                  "| layer | value | std. error | rank (1 = least important) | removed | source |",
+                  "|---:|---:|---:|---:|:---:|:---|"]
         order = sorted(range(len(r["values"])), key=lambda i: (r["values"][i], i))
         rank = {i: k + 1 for k, i in enumerate(order)}
         removed = set(r.get("removed") or [])
+        sources = (r.get("evidence") or {}).get("value_sources")
         for i, v in enumerate(r["values"]):
             se = r["stderr"][i] if r.get("stderr") else None
-            lines.append(f"| {i} | {v:.6g} | {_fmt(se)} | {rank[i]} | {'✗' if i in removed else ''} |")
+            src = sources[i] if sources else r["method"]
+            lines.append(f"| {i} | {v:.6g} | {_fmt(se)} | {rank[i]} | {'✗' if i in removed else ''} | {src} |")
     lines.append("")
     return "\n".join(lines)
