@@ -1,6 +1,7 @@
 """The default method on synthetic games with known optima, and on a tiny model end to end."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -288,3 +289,76 @@ def test_greedy_rounds_take_turns_between_edges_and_the_rest():
     assert removed(8) == [3, 8, 5, 4, 7, 9, 1, 0]  # edge 1 (3.0) among the last
     seen = {mask_key(cands[np.flatnonzero(cur).tolist().index(3)])}
     assert removed(2, seen) == [8]  # already evaluated: not asked again, not replaced
+
+
+#: a paired standard error of one log-PPL difference at the default calibration, the level of a real model's
+#: calibration noise the games below are scaled to (from none to twice it)
+REAL_SE = 0.035
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.5, 1.0, 2.0])
+@pytest.mark.parametrize("seed", range(3))
+def test_noisy_games_never_worse_than_the_greedy_path_by_more_than_the_noise(factor, seed):
+    """On a calibration of 10 windows whose noise is set, the answer's true (noiseless) log PPL is never worse
+    than the greedy path's by more than the noise gate the run measured, and the run measures that noise from
+    per-window NLLs close to the truth."""
+    rng = np.random.default_rng(seed)
+    L, n, W = 16, 4, 10
+    c = rng.uniform(0.05, 1.0, L)
+    w = rng.normal(0, 0.15, (L, L))
+    sigma = REAL_SE * factor * math.sqrt(W / 2)  # per window, so that a paired difference has SE REAL_SE·factor
+    full = QuadraticGame(c, w, tokens=1280, noise=sigma, windows=W, seed=seed)
+    screen = QuadraticGame(c, w, tokens=256, noise=sigma * math.sqrt(5), seed=seed + 100)
+    res = multifidelity_search(full, screen, n, default_budget(L, n), progress=False)
+    nz = res["noise"]
+    assert nz["source"] == "measured"
+    assert full.true_log_ppl(res["mask"]) <= full.true_log_ppl(res["greedy"]) + nz["gate_log_ppl"] + 1e-12
+    if factor:
+        assert 0.4 < nz["standard_error"] / (REAL_SE * factor) < 2.5
+    else:
+        assert nz["standard_error"] < 1e-9
+
+
+def test_removed_layers_values_are_their_measured_costs():
+    """Each removed layer's reported value is log PPL at the chosen set minus log PPL with it put back (the
+    same sign as that measured cost), labelled measured; the kept layers' are labelled surrogate."""
+    rng = np.random.default_rng(5)
+    L, n = 12, 3
+    c = rng.uniform(-0.2, 1.0, L)  # some removals improve the calibration: values of both signs
+    w = rng.normal(0, 0.2, (L, L))
+    full = QuadraticGame(c, w, tokens=1000, noise=0.02, windows=8, seed=1)
+    res = multifidelity_search(full, None, n, default_budget(L, n), progress=False)
+    chosen = res["mask"]
+    for i in np.flatnonzero(~chosen):
+        back = chosen.copy()
+        back[i] = True
+        cost = full.log_ppl(chosen) - full.log_ppl(back)
+        assert res["value_sources"][i] == "measured"
+        assert res["values"][i] == pytest.approx(cost, abs=1e-12)
+        assert res["stderr"][i] is not None and res["stderr"][i] > 0
+    assert all(res["value_sources"][i] == "surrogate" for i in np.flatnonzero(chosen))
+
+
+def test_a_wrong_surrogate_is_reported(tmp_path):
+    """A game far from quadratic in the removed layers (a strong three-way term): the surrogate's held-out fit
+    is poor, and the warning reaches the run's result, the summary and report.md."""
+    from shapprune.cli.prune_cmd import surrogate_lines
+    from shapprune.methods.multifidelity import surrogate_warning
+    from shapprune.outputs.report import render_report
+
+    rng = np.random.default_rng(0)
+    L, n = 12, 4
+    c = rng.uniform(0.1, 0.3, L)
+    full = QuadraticGame(c, np.zeros((L, L)), tokens=1000, triple=1.5)
+    res = multifidelity_search(full, None, n, default_budget(L, n), progress=False)
+    warning = surrogate_warning(res["heldout"], res["surrogate_on_removed"])
+    assert warning is not None and "rough" in warning
+    sur = {"kind": "quadratic", "on_removed_layers": res["surrogate_on_removed"], "warning": warning,
+           **{k: res["heldout"][k] for k in ("heldout_r2", "heldout_spearman", "heldout_kendall", "heldout_masks",
+                                             "heldout_scope")}}
+    assert any(line.startswith("warning:") for line in surrogate_lines(sur))
+    record = {"source": "game", "method": "shapprune", "num_layers": L, "removed": [], "kept": [],
+              "values": [float(v) for v in res["values"]], "stderr": res["stderr"], "surrogate": sur,
+              "evidence": {"value_sources": res["value_sources"], "noise": res["noise"]}}
+    text = render_report(record, {}, False)
+    assert f"**Warning:** {warning}." in text and "| measured |" in text and "| surrogate |" in text

@@ -91,20 +91,43 @@ class LayerRemovalGame:
     ``log PPL(m) = Σ_{i removed} cᵢ + Σ_{i<j both removed} wᵢⱼ − triple·#(runs of three removed layers)``,
     plus deterministic noise per mask (``noise`` × a standard normal) to stand in for a screen. Like
     :class:`shapprune.game.core.ModelGame` it has ``n_players``, ``perplexities(masks)`` (True = kept),
-    ``full_perplexity`` and ``evaluator.describe()["tokens"]``; ``asked`` lists every mask key evaluated."""
+    ``full_perplexity`` and ``evaluator.describe()["tokens"]``; ``asked`` lists every mask key evaluated.
 
-    def __init__(self, c, w, tokens: int = 1000, noise: float = 0.0, seed: int = 0, triple: float = 0.0):
+    With ``windows`` (W > 0) the noise is a calibration's: each of W windows adds its own ``noise`` × a
+    standard normal to the mask's log PPL, the reported log PPL is their mean (so its standard error is
+    ``noise / √W``), and ``window_nlls(masks)`` gives the per-window summed NLLs the method measures its noise
+    from; :meth:`true_log_ppl` is the noiseless value."""
+
+    def __init__(self, c, w, tokens: int = 1000, noise: float = 0.0, seed: int = 0, triple: float = 0.0,
+                 windows: int = 0):
         self.c, self.w = np.asarray(c, float), np.asarray(w, float)
         self.noise, self.seed, self.triple = noise, seed, triple
+        self.windows = int(windows)
         self.n_players = len(self.c)
         self.evaluator = _Tokens(tokens)
         self.asked: list[str] = []
+        if self.windows:
+            self.window_nlls = self._window_nlls
 
-    def log_ppl(self, mask) -> float:
+    def true_log_ppl(self, mask) -> float:
         r = ~np.asarray(mask, bool)
         v = float(self.c[r].sum() + r.astype(float) @ np.triu(self.w, 1) @ r.astype(float))
         if self.triple:
             v -= self.triple * float((r[:-2] & r[1:-1] & r[2:]).sum())
+        return v
+
+    def _window_log_ppl(self, mask) -> np.ndarray:
+        rng = np.random.default_rng(abs(hash((mask_key(mask), self.seed))) % 2**32)
+        return self.true_log_ppl(mask) + self.noise * rng.standard_normal(self.windows)
+
+    def _window_nlls(self, masks) -> np.ndarray:
+        per = self.evaluator.tokens / self.windows
+        return np.stack([self._window_log_ppl(m) * per for m in masks])
+
+    def log_ppl(self, mask) -> float:
+        if self.windows:
+            return float(self._window_log_ppl(mask).mean())
+        v = self.true_log_ppl(mask)
         if self.noise:
             rng = np.random.default_rng(abs(hash((mask_key(mask), self.seed))) % 2**32)
             v += self.noise * rng.standard_normal()
