@@ -17,6 +17,7 @@ from shapprune.cli.common import (
     check_selection_args,
     given_options,
     load,
+    positive_int,
     selection_options,
     show_progress,
     utility_evaluator,
@@ -49,12 +50,74 @@ def add_arguments(p) -> None:
     from shapprune.cli.quantize_cmd import add_quantize_args
 
     add_quantize_args(p)
+    add_heal_args(p)
     add_worker_args(p)
     p.add_argument("--out", default=None,
                    help="output directory; must not exist or be empty (default: shapprune-out/<model>-<method>-<time>)")
     p.add_argument("--out-format", choices=("hf", "gguf"), default="hf",
                    help="hf: a transformers checkpoint (default); gguf: from a GGUF source, a GGUF (model.gguf) for "
                         "llama.cpp/Ollama with the kept tensors in their original quantization")
+
+
+def add_heal_args(p, default: str | None = None) -> None:
+    """``--heal METHOD`` and its options (``prune`` and ``heal``); defaults in :mod:`shapprune.heal`."""
+    from shapprune import heal as H
+
+    dflt = default if default is not None else H.DEFAULT_HEAL
+    p.add_argument("--heal", default=dflt, metavar="METHOD",
+                   help=f"repair after removal: none, linear (training-free, ReplaceMe), lora, distill (LoRA on the "
+                        f"unpruned model's next-token distribution), or linear,lora / linear,distill (default: {dflt})")
+    p.add_argument("--heal-data", default=None, metavar="SPEC",
+                   help="healing text (default: the calibration source's text outside the calibration windows); "
+                        "test text is refused")
+    p.add_argument("--heal-tokens", type=positive_int, default=None, metavar="N",
+                   help=f"healing tokens (default: {H.LINEAR_TOKENS} for linear, {H.TRAIN_TOKENS} for lora/distill)")
+    p.add_argument("--heal-steps", type=positive_int, default=H.HEAL_STEPS, metavar="N",
+                   help=f"lora/distill optimiser steps (default: {H.HEAL_STEPS})")
+    p.add_argument("--heal-rank", type=positive_int, default=H.HEAL_RANK, metavar="R",
+                   help=f"LoRA rank (default: {H.HEAL_RANK})")
+    p.add_argument("--heal-lr", type=float, default=H.HEAL_LR, metavar="LR",
+                   help=f"lora/distill peak learning rate (default: {H.HEAL_LR:g})")
+    p.add_argument("--heal-time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop lora/distill training after this many seconds (the steps done are kept)")
+    p.add_argument("--heal-seqlen", type=positive_int, default=H.HEAL_SEQLEN, metavar="T",
+                   help=f"tokens per healing window (default: {H.HEAL_SEQLEN})")
+
+
+def check_heal_args(args) -> list[str]:
+    """The healing methods asked for, checked with their data and options before a model is loaded."""
+    from shapprune.errors import UserError
+    from shapprune.heal import check_heal_data, parse_methods
+
+    methods = parse_methods(getattr(args, "heal", None))
+    if args.heal_lr is not None and not args.heal_lr > 0:
+        raise UserError(f"--heal-lr {args.heal_lr} must be positive, e.g. --heal-lr 5e-4")
+    if args.heal_time_limit is not None and not args.heal_time_limit > 0:
+        raise UserError(f"--heal-time-limit {args.heal_time_limit} must be positive (seconds)")
+    if not methods:
+        given = [f for f, d in (("--heal-data", None), ("--heal-tokens", None), ("--heal-time-limit", None))
+                 if getattr(args, f[2:].replace("-", "_")) is not d]
+        if given:
+            raise UserError(f"{given[0]} applies only with --heal METHOD; add --heal or leave it out")
+        return methods
+    if args.heal_data is not None:
+        check_heal_data(args.heal_data)
+    elif getattr(args, "data", None) is not None:
+        check_heal_data(args.data)
+    return methods
+
+
+def heal_from_args(args, model, tokenizer, removed, calibration, methods: list[str], out: Path):
+    """Heal ``model`` for the removal of ``removed`` (or an already-pruned model: ``removed`` empty) and
+    remove the layers; ``(model, record)``. LoRA checkpoints go beside ``out`` so a re-run resumes."""
+    from shapprune.heal import heal_and_remove
+
+    ckpt = out.parent / f".{out.name}.heal-checkpoint"
+    data = args.heal_data or (None if calibration is not None else getattr(args, "data", None))
+    return heal_and_remove(model, tokenizer, removed, methods, calibration, data=data,
+                           seqlen=args.heal_seqlen, tokens=args.heal_tokens, steps=args.heal_steps,
+                           rank=args.heal_rank, lr=args.heal_lr, time_limit=args.heal_time_limit,
+                           checkpoint_dir=str(ckpt), progress=show_progress(args))
 
 
 def default_out(model: str, tag: str) -> Path:
@@ -110,28 +173,49 @@ def run(args) -> int:
 def run_manual(args) -> int:
     from shapprune.errors import UserError
 
-    if args.out_format == "gguf":
+    methods = check_heal_args(args)
+    if args.out_format == "gguf" and not methods:
         return run_manual_gguf(args)
     from shapprune.cli.quantize_cmd import check_quantize_args
     from shapprune.models.layers import find_layer_stack, parse_layer_list, remove_layers
-    from shapprune.outputs.atomic import atomic_dir, check_out_dir
+    from shapprune.outputs.atomic import atomic_dir, check_out_dir, write_json
+    from shapprune.outputs.gguf import GGUF_NAME, changed_tensors, gguf_source, write_pruned_gguf
     from shapprune.outputs.quantize import save_pruned
     from shapprune.outputs.save import save_dtype
 
     out = Path(args.out) if args.out else default_out(args.model, "manual")
     check_out_dir(out)
     check_quantize_args(args)
+    if methods:
+        check_data_early(args)
+    gguf_src = gguf_source(args.model) if args.out_format == "gguf" else None
     model, tokenizer = load(args)
     stack = find_layer_stack(model)
     drop = parse_layer_list(args.drop, stack.num_layers, "--drop")
     num_layers = stack.num_layers
     if len(drop) == num_layers:
         raise UserError(f"that would drop all {num_layers} layers; keep at least one")
-    kept = remove_layers(model, drop)
-    meta = {"source": args.model, "num_layers": num_layers, "removed": drop, "kept": kept, "method": "manual"}
+    meta = {"source": args.model, "num_layers": num_layers, "removed": drop,
+            "kept": [i for i in range(num_layers) if i not in set(drop)], "method": "manual"}
+    if methods:
+        win = windows(args, tokenizer, model, split="calibration")
+        model, meta["heal"] = heal_from_args(args, model, tokenizer, drop, win, methods, out)
+    else:
+        remove_layers(model, drop)
     with atomic_dir(out) as tmp:
-        save_pruned(model, tokenizer, tmp, meta, args.quantize, dtype=save_dtype(model, args.save_dtype))
-    print(f"removed layers {drop} of {num_layers}; {saved_line(meta)}; wrote {out}")
+        if gguf_src is not None:
+            meta["gguf"] = write_pruned_gguf(gguf_src, tmp / GGUF_NAME, drop, changed=changed_tensors(model, meta))
+            write_json(tmp / "pruning.json", meta)
+        else:
+            save_pruned(model, tokenizer, tmp, meta, args.quantize, dtype=save_dtype(model, args.save_dtype))
+    if meta.get("heal"):
+        print(heal_line(meta["heal"]))
+    if gguf_src is not None:
+        print(f"removed layers {drop} of {num_layers}; wrote {out / GGUF_NAME} ({_size_note(meta['gguf'])})")
+        if meta["gguf"].get("changed_tensors"):
+            print(gguf_changed_line(meta["gguf"]))
+    else:
+        print(f"removed layers {drop} of {num_layers}; {saved_line(meta)}; wrote {out}")
     return 0
 
 
@@ -192,6 +276,7 @@ def run_method(args) -> int:
     check_choice_args(args)
     check_data_early(args)
     check_quantize_args(args)
+    methods = check_heal_args(args)
     workers_from_args(args)
     out = Path(args.out) if args.out else default_out(args.model, args.method)
     check_out_dir(out)
@@ -203,11 +288,15 @@ def run_method(args) -> int:
         gguf_num_layers = inspect_gguf(gguf_src)[1]
     model, tokenizer, res = choose_from_args(args)
     record = res.record
+    if methods:
+        calib = getattr(res.game.evaluator, "windows", None)
+        model, record["heal"] = heal_from_args(args, model, tokenizer, record["removed"], calib, methods, out)
     if gguf_src is not None:
-        return write_method_gguf(args, out, gguf_src, gguf_num_layers, record, res, t0)
+        return write_method_gguf(args, out, gguf_src, gguf_num_layers, record, res, t0, model)
     if args.quantize:
         record["quantization"] = {"scheme": args.quantize, "chosen_on_quantized_model": args.quantize_before_choosing}
-    remove_layers(model, record["removed"])
+    if not methods:
+        remove_layers(model, record["removed"])
     with atomic_dir(out) as tmp:
         record["seconds"] = round(time.time() - t0, 3)
         save_pruned(model, tokenizer, tmp, record, args.quantize, dtype=save_dtype(model, args.save_dtype))
@@ -234,8 +323,34 @@ def print_summary(record: dict) -> None:
     if nz:
         print(noise_line(nz, (record.get("evidence") or {}).get("screen")))
     print(f"store: {ev['new']} new, {ev['reused']} reused evaluations on all windows; {record['seconds']:.1f} s")
+    if record.get("heal"):
+        print(heal_line(record["heal"]))
     if record.get("saved"):
         print(saved_line(record))
+
+
+def heal_line(h: dict) -> str:
+    """What healing did: method, tokens, steps, seconds, and held-out (and calibration) perplexity before and
+    after."""
+    b, a = h["ppl_before"], h["ppl_after"]
+    line = (f"healing {h['method']} on {h['tokens']} tokens of {h['data']}"
+            + (f", {h['steps']} steps" if h.get("steps") else "") + f", {h['seconds']:.1f} s: held-out perplexity "
+            f"{b['heldout']:.4f} -> {a['heldout']:.4f}")
+    if "calibration" in b:
+        line += f", calibration {b['calibration']:.4f} -> {a['calibration']:.4f}"
+    g = (h.get("gap_closed") or {}).get("heldout")
+    if g is not None:
+        line += f" ({100 * g:.0f}% of the held-out log-perplexity gap to the full model's {h['ppl_full']['heldout']:.4f} closed)"
+    skipped = [r for r in (h.get("linear") or {}).get("runs", []) if r.get("skipped")]
+    if skipped:
+        line += f"; linear map skipped for {len(skipped)} of {len(h['linear']['runs'])} runs ({skipped[0]['skipped']})"
+    return line
+
+
+def gguf_changed_line(g: dict) -> str:
+    types = ", ".join(f"{n} {t}" for t, n in g["changed_tensor_types"].items())
+    return f"healed tensors written: {types}" + (" (the source's type could not be written: F16 instead)"
+                                                 if g.get("changed_fallback") else "")
 
 
 def _num(x, spec: str = ".2f") -> str:
@@ -286,21 +401,24 @@ def saved_line(record: dict) -> str:
     return f"saved {saved['dtype']} weights, {saved['bytes'] / 1e6:.1f} MB"
 
 
-def write_method_gguf(args, out: Path, src: Path, num_layers: int, record: dict, res, t0: float) -> int:
+def write_method_gguf(args, out: Path, src: Path, num_layers: int, record: dict, res, t0: float, model=None) -> int:
     """The chosen layers removed from the source GGUF: ``model.gguf``, ``pruning.json`` and ``report.md``."""
     from shapprune.errors import UserError
     from shapprune.outputs.atomic import atomic_dir, write_json
-    from shapprune.outputs.gguf import GGUF_NAME, write_pruned_gguf
+    from shapprune.outputs.gguf import GGUF_NAME, changed_tensors, write_pruned_gguf
     from shapprune.outputs.report import write_outputs
 
     if record["num_layers"] != num_layers:
         raise UserError(f"the loaded model has {record['num_layers']} layers but {src.name} has {num_layers} blocks; "
                         "drop --out-format gguf to write a transformers checkpoint")
     with atomic_dir(out) as tmp:
-        record["gguf"] = write_pruned_gguf(src, tmp / GGUF_NAME, record["removed"])
+        changed = changed_tensors(model, record) if record.get("heal") else None
+        record["gguf"] = write_pruned_gguf(src, tmp / GGUF_NAME, record["removed"], changed=changed)
         record["seconds"] = round(time.time() - t0, 3)
         write_json(tmp / "pruning.json", record)
         write_outputs(tmp, record, (res.selection.extra or {}).get("info"))
     print_summary(record)
     print(f"wrote {out / GGUF_NAME} ({_size_note(record['gguf'])})")
+    if record["gguf"].get("changed_tensors"):
+        print(gguf_changed_line(record["gguf"]))
     return 0

@@ -282,9 +282,79 @@ def inspect_gguf(path: str | os.PathLike) -> tuple[str, int]:
     return source_info(read_metadata(reader), [t.name for t in reader.tensors], path)
 
 
-def write_pruned_gguf(src: str | os.PathLike, dst: str | os.PathLike, removed: Sequence[int]) -> dict:
+#: transformers' GGUF tensor processors whose load-time transform :func:`to_gguf_layout` inverts
+_INVERTIBLE = ("TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor")
+
+
+def _permute(w, n_head: int, n_head_kv: int | None = None):
+    """llama.cpp's Q/K row order from the Hugging Face one (``convert_hf_to_gguf``'s ``permute``)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def to_gguf_layout(processor_name: str, gguf_name: str, w, config) -> Any:
+    """A Hugging Face tensor as the GGUF stores it: the inverse of what transformers' tensor processor
+    ``processor_name`` does on loading (Llama's Q/K row permutation, Gemma's norm ``w − 1``)."""
+    if processor_name == "LlamaTensorProcessor":
+        heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+        if ".attn_q." in gguf_name:
+            return _permute(w, heads, heads)
+        if ".attn_k." in gguf_name:
+            return _permute(w, heads, kv)
+    if processor_name == "Gemma2TensorProcessor" and "norm.weight" in gguf_name:
+        return w + 1
+    return w
+
+
+def changed_tensors(model, record: dict) -> dict[str, Any] | None:
+    """``{GGUF tensor name (pruned numbering): float32 array}`` of the tensors healing changed
+    (``record["heal"]["changed"]``, names in the pruned model), in the GGUF's layout; ``None`` without healing.
+    A one-line error where transformers' loader transforms a changed tensor in a way not inverted here."""
+    heal = (record or {}).get("heal") or {}
+    names = heal.get("changed") or []
+    if not names or model is None:
+        return None
+    import transformers.modeling_gguf_pytorch_utils as gu
+
+    cfg = model.config
+    mt = getattr(cfg, "model_type", "")
+    proc_cls = gu.TENSOR_PROCESSORS.get("gemma3" if mt == "gemma3_text" else mt, gu.TensorProcessor)
+    if proc_cls.__name__ not in _INVERTIBLE:
+        raise UserError(f"healed tensors of a {mt} model cannot be written back into its GGUF layout (transformers "
+                        f"loads them through {proc_cls.__name__}); drop --out-format gguf or --heal")
+    mapping = {hf: g for g, hf in gu.get_gguf_hf_weights_map(model, proc_cls(config=cfg.to_dict())).items()}
+    state = model.state_dict()
+    out = {}
+    for name in names:
+        g = mapping.get(name)
+        if g is None:
+            raise UserError(f"healed tensor {name} has no GGUF name; drop --out-format gguf or --heal")
+        w = state[name].detach().to("cpu", dtype=__import__("torch").float32).numpy()
+        out[g] = to_gguf_layout(proc_cls.__name__, g, w, cfg)
+    return out
+
+
+def encode_tensor(w, source_type):
+    """``(data, type)``: ``w`` (float32) quantized to ``source_type`` where the ``gguf`` package can write it,
+    else F16 (F32 tensors stay F32)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    if source_type == GGMLQuantizationType.F32:
+        return np.ascontiguousarray(w, dtype=np.float32), source_type
+    try:
+        return quants.quantize(np.ascontiguousarray(w, dtype=np.float32), source_type), source_type
+    except (NotImplementedError, ValueError, KeyError):
+        return np.ascontiguousarray(w, dtype=np.float16), GGMLQuantizationType.F16
+
+
+def write_pruned_gguf(src: str | os.PathLike, dst: str | os.PathLike, removed: Sequence[int],
+                      changed: dict[str, Any] | None = None) -> dict:
     """Write ``src`` without the blocks in ``removed`` to ``dst`` (a new file; temporary file, then rename).
 
+    ``changed``: ``{pruned tensor name: float32 array}`` written instead of the source's bytes (healing), in the
+    source tensor's type where the ``gguf`` package can quantize to it, else F16 (:func:`encode_tensor`).
     Returns a summary for ``pruning.json``: file name, sizes, block counts, changed keys, tensor types.
     """
     from gguf import GGUFValueType, GGUFWriter, Keys
@@ -313,14 +383,30 @@ def write_pruned_gguf(src: str | os.PathLike, dst: str | os.PathLike, removed: S
             sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
             writer.add_key_value(name, plan.metadata[name], vtype, sub_type=sub_type)
         kept = [t for t in reader.tensors if plan.tensor_names[t.name] is not None]
+        new_names = {plan.tensor_names[t.name] for t in kept}
+        missing = sorted(set(changed or {}) - new_names)
+        if missing:
+            raise UserError(f"healed tensor {missing[0]} is not in {Path(src).name}; drop --out-format gguf")
+        payload, types, fallback = {}, [], False
         for t in kept:
-            writer.add_tensor_info(plan.tensor_names[t.name], t.data.shape, t.data.dtype, t.data.nbytes,
-                                   t.tensor_type)
+            name = plan.tensor_names[t.name]
+            if changed and name in changed:
+                w = changed[name]
+                want = tuple(int(x) for x in reversed(t.shape))  # GGUF's ne is innermost first
+                if tuple(w.shape) != want:
+                    raise UserError(f"healed tensor {name} has shape {tuple(w.shape)}, the GGUF's {want}")
+                data, qtype = encode_tensor(w, t.tensor_type)
+                fallback |= qtype != t.tensor_type
+                types.append(qtype.name)
+            else:
+                data, qtype = t.data, t.tensor_type
+            payload[name] = data
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in kept:
-            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+            writer.write_tensor_data(payload[plan.tensor_names[t.name]], tensor_endianess=reader.endianess)
         writer.close()
         if dst.exists():
             raise UserError(f"{dst} appeared while writing; choose a new output")
@@ -341,6 +427,8 @@ def write_pruned_gguf(src: str | os.PathLike, dst: str | os.PathLike, removed: S
         "alignment": int(reader.alignment),
         "metadata_changed": plan.changed,
         "tensor_types": dict(Counter(t.tensor_type.name for t in kept).most_common()),
+        **({"changed_tensors": len(types), "changed_tensor_types": dict(Counter(types).most_common()),
+            "changed_fallback": fallback} if changed else {}),
     }
 
 

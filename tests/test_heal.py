@@ -1,0 +1,286 @@
+"""Healing after removal (``shapprune.heal``): the linear repair's maths and folding, LoRA/distillation with
+resume, the refusals, and ``prune --heal`` end to end on a tiny model (and on SmolLM2 into a GGUF)."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from shapprune.cli import main
+from shapprune.errors import UserError
+from shapprune.heal import check_heal_data, gap_closed, heal_and_remove, parse_methods
+from shapprune.heal.finetune import lora_finetune, window_order
+from shapprune.heal.linear import (
+    Stats,
+    choose_ridge,
+    linear_repair,
+    map_error,
+    output_projection,
+    runs_of,
+    solve_diagonal,
+    solve_map,
+)
+from shapprune.models.layers import find_layer_stack, remove_layers
+from tiny import tiny_inputs, tiny_model
+
+
+def test_runs_of():
+    assert runs_of([7, 3, 4, 5, 9, 10]) == [(3, 5), (7, 7), (9, 10)]
+    assert runs_of([]) == []
+
+
+def test_solve_map_is_the_ridge_least_squares_solution():
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    T_true = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    R = M @ T_true
+    s = Stats.zeros(6)
+    s.add(M, R)
+    assert torch.allclose(solve_map(s.A, s.B, 0.0), T_true, atol=1e-10)
+    # a huge ridge gives back the identity: the unrepaired model
+    assert torch.allclose(solve_map(s.A, s.B, 1e12), torch.eye(6, dtype=torch.float64), atol=1e-6)
+    assert map_error(T_true, s) == pytest.approx(0.0, abs=1e-8)
+    d = torch.diagonal(T_true)
+    s2 = Stats.zeros(6)
+    s2.add(M, M * d)
+    assert torch.allclose(torch.diagonal(solve_diagonal(s2.A, s2.B, 0.0)), d, atol=1e-10)
+
+
+def test_choose_ridge_leaves_pure_noise_alone():
+    """Where the target is unrelated noise, no ridge strength beats the identity on held-out folds."""
+    g = torch.Generator().manual_seed(1)
+    folds = []
+    for _ in range(4):
+        M = torch.randn(30, 8, generator=g, dtype=torch.float64)
+        s = Stats.zeros(8)
+        s.add(M, M + 0.0 * M)  # R == M: the identity is exact
+        folds.append(s)
+    assert choose_ridge(folds)["alpha"] is None
+
+
+class Injected(nn.Module):
+    """A removed block that is exactly linear in the previous block's MLP output ``M``: it adds
+    ``M·(T* − I)`` to the residual stream, so ``Z = Y + M·T*``."""
+
+    def __init__(self, like: nn.Module, source: nn.Module, t_star: torch.Tensor):
+        super().__init__()
+        self.attention_type = getattr(like, "attention_type", None)
+        self.t_star = t_star
+        self.m = None
+        source.register_forward_hook(lambda mod, i, o: setattr(self, "m", o))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        eye = torch.eye(self.t_star.shape[0], dtype=hidden_states.dtype)
+        return hidden_states + self.m @ (self.t_star.to(hidden_states.dtype) - eye)
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_text"])
+def test_linear_repair_recovers_an_exactly_linear_removed_block(name):
+    """Llama: a full map folded into the down projection; Gemma 3: a diagonal map folded into the
+    post-feed-forward norm (its ``x·(1 + w)`` offset included). Repaired-and-removed equals the model with the
+    linear block to 1e-6."""
+    model = tiny_model(name).double()
+    stack = find_layer_stack(model)
+    before = stack.layers[1]
+    target = output_projection(model, before)
+    assert target.diagonal == (name == "gemma3_text")
+    g = torch.Generator().manual_seed(3)
+    d = model.config.hidden_size
+    t_star = (torch.diag(1 + 0.3 * torch.randn(d, generator=g, dtype=torch.float64)) if target.diagonal
+              else torch.eye(d, dtype=torch.float64) + 0.2 * torch.randn(d, d, generator=g, dtype=torch.float64))
+    stack.layers[2] = Injected(stack.layers[2], target.module, t_star)
+    ids = tiny_inputs(16, 24, seed=4)
+    want = _logits(model, ids)
+    rep = linear_repair(model, [2], ids, batch_size=4)
+    (run,) = rep["runs"]
+    assert "skipped" not in run and run["map"] == ("diagonal" if target.diagonal else "full")
+    assert run["fit_error"]["repaired"] < 1e-10 * run["fit_error"]["identity"]
+    remove_layers(model, [2])
+    got = _logits(model, ids)
+    assert (got - want).abs().max().item() < 1e-6
+    # the unrepaired model is far from it
+    assert rep["changed_params"] and all(p.dtype == torch.float64 for p in rep["changed_params"])
+
+
+def test_run_at_layer_zero_is_skipped_with_its_reason():
+    model = tiny_model("llama")
+    ref = tiny_model("llama")
+    ids = tiny_inputs(8, 16)
+    rep = linear_repair(model, [0, 1, 3], ids)
+    first, second = rep["runs"]
+    assert first["layers"] == [0, 1] and "layer 0" in first["skipped"]
+    assert second["layers"] == [3]
+    remove_layers(model, [0, 1, 3])
+    remove_layers(ref, [0, 1, 3])
+    # only layer 2's down projection may differ from plain removal
+    diff = [k for k, v in model.state_dict().items() if not torch.equal(v, ref.state_dict()[k])]
+    assert set(diff) <= {"model.layers.0.mlp.down_proj.weight"}
+
+
+def test_parse_methods_and_refusals(tmp_path):
+    assert parse_methods("none") == []
+    assert parse_methods("distill,linear") == ["linear", "distill"]
+    for bad in ("magic", "lora,distill", "linear,linear", "none,linear"):
+        with pytest.raises(UserError):
+            parse_methods(bad)
+    test = tmp_path / "test.raw.txt"
+    test.write_text("a line of test text that is long enough to count as shared text\n" * 3)
+    with pytest.raises(UserError, match="test text"):
+        check_heal_data(str(test))
+    overlap = tmp_path / "mine.txt"
+    overlap.write_text("my own text\na line of test text that is long enough to count as shared text\n")
+    with pytest.raises(UserError, match="shares text"):
+        check_heal_data(str(overlap))
+    clean = tmp_path / "train.txt"
+    clean.write_text("unrelated training text that shares nothing with the test file at all\n")
+    check_heal_data(str(clean))
+
+
+def test_gap_closed():
+    import math
+
+    assert gap_closed(10.0, 40.0, 20.0) == pytest.approx(math.log(2) / math.log(4))
+    assert gap_closed(10.0, 10.0, 10.0) is None
+
+
+def _merged_state(steps_ckpt, tmp_path, stop_at=None):
+    model = tiny_model("llama")
+    ids = tiny_inputs(8, 16, seed=5)
+
+    def on_step(step, loss):
+        if stop_at is not None and step == stop_at:
+            raise KeyboardInterrupt  # a kill after this step, before the next checkpoint
+
+    merged, info = lora_finetune(model, ids, None, steps=6, lr=1e-2, rank=2, batch_size=2,
+                                 checkpoint_dir=steps_ckpt, checkpoint_every=2, on_step=on_step)
+    return {k: v.clone() for k, v in merged.state_dict().items()}, info
+
+
+def test_killed_lora_run_resumes_where_an_uninterrupted_one_ends(tmp_path):
+    want, info = _merged_state(None, tmp_path)
+    assert info["steps"] == 6 and info["loss_last"] < info["loss_first"]
+    assert not any("lora" in k for k in want)  # merged: a plain checkpoint
+    assert any(not torch.equal(v, tiny_model("llama").state_dict()[k]) for k, v in want.items())
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        _merged_state(str(ckpt), tmp_path, stop_at=3)
+    assert (ckpt / "state.pt").is_file()
+    got, info2 = _merged_state(str(ckpt), tmp_path)
+    assert info2["resumed_from"] == 2 and info2["steps"] == 6
+    for k, v in want.items():
+        assert torch.allclose(got[k], v, atol=1e-6), k
+
+
+def test_window_order_is_seeded_and_covers_every_window():
+    a = window_order(5, 4, 3, seed=0)
+    assert a == window_order(5, 4, 3, seed=0) and len(a) == 4 and all(len(b) == 3 for b in a)
+    assert sorted(sum(a, [])[:5]) == list(range(5))
+
+
+def test_distill_heals_towards_the_unpruned_model(tmp_path):
+    """Distillation needs the unpruned model (the teacher); it trains, merges, and records before/after."""
+    from test_prune_shapley import TEXT, byte_tokenizer, tiny_llama
+
+    tok = byte_tokenizer()
+    model = tiny_llama(len(tok))
+    data = tmp_path / "heal.txt"
+    data.write_text(TEXT * 3)
+    healed, rec = heal_and_remove(model, tok, [1, 2], ["linear", "distill"], data=str(data), seqlen=64,
+                                  tokens=1024, steps=8, lr=5e-3, rank=4, batch_size=4)
+    assert find_layer_stack(healed).num_layers == 3
+    assert rec["method"] == "linear,distill" and rec["steps"] == 8 and rec["teacher"]["top_k"] > 0
+    assert rec["ppl_after"]["heldout"] < rec["ppl_before"]["heldout"]
+    assert not any("lora" in n for n, _ in healed.named_parameters())
+    assert rec["changed"] and all(n.startswith("model.layers.") for n in rec["changed"])
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch, tmp_path):
+    import shapprune.cli.prune_cmd as prune_cmd
+    from test_prune_shapley import TEXT, byte_tokenizer, tiny_llama
+
+    tok = byte_tokenizer()
+    monkeypatch.setattr(prune_cmd, "load", lambda args: (tiny_llama(len(tok)), tok))
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT * 3)
+    monkeypatch.setenv("SHAPPRUNE_STORE", str(tmp_path / "store.sqlite"))
+    return tok, ["--data", str(data), "--seqlen", "32", "--max-windows", "4", "--no-progress",
+                 "--heal-seqlen", "64"]
+
+
+@pytest.mark.parametrize("heal", ["linear", "lora"])
+def test_prune_heal_end_to_end_reloads_with_the_recorded_perplexity(tiny_cli, tmp_path, heal):
+    from transformers import AutoModelForCausalLM
+
+    from shapprune.heal import _ppl, heal_windows
+    from shapprune.models.data import make_windows
+
+    tok, args = tiny_cli
+    out = tmp_path / "out"
+    extra = ["--heal-steps", "4", "--heal-tokens", "512"] if heal == "lora" else []
+    assert main(["prune", "tiny", "--drop", "2,3", "--heal", heal, *args, *extra, "--out", str(out)]) == 0
+    rec = json.loads((out / "pruning.json").read_text())
+    h = rec["heal"]
+    assert h["method"] == heal and h["data"] == args[1] and h["seqlen"] == 64
+    assert set(h["ppl_before"]) == {"heldout", "calibration"} and h["ppl_full"]["heldout"] > 0
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == 3
+    calib = make_windows(tok, args[1], 32, max_windows=4, split="calibration", bos="auto", model=reloaded)
+    hd = heal_windows(tok, args[1], 64, h["tokens"], calib, bool(calib.bos))
+    assert _ppl(reloaded, hd.heldout) == pytest.approx(h["ppl_after"]["heldout"], rel=1e-4)
+    assert (out / "report.md").is_file() is False or "heal" in (out / "report.md").read_text().lower()
+
+
+def test_heal_options_are_checked_before_the_model_loads(monkeypatch, tmp_path, capsys):
+    import shapprune.cli.prune_cmd as prune_cmd
+
+    def boom(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(prune_cmd, "load", boom)
+    test = tmp_path / "test.raw.txt"
+    test.write_text("some test text\n" * 20)
+    cases = [["--heal", "magic"], ["--heal", "linear", "--heal-data", str(test)],
+             ["--heal-data", str(test)], ["--heal", "linear", "--heal-lr", "-1"]]
+    for extra in cases:
+        assert main(["prune", "tiny", "--drop", "1", *extra, "--out", str(tmp_path / "o")]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0], (extra, err)
+
+
+@pytest.mark.integration
+def test_smollm2_linear_heal_gguf_reloads_with_the_healed_logits(smollm2, tmp_path, monkeypatch):
+    """``--heal linear --out-format gguf``: the healed down projection is written in the source's Q4_1, every
+    other tensor byte for byte; the reloaded GGUF computes what the healed checkpoint computes, to that rounding."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+    from transformers import AutoModelForCausalLM
+
+    from conftest import WIKI_VALID, need
+
+    monkeypatch.setenv("SHAPPRUNE_STORE", str(tmp_path / "store.sqlite"))
+    common = ["smollm2-135m", "--drop", "3,4", "--heal", "linear", "--heal-tokens", "2048", "--data",
+              str(need(WIKI_VALID)), "--no-progress", "--dtype", "float32"]
+    hf, gg = tmp_path / "hf", tmp_path / "gg"
+    assert main(["prune", *common, "--out", str(hf), "--save-dtype", "float32"]) == 0
+    assert main(["prune", *common, "--out-format", "gguf", "--out", str(gg)]) == 0
+    rec = json.loads((gg / "pruning.json").read_text())
+    assert rec["gguf"]["changed_tensor_types"] == {"Q4_1": 1}
+    assert rec["heal"]["changed"] == ["model.layers.2.mlp.down_proj.weight"]
+    healed = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    w = healed.model.layers[2].mlp.down_proj.weight
+    q = quants.dequantize(quants.quantize(w.detach().numpy(), GGMLQuantizationType.Q4_1),
+                          GGMLQuantizationType.Q4_1)
+    with torch.no_grad():
+        w.copy_(torch.from_numpy(np.ascontiguousarray(q)))
+    reload = AutoModelForCausalLM.from_pretrained(gg, gguf_file="model.gguf", dtype=torch.float32)
+    assert torch.equal(reload.model.layers[2].mlp.down_proj.weight, w)
+    ids = torch.tensor([[1, 504, 3458, 282, 253, 1345, 30, 378, 314, 253, 2503]])
+    a, b = _logits(reload, ids), _logits(healed, ids)
+    assert (a - b).abs().max().item() < 1e-3
