@@ -14,6 +14,7 @@ COMMANDS = {
     "layers": "shapprune.cli.layers_cmd",
     "eval": "shapprune.cli.eval_cmd",
     "prune": "shapprune.cli.prune_cmd",
+    "heal": "shapprune.cli.heal_cmd",
     "shapley": "shapprune.cli.shapley_cmd",
     "compare": "shapprune.cli.compare_cmd",
     "store": "shapprune.cli.store_cmd",

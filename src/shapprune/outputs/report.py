@@ -136,6 +136,35 @@ def plot_surrogate(path: str | os.PathLike, measured: list[float], predicted: li
     return Path(path)
 
 
+def heal_section(h: dict | None) -> list[str]:
+    """report.md's lines on healing: method, data, cost, perplexity before and after, what each linear run got."""
+    if not h:
+        return []
+    lines = ["", "## Healing", "",
+             f"- method: `{h['method']}` on {h['tokens']} tokens ({h['windows']} windows of {h['seqlen']}) of "
+             f"`{h['data']}`, outside the {h.get('calibration_windows_excluded', 0)} calibration windows; "
+             f"{h['heldout_windows']} further windows held out to measure it"
+             + (f"; {h['steps']} steps" if h.get("steps") else "") + f"; {_fmt(h.get('seconds'))} s"]
+    rows = [("held-out", "heldout"), ("calibration", "calibration")]
+    lines += ["", "| perplexity | full model | removed, unhealed | healed | gap closed |", "|---|---|---|---|---|"]
+    for label, key in rows:
+        if key in h.get("ppl_after", {}):
+            g = (h.get("gap_closed") or {}).get(key)
+            lines.append(f"| {label} | {_fmt((h.get('ppl_full') or {}).get(key))} | {_fmt(h['ppl_before'][key])} | "
+                         f"{_fmt(h['ppl_after'][key])} | {'' if g is None else f'{100 * g:.0f}%'} |")
+    for run in (h.get("linear") or {}).get("runs", []):
+        what = (f"skipped: {run['skipped']}" if run.get("skipped") else
+                f"a {run.get('map', 'full')} map folded into layer {run['before']} (ridge α {run.get('alpha'):g})")
+        lines.append(f"- linear repair of layers {run['layers']}: {what}")
+    ft = h.get("finetune")
+    if ft:
+        lines.append(f"- LoRA rank {ft['rank']}, learning rate {ft['lr']:g}, {ft['steps']} of {ft['planned_steps']} "
+                     f"steps of {ft['tokens_per_step']} tokens, loss {_fmt(ft.get('loss_first'))} -> "
+                     f"{_fmt(ft.get('loss_last'))}" + (f" ({ft['stopped']})" if ft.get("stopped") else "")
+                     + "; adapters merged into the weights")
+    return lines
+
+
 def write_outputs(directory: str | os.PathLike, record: dict, info: dict | None) -> list[Path]:
     """Write ``report.md``, the value plot of :func:`value_plot` (when there are values) and ``surrogate.png``
     (when there is a surrogate with held-out points) into ``directory``."""
@@ -212,6 +241,7 @@ def render_report(record: dict, info: dict, has_sur_plot: bool) -> str:
     lines.append(f"- seed {r.get('seed')}; {_fmt(r.get('seconds'))} s")
     if info.get("strata"):
         lines.append(f"- strata (kept layers): {info['strata']}")
+    lines += heal_section(r.get("heal"))
     sur = r.get("surrogate")
     lines.append("")
     lines.append("## Surrogate")

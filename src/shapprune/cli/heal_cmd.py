@@ -1,0 +1,79 @@
+"""``shapprune heal DIR --heal METHOD``: repair a checkpoint that ``shapprune prune`` already wrote.
+
+``lora`` trains the pruned checkpoint itself. ``linear`` and ``distill`` need the unpruned model (the linear map
+is fitted on the removed layers' effect; distillation's teacher is the unpruned model): they load the source
+named in ``DIR/pruning.json`` (or ``--source``), and remove the same layers again, healed."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from shapprune.cli.common import show_progress
+
+HELP = "heal a checkpoint written by shapprune prune (lora on it; linear/distill from its source model)"
+log = logging.getLogger("shapprune")
+
+
+def add_arguments(p) -> None:
+    from shapprune.cli.prune_cmd import add_heal_args
+
+    p.add_argument("model", metavar="DIR", help="a checkpoint directory written by shapprune prune (with pruning.json)")
+    p.add_argument("--source", default=None, metavar="MODEL",
+                   help="the unpruned model, for linear/distill (default: the source named in DIR/pruning.json)")
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help="healing text when DIR/pruning.json names no calibration data (same as --heal-data)")
+    add_heal_args(p, default="lora")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 (as for prune)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", default=None,
+                   help="output directory; must not exist or be empty (default: shapprune-out/<dir>-heal-<time>)")
+
+
+def run(args) -> int:
+    from shapprune.cli.prune_cmd import check_heal_args, default_out, heal_from_args, heal_line, saved_line
+    from shapprune.errors import UserError
+    from shapprune.models.loading import load_model
+    from shapprune.outputs.atomic import atomic_dir, check_out_dir
+    from shapprune.outputs.quantize import save_pruned
+    from shapprune.outputs.save import save_dtype
+
+    src = Path(args.model).expanduser()
+    meta_path = src / "pruning.json"
+    if not (src / "config.json").is_file() or not meta_path.is_file():
+        raise UserError(f"{args.model} is not a checkpoint written by shapprune prune (needs config.json and "
+                        "pruning.json); give such a directory, or prune with --heal directly")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{meta_path} cannot be read as JSON ({exc}); give a directory written by shapprune prune"
+                        ) from None
+    if meta.get("heal"):
+        raise UserError(f"{args.model} is already healed ({meta['heal'].get('method')}); heal from the unhealed "
+                        "checkpoint or the source model")
+    args.data = args.data or (meta.get("calibration") or {}).get("data")
+    methods = check_heal_args(args)
+    if not methods:
+        raise UserError("--heal none heals nothing; choose lora, linear or distill")
+    if args.data is None and args.heal_data is None:
+        raise UserError("give the healing text with --heal-data (pruning.json names no calibration data)")
+    out = Path(args.out) if args.out else default_out(src.name, "heal")
+    check_out_dir(out)
+    if methods == ["lora"]:
+        model, tokenizer = load_model(str(src), device=args.device, dtype=args.dtype, progress=show_progress(args))
+        removed: list[int] = []
+    else:
+        source = args.source or meta.get("source")
+        removed = list(meta.get("removed") or [])
+        if not source or not removed:
+            raise UserError(f"{' and '.join(methods)} need the unpruned model; {meta_path} names no source and "
+                            "removed layers: pass --source MODEL")
+        model, tokenizer = load_model(source, device=args.device, dtype=args.dtype, progress=show_progress(args))
+    model, meta["heal"] = heal_from_args(args, model, tokenizer, removed, None, methods, out)
+    with atomic_dir(out) as tmp:
+        save_pruned(model, tokenizer, tmp, meta, None, dtype=save_dtype(model, "source"))
+    print(heal_line(meta["heal"]))
+    print(f"{saved_line(meta)}; wrote {out}")
+    return 0
