@@ -333,3 +333,20 @@ def test_heal_command_on_a_pruned_checkpoint(tmp_path, monkeypatch, capsys):
     assert main(["heal", str(src), "--heal", "lora", "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "already healed" in err[0] and "pruning.json" in err[1]
+
+
+def test_heal_then_quantize(tiny_cli, tmp_path):
+    """``--heal linear --quantize``: the healed model is what gets quantized, and it reloads."""
+    from transformers import AutoModelForCausalLM
+
+    tok, args = tiny_cli
+    out = tmp_path / "q"
+    assert main(["prune", "tiny", "--drop", "2,3", "--heal", "linear", "--quantize", "int8-weight-only", *args,
+                 "--out", str(out)]) == 0
+    rec = json.loads((out / "pruning.json").read_text())
+    assert rec["heal"]["method"] == "linear"
+    assert json.loads((out / "quantization.json").read_text())["scheme"] == "int8-weight-only"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 3
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.isfinite(_logits(model, ids)).all()
