@@ -38,13 +38,22 @@ def all_methods() -> list[str]:
     return names + (["exhaustive"] if "exhaustive" in METHODS else [])
 
 
+#: columns that are not layer selections: ``slicegpt`` slices every weight to an equal parameter count instead
+#: (not in ``all``; ask for it by name, e.g. ``--methods all,slicegpt``)
+WIDTH_METHODS = ("slicegpt",)
+
+
 def parse_methods(text: str) -> list[str]:
     if text.strip() == "all":
         return all_methods()
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
+    names = []
+    for m in (m.strip() for m in text.split(",")):
+        if m:
+            names += all_methods() if m == "all" else [m]
+    unknown = [m for m in names if m not in METHODS and m not in WIDTH_METHODS]
     if unknown or not names:
-        raise UserError(f"unknown method {unknown[0] if unknown else text!r}; use all or some of {', '.join(METHODS)}")
+        raise UserError(f"unknown method {unknown[0] if unknown else text!r}; use all or some of "
+                        f"{', '.join([*METHODS, *WIDTH_METHODS])}")
     return list(dict.fromkeys(names))
 
 
@@ -72,12 +81,15 @@ class Row:
     evaluations: int
     seconds: float
     tasks: dict | None = None
+    slicing: dict | None = None  # slicegpt: width, parameter counts, calibration
 
     def as_dict(self) -> dict:
         d = {"method": self.method, "n": self.n, "removed": self.removed, "calib_ppl": self.calib_ppl,
              "test_ppl": self.test_ppl, "evaluations": self.evaluations, "seconds": self.seconds}
         if self.tasks is not None:
             d["tasks"] = self.tasks
+        if self.slicing is not None:
+            d["slicing"] = self.slicing
         return d
 
 
@@ -103,6 +115,9 @@ def run_comparison(model, tokenizer, calib_windows, calib_game: ModelGame, test_
     num = calib_game.n_players
     rows, skipped = [], []
     for name in methods:
+        if name in WIDTH_METHODS:
+            rows += [slicegpt_row(model, calib_windows, test_game, n, batch_size, options or {}) for n in counts]
+            continue
         for n in counts:
             ctx = SelectionContext(model=model, tokenizer=tokenizer, windows=calib_windows, game=calib_game,
                                    seed=seed, budget=(budgets or {}).get(name, budget), batch_size=batch_size,
@@ -132,6 +147,34 @@ def run_comparison(model, tokenizer, calib_windows, calib_game: ModelGame, test_
         full["tasks"] = task_fn(list(range(num)))
     t1 = table1_analysis(calib_game, test_game, (options or {}).get("exhaustive_budget")) if table1 else None
     return Comparison(rows, full, skipped, t1)
+
+
+def slicegpt_row(model, calib_windows, test_game: ModelGame, n: int, batch_size: int, options: dict) -> Row:
+    """SliceGPT at the parameter count of the model with ``n`` layers removed: the largest width (a multiple of 8)
+    whose sliced model has no more parameters (shortcut matrices counted unless ``options['slicegpt_match']`` is
+    ``without-shortcuts``), calibrated on the comparison's calibration windows, evaluated on both window sets."""
+    from shapprune.engine.ppl import sequence_nll
+    from shapprune.methods import slicegpt
+
+    with_sc = options.get("slicegpt_match", "with-shortcuts") != "without-shortcuts"
+    target = slicegpt.layer_removed_params(model, n)
+    width = slicegpt.equal_param_width(model, target, shortcuts=with_sc)
+    t0 = time.perf_counter()
+    sliced, info = slicegpt.sliced_copy(model, calib_windows.input_ids, width, batch_size)
+    seconds = time.perf_counter() - t0
+    calib = sequence_nll(sliced, calib_windows.input_ids, batch_size=batch_size, progress=False).perplexity
+    test = sequence_nll(sliced, test_game.evaluator.windows.input_ids, batch_size=test_game.evaluator.batch_size,
+                        progress=False).perplexity
+    del sliced
+    dense = slicegpt.unique_params(model)
+    slicing = {"width": width, "hidden_size": info["hidden_size"], "matched": "with shortcuts" if with_sc
+               else "without shortcuts", "target_params": target, "dense_params": dense,
+               "params": info["params"], "params_with_shortcuts": info["params_with_shortcuts"],
+               "shortcut_params": info["shortcut_params"], "calibration_tokens": info["calibration_tokens"],
+               "saved": False}
+    log.info("slicegpt   N=%-2d width %d  params %d (+%d shortcuts) vs %d  calib %.3f  test %.3f  (%.1fs)", n, width,
+             info["params"], info["shortcut_params"], target, calib, test, seconds)
+    return Row("slicegpt", n, [], float(calib), float(test), 0, round(seconds, 2), slicing=slicing)
 
 
 def table1_analysis(calib_game: ModelGame, test_game: ModelGame, exhaustive_budget: int | None = None) -> dict:
@@ -198,6 +241,19 @@ def results_markdown(cmp: Comparison, counts: list[int], methods: list[str], hea
               "|---|---|---|---|---|"]
     for r in cmp.rows:
         lines.append(f"| {r.method} | {r.n} | {','.join(map(str, r.removed))} | {_f(r.calib_ppl)} | {_f(r.test_ppl)} |")
+    sliced = [r for r in cmp.rows if r.slicing]
+    if sliced:
+        lines += ["", "## SliceGPT at equal parameters", "",
+                  "Width k: the largest multiple of 8 whose sliced model has no more parameters than the model with N",
+                  "layers removed (`target`); parameters without and with the shortcut matrices ((2L−1)·k² + k·D).",
+                  "The sliced model is evaluated in memory and never saved (it needs shapprune's forward).", "",
+                  "| N | width k / D | matched | target | params | params + shortcuts | calibration tokens | "
+                  "calib PPL | test PPL |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in sliced:
+            s = r.slicing
+            lines.append(f"| {r.n} | {s['width']} / {s['hidden_size']} | {s['matched']} | {s['target_params']:,} | "
+                         f"{s['params']:,} | {s['params_with_shortcuts']:,} | {s['calibration_tokens']:,} | "
+                         f"{_f(r.calib_ppl)} | {_f(r.test_ppl)} |")
     if any(r.tasks for r in cmp.rows):
         names = list(next(r.tasks for r in cmp.rows if r.tasks)["tasks"])
         lines += ["", "## Zero-shot accuracy (headline metric per task)", "",

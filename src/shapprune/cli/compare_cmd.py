@@ -46,6 +46,9 @@ def add_arguments(p) -> None:
     p.add_argument("--tasks", default=None, help="also zero-shot tasks, e.g. piqa,arc_easy (with --task-dir)")
     p.add_argument("--task-dir", default=None, help="directory of local task files <name>.jsonl")
     p.add_argument("--limit", type=positive_int, default=None, help="first N items of each task")
+    p.add_argument("--slicegpt-match", choices=("with-shortcuts", "without-shortcuts"), default="with-shortcuts",
+                   help="slicegpt column: match the N-layers-removed parameter count counting its shortcut "
+                        "matrices (default) or not (the paper-era convention)")
     p.add_argument("--no-table1", action="store_true", help="skip the N=2 static/greedy/exhaustive analysis")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     add_worker_args(p)
@@ -54,6 +57,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from shapprune.compare import (
         SKIPPABLE,
+        WIDTH_METHODS,
         parse_counts,
         parse_methods,
         plot_ppl_vs_removed,
@@ -67,7 +71,8 @@ def run(args) -> int:
 
     t0 = time.time()
     methods = parse_methods(args.methods)
-    check_selection_args(args, methods, own_budgets=OWN_BUDGETS)
+    selections = [m for m in methods if m not in WIDTH_METHODS]
+    check_selection_args(args, selections, own_budgets=OWN_BUDGETS)
     # each method's budget: its own flag's value (None: its default), --budget for the rest
     budget_of = {m: getattr(args, flag.lstrip("-").replace("-", "_")) for m, flag in OWN_BUDGETS.items()}
     counts = parse_counts(args.remove)
@@ -75,6 +80,10 @@ def run(args) -> int:
     check_out_dir(out)
     check_data_early(args)
     workers = workers_from_args(args)
+    if "slicegpt" in methods:
+        from shapprune.methods.slicegpt import check_spec
+
+        check_spec(args.model)  # an unsupported family is refused before the model loads
     task_fn = None
     if args.tasks:
         from shapprune.zeroshot import check_limit, load_tasks, parse_tasks
@@ -87,7 +96,11 @@ def run(args) -> int:
     from shapprune.methods import check_selection
     from shapprune.models.layers import find_layer_stack
 
-    for name in methods:  # a bad budget or strata fails here, before any evaluation
+    if "slicegpt" in methods:
+        from shapprune.methods.slicegpt import check_model
+
+        check_model(model)
+    for name in selections:  # a bad budget or strata fails here, before any evaluation
         if name not in SKIPPABLE:
             check_selection(name, find_layer_stack(model).num_layers, min(counts), budget_of.get(name, args.budget),
                             selection_options(args))
@@ -115,7 +128,8 @@ def run(args) -> int:
             return evaluate_tasks(model, tokenizer, names, args.task_dir, args.limit, args.batch_size, kept=kept,
                                   progress=show_progress(args))
 
-    options = {**selection_options(args), "exhaustive_budget": args.exhaustive_budget}
+    options = {**selection_options(args), "exhaustive_budget": args.exhaustive_budget,
+               "slicegpt_match": args.slicegpt_match}
     cmp = run_comparison(model, tokenizer, calib, calib_game, test_game, methods=methods, counts=counts,
                          seed=args.seed, budget=args.budget, options=options, batch_size=args.batch_size,
                          table1=not args.no_table1, task_fn=task_fn, budgets=budget_of)

@@ -31,6 +31,14 @@ def add_arguments(p) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--drop", default=None, help="0-based layers to skip, e.g. 3,7")
     group.add_argument("--keep", default=None, help="0-based layers to keep (all others skipped)")
+    group.add_argument("--slice", type=float, default=None, metavar="FRACTION",
+                       help="SliceGPT: rotate and slice the residual stream by FRACTION (e.g. 0.25; width "
+                            "int((1-FRACTION)·D) rounded down to a multiple of 8), then evaluate (llama, mistral, "
+                            "qwen2, qwen3, opt; in memory only, nothing is saved)")
+    p.add_argument("--slice-data", default="wikitext2", help="--slice calibration text (default: wikitext2)")
+    p.add_argument("--slice-seqlen", type=positive_int, default=512, help="--slice calibration window (default: 512)")
+    p.add_argument("--slice-windows", type=positive_int, default=32,
+                   help="--slice calibration windows, in order (default: 32)")
     add_data_args(p, data="wikitext2", seqlen=2048, max_windows=None, batch_size=1)
     p.set_defaults(batch_size=None)  # 1 window for perplexity, 16 requests with --tasks
     p.add_argument("--tasks", default=None, metavar="A,B,...",
@@ -45,13 +53,61 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     check_json_early(args)
+    if args.tasks is not None and args.slice is not None:
+        from shapprune.errors import UserError
+
+        raise UserError("--slice measures perplexity only; drop --tasks or --slice")
     if args.tasks is not None:
         return run_tasks(args)
     from shapprune.errors import UserError
 
     if args.task_dir is not None or args.limit is not None:
         raise UserError("--task-dir and --limit only apply with --tasks, e.g. --tasks piqa --task-dir DIR")
+    if args.slice is not None:
+        return run_sliced(args)
     return run_ppl(args)
+
+
+def run_sliced(args) -> int:
+    """``eval --slice FRACTION``: SliceGPT on calibration windows, then perplexity of the sliced model."""
+    from shapprune.engine.ppl import sequence_nll
+    from shapprune.errors import UserError
+    from shapprune.methods import slicegpt
+    from shapprune.models.data import make_windows
+
+    if not 0 <= args.slice < 1:
+        raise UserError(f"--slice {args.slice}: give a fraction in [0, 1), e.g. 0.25")
+    check_data_early(args)
+    slicegpt.check_spec(args.model)  # an unsupported family is refused before the model loads
+    model, tokenizer = load(args)
+    slicegpt.check_model(model)
+    d = model.config.hidden_size
+    width = slicegpt.kept_width(d, args.slice)
+    if width < 8:
+        raise UserError(f"--slice {args.slice} leaves no width of 8 or more of {d}")
+    calib = make_windows(tokenizer, args.slice_data, args.slice_seqlen, max_windows=args.slice_windows,
+                         split="calibration", bos=args.bos, model=model)
+    dense = slicegpt.unique_params(model)
+    t0 = time.time()
+    info = slicegpt.slice_model(model, slicegpt.calibration_batches(calib.input_ids, 8), width)
+    slicing_seconds = round(time.time() - t0, 3)
+    counts = slicegpt.param_counts(model)
+    win = windows(args, tokenizer, model, split="evaluation")
+    t0 = time.time()
+    res = sequence_nll(model, win.input_ids, batch_size=args.batch_size or DEFAULT_BATCH["ppl"],
+                       progress=show_progress(args))
+    result = {
+        "model": args.model, "slice": args.slice, "width": width, "hidden_size": d, "dense_params": dense,
+        **counts, "calibration": calib.describe(), "calibration_tokens": info["calibration_tokens"],
+        "slicing_seconds": slicing_seconds, "saved": False, "note": slicegpt.SAVE_NOTE,
+        "data": win.data, "seqlen": win.seqlen, "windows": win.num_windows, "tokens": res.tokens, "bos": win.bos,
+        "perplexity": res.perplexity, "seconds": round(time.time() - t0, 3),
+    }
+    print(f"perplexity {res.perplexity:.4f} ({win.num_windows} windows × {win.seqlen} tokens of {win.data}; "
+          f"sliced {args.slice:g}: width {width} of {d}, {counts['params']:,} parameters, "
+          f"{counts['params_with_shortcuts']:,} with shortcuts, dense {dense:,}; not saved)")
+    write_json_arg(args, result)
+    return 0
 
 
 def run_ppl(args) -> int:
