@@ -124,3 +124,29 @@ def test_quantized_prune_reloads(gemma3, tmp_path, capsys):
     with torch.no_grad():
         logits = loaded(torch.tensor([[2, 651, 3433, 576]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_linear_heal_into_gguf_reloads_with_the_healed_logits(tmp_path, capsys, monkeypatch):
+    """Gemma 3's MLP output passes through a norm: the linear repair is a diagonal map folded into that norm's
+    weight (F32 in the GGUF, so written exactly, with Gemma's ``w + 1`` layout). The healed GGUF reloads with the
+    logits of the healed checkpoint."""
+    from tiny_gguf import load_gguf
+
+    monkeypatch.setenv("SHAPPRUNE_STORE", str(tmp_path / "store.sqlite"))
+    common = ["gemma3-270m", "--drop", "6,7,8,9,10,11", "--heal", "linear", "--heal-tokens", "1024", "--data",
+              str(need(WIKI_VALID)), "--no-progress", "--dtype", "float32", "--seqlen", "128", "--max-windows", "2",
+              "--heal-seqlen", "128"]
+    hf, gg = tmp_path / "hf", tmp_path / "gg"
+    assert main(["prune", *common, "--out", str(hf), "--save-dtype", "float32"]) == 0
+    assert main(["prune", *common, "--out-format", "gguf", "--out", str(gg)]) == 0
+    capsys.readouterr()
+    rec = json.loads((gg / "pruning.json").read_text())
+    assert rec["heal"]["linear"]["runs"][0]["map"] == "diagonal"
+    assert rec["heal"]["changed"] == ["model.layers.5.post_feedforward_layernorm.weight"]
+    assert rec["gguf"]["changed_tensor_types"] == {"F32": 1} and not rec["gguf"]["changed_fallback"]
+    assert rec["heal"]["ppl_after"]["heldout"] < rec["heal"]["ppl_before"]["heldout"]
+    healed = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    reload = load_gguf(gg / "model.gguf")
+    ids = torch.tensor([[2, 818, 19744, 563, 236743, 236800, 236778, 236812, 17942]])
+    with torch.no_grad():
+        torch.testing.assert_close(reload(ids).logits, healed(ids).logits, rtol=0, atol=1e-4)
