@@ -102,3 +102,55 @@ def test_a_failing_method_is_an_error_not_a_skipped_row(setup, capsys, monkeypat
     analysis = json.loads((tmp / "d" / "analysis.json").read_text())
     assert analysis["skipped"] == [{"method": "exhaustive", "n": 2, "reason": analysis["skipped"][0]["reason"]}]
     assert "give --exhaustive-budget 10" in analysis["skipped"][0]["reason"]  # compare's flag, not prune's
+
+
+def test_compare_heal_linear_columns(setup, capsys):
+    """--heal linear: every selection healed on a copy (a set two methods chose, once), its healed test
+    perplexity equal to healing the same set independently, the unhealed column unchanged, a results.md table."""
+    import torch
+
+    from shapprune.engine.ppl import sequence_nll
+    from shapprune.heal import heal_and_remove
+    from shapprune.models.data import make_windows
+    from shapprune.models.loading import load_model
+
+    ck, data, tmp = setup
+    text = " ".join(f"line {i} of the healing text, number {i * 7 % 13}." for i in range(400))
+    (tmp / "h.txt").write_text(text)
+    data = str(tmp / "h.txt")
+    base = ["-q", "compare", ck, "--remove", "1,2", "--data", data, "--seqlen", "32", "--max-windows", "4",
+            "--eval-data", data, "--eval-seqlen", "64", "--eval-max-windows", "2", "--no-table1", "--dtype", "float32"]
+    assert main(base + ["--methods", "ppl,sleb", "--out", str(tmp / "plain")]) == 0
+    assert main(base + ["--methods", "ppl,sleb", "--heal", "linear", "--heal-seqlen", "32", "--heal-tokens", "256",
+                        "--out", str(tmp / "healed")]) == 0
+    plain = {(r["method"], r["n"]): r for r in json.loads((tmp / "plain" / "results.json").read_text())}
+    rows = json.loads((tmp / "healed" / "results.json").read_text())
+    assert len(rows) == 4
+    for r in rows:
+        p = plain[(r["method"], r["n"])]
+        assert r["removed"] == p["removed"] and r["test_ppl"] == pytest.approx(p["test_ppl"], rel=1e-9)
+        h = r["healed"]
+        assert h["method"] == "linear" and h["unhealed_test_ppl"] == pytest.approx(r["test_ppl"], rel=1e-6)
+        assert h["record"]["tokens"] == 256 and h["test_ppl"] != r["test_ppl"]
+    # one set healed independently gives the same healed test perplexity
+    r = rows[-1]
+    model, tok = load_model(ck, dtype=torch.float32)
+    calib = make_windows(tok, data, 32, max_windows=4, split="calibration", model=model)
+    test = make_windows(tok, data, 64, max_windows=2, split="evaluation", model=model)
+    healed, _ = heal_and_remove(model, tok, r["removed"], ["linear"], calib, seqlen=32, tokens=256)
+    with torch.inference_mode():
+        ppl = sequence_nll(healed, test.input_ids, batch_size=2, progress=False).perplexity
+    assert r["healed"]["test_ppl"] == pytest.approx(ppl, rel=1e-6)
+    md = (tmp / "healed" / "results.md").read_text()
+    assert "## After healing (--heal linear)" in md and "| sleb |" in md.split("## After healing")[1]
+    assert "healing: linear" in md
+
+
+def test_compare_heal_refused_before_loading(setup, capsys, monkeypatch):
+    import shapprune.cli.compare_cmd as cc
+
+    ck, data, tmp = setup
+    monkeypatch.setattr(cc, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["-q", "compare", ck, "--remove", "1", "--data", data, "--heal", "sideways",
+                 "--out", str(tmp / "o")]) == 2
+    assert "unknown healing method" in capsys.readouterr().err

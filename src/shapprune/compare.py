@@ -82,6 +82,7 @@ class Row:
     seconds: float
     tasks: dict | None = None
     slicing: dict | None = None  # slicegpt: width, parameter counts, calibration
+    healed: dict | None = None  # compare --heal: the healed model's perplexities and the healing record
 
     def as_dict(self) -> dict:
         d = {"method": self.method, "n": self.n, "removed": self.removed, "calib_ppl": self.calib_ppl,
@@ -90,6 +91,8 @@ class Row:
             d["tasks"] = self.tasks
         if self.slicing is not None:
             d["slicing"] = self.slicing
+        if self.healed is not None:
+            d["healed"] = self.healed
         return d
 
 
@@ -104,16 +107,19 @@ class Comparison:
 def run_comparison(model, tokenizer, calib_windows, calib_game: ModelGame, test_game: ModelGame, *,
                    methods: list[str], counts: list[int], seed: int = 0, budget: int | None = None,
                    options: dict | None = None, batch_size: int = 16, table1: bool = True,
-                   task_fn=None, budgets: dict | None = None) -> Comparison:
+                   task_fn=None, budgets: dict | None = None, heal: dict | None = None) -> Comparison:
     """Run every method for every N; measure calibration and test perplexity of each selection.
 
     ``evaluations`` is the number of distinct masks a method asked the game for (its cost if run alone,
     whether or not the store already held them); ``seconds`` is the wall time spent choosing in this run.
     ``task_fn(kept) -> dict`` adds zero-shot results per row when given. ``budgets`` overrides ``budget`` per
-    method (``None``: the method's own default).
+    method (``None``: the method's own default). ``heal``: keyword arguments of
+    :func:`shapprune.heal.heal_and_remove` (``methods`` included); each selection is then also healed on a copy
+    of the model and its healed perplexities kept in ``Row.healed`` (a set chosen by several methods is healed once).
     """
     num = calib_game.n_players
     rows, skipped = [], []
+    healed_sets: dict[tuple, dict] = {}
     for name in methods:
         if name in WIDTH_METHODS:
             rows += [slicegpt_row(model, calib_windows, test_game, n, batch_size, options or {}) for n in counts]
@@ -139,7 +145,13 @@ def run_comparison(model, tokenizer, calib_windows, calib_game: ModelGame, test_
             test = float(test_game.perplexities(mask)[0])
             kept = [i for i in range(num) if i not in sel.removed]
             tasks = task_fn(kept) if task_fn is not None else None
-            rows.append(Row(name, n, sel.removed, calib, test, asked, round(seconds, 2), tasks))
+            healed = None
+            if heal:
+                key = tuple(sorted(sel.removed))
+                if key not in healed_sets:
+                    healed_sets[key] = heal_selection(model, tokenizer, calib_windows, test_game, sel.removed, heal)
+                healed = healed_sets[key]
+            rows.append(Row(name, n, sel.removed, calib, test, asked, round(seconds, 2), tasks, healed=healed))
             log.info("%-10s N=%-2d removed %s  calib %.3f  test %.3f  (%d evaluations, %.1fs)", name, n,
                      sel.removed, calib, test, asked, seconds)
     full = {"calib_ppl": calib_game.full_perplexity, "test_ppl": test_game.full_perplexity}
@@ -175,6 +187,39 @@ def slicegpt_row(model, calib_windows, test_game: ModelGame, n: int, batch_size:
     log.info("slicegpt   N=%-2d width %d  params %d (+%d shortcuts) vs %d  calib %.3f  test %.3f  (%.1fs)", n, width,
              info["params"], info["shortcut_params"], target, calib, test, seconds)
     return Row("slicegpt", n, [], float(calib), float(test), 0, round(seconds, 2), slicing=slicing)
+
+
+def heal_selection(model, tokenizer, calib_windows, test_game: ModelGame, removed, heal: dict) -> dict:
+    """Heal a copy of ``model`` for the removal of ``removed`` (``heal``: :func:`~shapprune.heal.heal_and_remove`'s
+    keyword arguments, ``methods`` included) and measure the healed model on the calibration and test windows;
+    the original model is untouched."""
+    import copy
+
+    import torch
+
+    from shapprune.engine.ppl import sequence_nll
+    from shapprune.heal import gap_closed, heal_and_remove
+
+    opts = dict(heal)
+    methods = opts.pop("methods")
+    t0 = time.perf_counter()
+    healed, rec = heal_and_remove(copy.deepcopy(model), tokenizer, list(removed), methods, calib_windows, **opts)
+    with torch.inference_mode():
+        calib = sequence_nll(healed, calib_windows.input_ids, batch_size=test_game.evaluator.batch_size,
+                             progress=False).perplexity
+        test = sequence_nll(healed, test_game.evaluator.windows.input_ids,
+                            batch_size=test_game.evaluator.batch_size, progress=False).perplexity
+    del healed
+    num = test_game.n_players
+    unhealed = float(test_game.perplexities(mask_without(num, list(removed))[None])[0])
+    out = {"method": rec["method"], "calib_ppl": float(calib), "test_ppl": float(test), "unhealed_test_ppl": unhealed,
+           "test_gap_closed": gap_closed(test_game.full_perplexity, unhealed, float(test)),
+           "seconds": round(time.perf_counter() - t0, 2),
+           "record": {k: rec[k] for k in ("tokens", "steps", "ppl_before", "ppl_after", "gap_closed", "seconds")
+                      if k in rec}}
+    log.info("healed %-8s removed %s  test %.3f -> %.3f  (%.1fs)", rec["method"], sorted(removed), unhealed, test,
+             out["seconds"])
+    return out
 
 
 def table1_analysis(calib_game: ModelGame, test_game: ModelGame, exhaustive_budget: int | None = None) -> dict:
@@ -214,9 +259,23 @@ def _f(x) -> str:
     return f"{x:.2f}" if x < 1000 else f"{x:.4g}"
 
 
+def describe_windows(d: dict) -> str:
+    """A window set (:meth:`Windows.describe`) as prose: ``wikitext2: 5 windows of 256 tokens at random offsets,
+    seed 0 (1275 tokens predicted, BOS first)``."""
+    what = f"{d.get('windows')} windows of {d.get('seqlen')} tokens"
+    if d.get("layout"):
+        layout = str(d["layout"])
+        what += (f" at {layout}" if layout.startswith("random") else f" taken {layout}" if layout == "in order"
+                 else f", {layout}")
+    extra = [f"{d['tokens']} tokens predicted" if d.get("tokens") is not None else None,
+             "BOS first" if d.get("bos") else "no BOS"]
+    return f"{d.get('data')}: {what} ({', '.join(x for x in extra if x)})"
+
+
 def results_markdown(cmp: Comparison, counts: list[int], methods: list[str], header: dict) -> str:
     lines = ["# shapprune compare", ""]
-    lines += [f"- {k}: {v}" for k, v in header.items()]
+    lines += [f"- {k}: {describe_windows(v) if isinstance(v, dict) and 'seqlen' in v else v}"
+              for k, v in header.items()]
     lines += [f"- full model: calibration PPL {_f(cmp.full['calib_ppl'])}, test PPL {_f(cmp.full['test_ppl'])}", ""]
     by = {(r.method, r.n): r for r in cmp.rows}
     lines += ["## Test perplexity (lower is better)", "",
@@ -254,6 +313,31 @@ def results_markdown(cmp: Comparison, counts: list[int], methods: list[str], hea
             lines.append(f"| {r.n} | {s['width']} / {s['hidden_size']} | {s['matched']} | {s['target_params']:,} | "
                          f"{s['params']:,} | {s['params_with_shortcuts']:,} | {s['calibration_tokens']:,} | "
                          f"{_f(r.calib_ppl)} | {_f(r.test_ppl)} |")
+    healed = [r for r in cmp.rows if r.healed]
+    if healed:
+        how = healed[0].healed["method"]
+        lines += ["", f"## After healing (--heal {how}): test perplexity healed (unhealed)", "",
+                  "Each method's set healed on a copy of the model with healing text outside the calibration "
+                  "windows;", "gap closed: the share of the test log-perplexity gap to the full model that healing "
+                  "closed.", "",
+                  "| method | " + " | ".join(f"N={n}" for n in counts) + " |", "|---|" + "---|" * len(counts)]
+        hbest = {n: min((r.healed["test_ppl"] for r in healed if r.n == n), default=None) for n in counts}
+        hby = {(r.method, r.n): r for r in healed}
+        for m in methods:
+            if not any((m, n) in hby for n in counts):
+                continue
+            cells = []
+            for n in counts:
+                r = hby.get((m, n))
+                if r is None:
+                    cells.append("–")
+                    continue
+                h = r.healed
+                cell = _f(h["test_ppl"])
+                cell = f"**{cell}**" if h["test_ppl"] == hbest[n] else cell
+                g = h.get("test_gap_closed")
+                cells.append(f"{cell} ({_f(r.test_ppl)}" + (f", {100 * g:.0f}% closed)" if g is not None else ")"))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if any(r.tasks for r in cmp.rows):
         names = list(next(r.tasks for r in cmp.rows if r.tasks)["tasks"])
         lines += ["", "## Zero-shot accuracy (headline metric per task)", "",
@@ -280,23 +364,67 @@ def results_markdown(cmp: Comparison, counts: list[int], methods: list[str], hea
     return "\n".join(lines) + "\n"
 
 
+#: methods shown as reference lines of the comparison plot: their perplexity is usually far above the rest,
+#: so the axis is not scaled to them (clipped points are marked and labelled)
+BASELINE_METHODS = ("last", "random", "first")
+
+#: what the last comparison plot showed (x ticks, y scale, y limit); for tests and reading a plot without opening it
+last_plot_info: dict = {}
+
+
 def plot_ppl_vs_removed(path: str | os.PathLike, cmp: Comparison, methods: list[str]) -> Path:
+    """Test perplexity of each method relative to the full model's (1 = no loss), against layers removed, on a
+    linear axis scaled to the methods that matter: a baseline (``last``, ``random``) above the rest is clipped
+    at the top edge and its value written there. Integer x ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    full = cmp.full["test_ppl"]
+    series = {}
     for m in methods:
-        pts = sorted((r.n, r.test_ppl) for r in cmp.rows if r.method == m)
+        pts = sorted((r.n, r.test_ppl / full) for r in cmp.rows if r.method == m and r.test_ppl is not None)
         if pts:
-            ax.plot([0] + [p[0] for p in pts], [cmp.full["test_ppl"]] + [p[1] for p in pts], marker="o", label=m)
-    ax.set_yscale("log")
+            series[m] = [(0, 1.0)] + pts
+    core = [y for m, pts in series.items() if m not in BASELINE_METHODS for _, y in pts]
+    every = [y for pts in series.values() for _, y in pts]
+    top = 1.0 + 1.1 * ((max(core) if core else max(every, default=2.0)) - 1.0)
+    top = max(top, 1.05)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m, pts in series.items():
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        line, = ax.plot(xs, [min(y, top) for y in ys], marker="o", label=m,
+                        linestyle="--" if m in BASELINE_METHODS else "-")
+        for x, y in zip(xs, ys, strict=True):
+            if y > top:
+                ax.plot([x], [top], marker="^", color=line.get_color(), markersize=8)
+                ax.annotate(f"{y:.3g}×", (x, top), ha="center", va="top", fontsize=7, xytext=(0, -6),
+                            textcoords="offset points", color=line.get_color())
+    ax.set_ylim(min(0.98, min(every, default=1.0)), top)
+    ax.axhline(1.0, color="gray", linewidth=0.6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layers removed")
-    ax.set_ylabel("test perplexity (log scale)")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.set_ylabel(f"test perplexity / full model's ({full:.2f})")
+    ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    last_plot_info.clear()
+    last_plot_info.update(xticks=[float(t) for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]],
+                          yscale=ax.get_yscale(), ylim_top=float(ax.get_ylim()[1]))
     plt.close(fig)
     return Path(path)
+
+
+def plot_info_for_test(path: str | os.PathLike) -> dict:
+    """The comparison plot of a small made-up comparison in which ``last`` and ``random`` are far worse than
+    the rest (as on real models); returns :data:`last_plot_info`."""
+    rows = [Row(m, n, [], 0.0, ppl, 0, 0.0)
+            for m, pts in {"sleb": (22.0, 30.0, 45.0), "shapprune": (21.0, 28.0, 41.0),
+                           "last": (900.0, 5e4, 3e5), "random": (300.0, 2e3, 9e4)}.items()
+            for n, ppl in zip((1, 2, 3), pts, strict=True)]
+    plot_ppl_vs_removed(path, Comparison(rows, {"test_ppl": 18.0, "calib_ppl": 17.0}),
+                        ["sleb", "shapprune", "last", "random"])
+    return dict(last_plot_info)

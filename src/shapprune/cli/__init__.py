@@ -31,6 +31,12 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def add_log_args(p: argparse.ArgumentParser) -> None:
+    """``-v``/``-q`` after the subcommand too (``shapprune layers MODEL -q``); absent, the top level's stand."""
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output (-vv: debug)")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from shapprune import __version__
 
@@ -42,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, modname in COMMANDS.items():
         mod = importlib.import_module(modname)
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        add_log_args(p)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
@@ -84,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
     try:
+        from shapprune.cli.common import early_model_checks
+
+        early_model_checks(args)  # a truncated GGUF, --drop 9 of 5 layers, an unreachable hub: before any load
         return int(args._run(args) or 0)
     except UserError as exc:  # OutOfMemory, StoreLocked, ... included
         sys.stderr.write(f"shapprune {args.command}: error: {exc}\n")

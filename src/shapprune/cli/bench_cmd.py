@@ -82,7 +82,7 @@ def run(args) -> int:
 
     def load(spec: str):
         return load_model(spec, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                          trust_remote_code=args.trust_remote_code,
+                          trust_remote_code=args.trust_remote_code, progress=show_progress(args),
                           gguf_cache=not getattr(args, "no_gguf_cache", False))[0]
 
     model = load(args.model)

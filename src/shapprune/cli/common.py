@@ -36,8 +36,37 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def show_progress(args) -> bool:
-    """Progress bars unless ``--no-progress`` or ``--quiet``."""
-    return not (getattr(args, "no_progress", False) or getattr(args, "quiet", False))
+    """Progress bars unless ``--no-progress`` or ``--quiet``, and only when stderr is a terminal: redrawn bars in a
+    pipe or a log file are noise (the log lines say what runs instead)."""
+    import sys
+
+    if getattr(args, "no_progress", False) or getattr(args, "quiet", False):
+        return False
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):  # no stderr, or a closed one
+        return False
+
+
+def early_model_checks(args) -> int | None:
+    """What the model argument and the input alone decide, before any model load: a truncated or foreign GGUF,
+    a hub id that cannot be fetched, ``--drop``/``--keep`` against the layer count (read from the GGUF header
+    or the config). Returns the layer count when known without loading (``args.peeked_layers``)."""
+    from shapprune.models.peek import check_hub_reachable, check_layer_list, layer_count
+
+    spec = getattr(args, "model", None)
+    if not isinstance(spec, str) or getattr(args, "command", None) == "store":  # store's --model: a fingerprint
+        return None
+    num_layers = layer_count(spec)
+    if num_layers is None:
+        check_hub_reachable(spec)
+    args.peeked_layers = num_layers
+    for opt in ("drop", "keep"):
+        value = getattr(args, opt, None)
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                check_layer_list(text, num_layers, f"--{opt}")
+    return num_layers
 
 
 #: the calibration of ``prune``, ``shapley`` and ``compare`` when none is given, chosen by measurement
@@ -70,7 +99,8 @@ def add_data_args(p: argparse.ArgumentParser, data: str, seqlen: int | None, max
     if calibration:
         p.add_argument("--paper-calibration", action="store_true",
                        help=f"the paper's calibration: the first {PAPER_WINDOWS} windows of {PAPER_SEQLEN} tokens "
-                            "(default: what measured best on held-out text, see above)")
+                            f"(default: {CALIBRATION_SAMPLES} windows of {CALIBRATION_SEQLEN} tokens at random "
+                            "offsets, what measured best on held-out text)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--bos", choices=("auto", "always", "never"), default="auto",
                    help="start each window with BOS: auto = when the tokenizer adds one itself")
@@ -126,11 +156,13 @@ def window_options(args) -> tuple[int, int | None, int | None]:
     error when ``--paper-calibration`` meets an option it would override, or both window options are given.
     Other commands get their options as parsed."""
     seqlen, max_windows, sample_windows = args.seqlen, args.max_windows, args.sample_windows
-    if not hasattr(args, "paper_calibration"):
-        return seqlen, max_windows, sample_windows
     if max_windows is not None and sample_windows is not None:
         raise UserError("--max-windows (windows in order) and --sample-windows (at random offsets) exclude each "
                         "other; give one")
+    if seqlen is not None and seqlen < 2:
+        raise UserError(f"--seqlen {seqlen}: a window needs at least 2 tokens (one to predict from, one to predict)")
+    if not hasattr(args, "paper_calibration"):
+        return seqlen, max_windows, sample_windows
     if args.paper_calibration:
         given = [f for f, v in (("--seqlen", seqlen), ("--max-windows", max_windows),
                                 ("--sample-windows", sample_windows)) if v is not None]
@@ -156,15 +188,15 @@ def check_data_early(args) -> None:
     model is loaded."""
     from pathlib import Path
 
+    from shapprune.models.data import check_data_file, check_hub_data
+
     window_options(args)
 
     spec = args.data
-    if spec.endswith((".txt", ".jsonl")) or Path(spec).exists():
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise UserError(f"data file {spec} does not exist; give an existing .txt or .jsonl file")
-        if path.stat().st_size == 0:
-            raise UserError(f"data file {spec} is empty; give a file with text in it")
+    if spec.endswith((".txt", ".jsonl")) or Path(spec).expanduser().exists():
+        check_data_file(spec)
+    else:
+        check_hub_data(spec)
 
 
 def drop_or_keep(args, num_layers: int) -> list[int]:
@@ -255,7 +287,7 @@ def given_options(args) -> list[str]:
 
 
 def check_selection_args(args, methods: list[str], own_budgets: dict[str, str] | None = None) -> None:
-    """Check the shared selection options for ``methods`` before a model is loaded.
+    """Check the shared selection options for ``methods`` before a model is loaded (the store included).
 
     Unknown methods, estimators and surrogates and malformed strata are errors, and so is an option that
     every chosen method would ignore (``--estimator`` with ``--method sleb``). ``own_budgets`` (method ->
@@ -288,12 +320,31 @@ def check_selection_args(args, methods: list[str], own_budgets: dict[str, str] |
             instead = [f"{own[m]} for {m}" for m in methods if opt == "budget" and m in own]
             raise UserError(f"{FLAGS[opt]} would be ignored by {which}; it applies to {using} only"
                             + (f"; give {', '.join(instead)}" if instead else ""))
+    check_store_early(args)
     estimator = args.estimator or "surrogate"
     if any("estimator" in method_options(m) for m in methods):
         for opt in ("surrogate", "strata"):
             if getattr(args, opt) is not None and opt not in ESTIMATOR_OPTIONS.get(estimator, ()):
                 users = ", ".join(e for e, o in ESTIMATOR_OPTIONS.items() if opt in o)
                 raise UserError(f"{FLAGS[opt]} would be ignored by --estimator {estimator}; it applies to {users} only")
+
+
+def check_store_early(args) -> None:
+    """``--store``: an existing file must be an SQLite database, a new one must be creatable."""
+    from pathlib import Path
+
+    from shapprune.game.store import EvaluationStore
+    from shapprune.outputs.atomic import check_writable
+
+    if not getattr(args, "store", None):
+        return
+    path = Path(args.store).expanduser()
+    if path.is_dir():
+        raise UserError(f"--store {args.store} is a directory; give a file path for the evaluation store")
+    if path.exists():
+        EvaluationStore(path).close()  # a corrupt or foreign file: one line naming it
+    else:
+        check_writable(path, "--store")
 
 
 def _methods_using(opt: str) -> list[str]:
@@ -321,7 +372,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
 def workers_from_args(args):
     """The parsed ``--workers`` value (``None`` without it); a one-line :class:`UserError` on a bad value or
     when Ray is not installed. Call before loading the model."""
-    from shapprune.engine.distributed import parse_workers, require_ray
+    from shapprune.engine.distributed import check_reachable, parse_workers, require_ray
 
     opt = parse_workers(getattr(args, "workers", None))
     if opt is None:
@@ -329,4 +380,6 @@ def workers_from_args(args):
             raise UserError("--num-workers needs --workers ray[:ADDRESS]")
         return None
     require_ray()
+    if opt.address not in (None, "auto"):
+        check_reachable(opt.address)
     return opt

@@ -49,6 +49,9 @@ def add_arguments(p) -> None:
     p.add_argument("--slicegpt-match", choices=("with-shortcuts", "without-shortcuts"), default="with-shortcuts",
                    help="slicegpt column: match the N-layers-removed parameter count counting its shortcut "
                         "matrices (default) or not (the paper-era convention)")
+    from shapprune.cli.prune_cmd import add_heal_args
+
+    add_heal_args(p)
     p.add_argument("--no-table1", action="store_true", help="skip the N=2 static/greedy/exhaustive analysis")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     add_worker_args(p)
@@ -79,6 +82,9 @@ def run(args) -> int:
     out = Path(args.out)
     check_out_dir(out)
     check_data_early(args)
+    from shapprune.cli.prune_cmd import check_heal_args
+
+    heal_methods = check_heal_args(args)
     workers = workers_from_args(args)
     if "slicegpt" in methods:
         from shapprune.methods.slicegpt import check_spec
@@ -130,12 +136,18 @@ def run(args) -> int:
 
     options = {**selection_options(args), "exhaustive_budget": args.exhaustive_budget,
                "slicegpt_match": args.slicegpt_match}
+    heal = None
+    if heal_methods:
+        heal = {"methods": heal_methods, "data": args.heal_data, "seqlen": args.heal_seqlen, "tokens": args.heal_tokens,
+                "steps": args.heal_steps, "rank": args.heal_rank, "lr": args.heal_lr,
+                "time_limit": args.heal_time_limit, "seed": args.seed}
     cmp = run_comparison(model, tokenizer, calib, calib_game, test_game, methods=methods, counts=counts,
                          seed=args.seed, budget=args.budget, options=options, batch_size=args.batch_size,
-                         table1=not args.no_table1, task_fn=task_fn, budgets=budget_of)
+                         table1=not args.no_table1, task_fn=task_fn, budgets=budget_of, heal=heal)
     if backend is not None:
         backend.close()  # logs each worker's throughput
     header = {"model": args.model, "calibration": calib.describe(), "test": test.describe(),
+              **({"healing": ",".join(heal_methods)} if heal_methods else {}),
               "store": str(store.path), "seed": args.seed, "seconds": round(time.time() - t0, 1)}
     with atomic_dir(out) as tmp:
         write_json(tmp / "results.json", [r.as_dict() for r in cmp.rows])

@@ -143,6 +143,19 @@ def check_choice_args(args) -> None:
         if not args.task_dir:
             raise UserError(f"--utility {args.utility} needs --task-dir DIR holding the task files")
         load_tasks(tasks, args.task_dir, args.task_limit)  # missing or malformed files fail here
+    else:
+        given = [f for f, v in (("--task-dir", args.task_dir), ("--task-limit", args.task_limit)) if v is not None]
+        if given:
+            raise UserError(f"{given[0]} applies only with --utility task:NAME; add it or leave {given[0]} out")
+    num_layers = getattr(args, "peeked_layers", None)
+    if num_layers is not None and (args.remove is not None or args.ratio is not None):
+        # the layer count from the config or GGUF header: N and the method's budget checked before any load
+        from shapprune.cli.common import selection_options
+        from shapprune.methods import DEFAULT_METHOD, check_selection
+        from shapprune.pipeline import layers_to_remove
+
+        n = layers_to_remove(num_layers, args.remove, args.ratio)
+        check_selection(args.method or DEFAULT_METHOD, num_layers, n, args.budget, selection_options(args))
 
 
 def store_path(args) -> str:

@@ -14,7 +14,9 @@ def add_arguments(p) -> None:
 
     p.add_argument("model", metavar="DIR", help="a checkpoint directory, e.g. one written by shapprune prune")
     p.add_argument("--scheme", required=True, choices=tuple(SCHEMES),
-                   help="; ".join(f"{s.name}: {s.description} ({'/'.join(s.devices)})" for s in SCHEMES.values()))
+                   help="; ".join(f"{s.name}: {s.description}" + ("" if "only" in s.description else
+                                                                   f" ({'/'.join(s.devices)})")
+                                  for s in SCHEMES.values()))
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto",
                    help="dtype of what is not quantized: auto (bf16 where the hardware computes it "

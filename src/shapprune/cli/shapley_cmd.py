@@ -27,8 +27,8 @@ def add_arguments(p) -> None:
     p.set_defaults(method="shapley")  # this command is about the paper's values
     add_json_arg(p, "write the pruning.json record here")
     p.add_argument("--report", default=None, metavar="DIR",
-                   help="also write report.md, the per-layer value plot (shapley.png for shapley) and surrogate.png "
-                        "into this new directory")
+                   help="also write report.md and the per-layer value plot (shapley.png for shapley) into this new "
+                        "directory, and surrogate.png when the method fits a surrogate")
 
 
 def run(args) -> int:

@@ -47,8 +47,18 @@ def _when(t: float | None) -> str:
     return "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
 
+def human_size(n: int) -> str:
+    """``49152`` -> ``"48 KiB"``: bytes in the largest binary unit that keeps the number at least 1."""
+    value = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} {unit}" if unit == "bytes" else f"{value:.3g} {unit}"
+        value /= 1024
+    return f"{value:.3g} TiB"  # pragma: no cover
+
+
 def format_summary(info: dict) -> str:
-    lines = [f"store {info['path']}: {info['bytes'] / 1e6:.1f} MB, {info['evaluations']} evaluations of "
+    lines = [f"store {info['path']}: {human_size(info['bytes'])}, {info['evaluations']} evaluations of "
              f"{len(info['models'])} models on {info['calibrations']} calibrations "
              f"(from {_when(info['first'])} to {_when(info['last'])})"]
     for m in info["models"]:
@@ -75,8 +85,13 @@ def run(args) -> int:
             print(json.dumps(info, indent=2) if args.json else format_summary(info))
             return 0
         size = path.stat().st_size
+        if args.action == "prune" and args.model is not None:
+            known = [m["model"] for m in store.summary()["models"]]
+            if not any(k.startswith(args.model) for k in known):
+                raise UserError(f"no model in {path} has a fingerprint starting with {args.model!r}; "
+                                "`shapprune store info` lists them")
         n = store.delete(model=args.model, before=before) if args.action == "prune" else store.delete()
-        print(f"deleted {n} evaluations from {path} ({size / 1e6:.1f} MB -> {path.stat().st_size / 1e6:.1f} MB)")
+        print(f"deleted {n} evaluations from {path} ({human_size(size)} -> {human_size(path.stat().st_size)})")
     finally:
         store.close()
     return 0

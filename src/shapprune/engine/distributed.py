@@ -71,6 +71,26 @@ def parse_workers(text: str | None) -> WorkersOption | None:
     return WorkersOption("ray", address)
 
 
+#: seconds to wait for a TCP connection to a Ray cluster's address before refusing it (Ray itself retries forever)
+CONNECT_TIMEOUT = 5.0
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """A TCP connection to ``HOST:PORT`` (or ``ray://HOST:PORT``) within ``timeout`` seconds, else a one-line
+    :class:`UserError`: Ray's own client prints "Failed to connect to GCS" every few seconds without end."""
+    import socket
+
+    addr = address[len("ray://"):] if address.startswith("ray://") else address
+    host, _, port = addr.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (getattr(exc, "strerror", None) or str(exc)
+                                                                  or type(exc).__name__)
+        raise UserError(f"no Ray cluster answers at {address} ({why}, waited up to {timeout:g} s); start one there "
+                        f"with `ray start --head --port {port}`, or give --workers ray for a local cluster") from None
+
+
 def require_ray():
     """Import Ray, or a one-line :class:`UserError` saying how to install it."""
     try:
@@ -210,6 +230,8 @@ class RayBackend:
                 env = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
                 if env:
                     kwargs["runtime_env"] = {"env_vars": env}
+            if address not in (None, "auto"):
+                check_reachable(address)
             try:
                 ray.init(address=address, **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:

@@ -60,6 +60,72 @@ def _join_dataset(rows, field: str = "text") -> str:
     return "\n\n".join(rows[field])
 
 
+#: the data files read, by suffix
+DATA_SUFFIXES = (".txt", ".jsonl")
+
+
+def _not_utf8(spec: str, exc: UnicodeDecodeError, offset: int = 0) -> UserError:
+    byte = exc.object[exc.start:exc.start + 1]
+    return UserError(f"data file {spec} is not UTF-8 text: byte 0x{byte.hex()} at offset {offset + exc.start} "
+                     f"cannot be decoded ({exc.reason}); convert it to UTF-8, e.g. iconv -f latin1 -t utf-8")
+
+
+def _utf8_error_of(spec: str, path: Path) -> UserError:
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _not_utf8(spec, exc)
+    return UserError(f"data file {spec} is not UTF-8 text; convert it to UTF-8")
+
+
+def check_data_file(spec: str) -> None:
+    """A data file's problems in one line, before a model is loaded: missing, a directory, a suffix other than
+    ``.txt``/``.jsonl``, empty, binary (NUL bytes) or not UTF-8 (read in chunks; nothing is kept)."""
+    import codecs
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        raise UserError(f"data {spec} is a directory; give a .txt or .jsonl file")
+    if not path.is_file():
+        raise UserError(f"data file {spec} does not exist; give an existing .txt or .jsonl file")
+    if path.suffix not in DATA_SUFFIXES:
+        raise UserError(f"data file {spec}: {path.suffix or 'a file without a suffix'} is not read; give a .txt "
+                        "(plain text) or .jsonl (one {\"text\": ...} object per line) file")
+    if path.stat().st_size == 0:
+        raise UserError(f"data file {spec} is empty; give a file with text in it")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    try:
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                if b"\x00" in chunk:
+                    raise UserError(f"data file {spec} is binary (a NUL byte at offset {offset + chunk.index(0)}), "
+                                    "not UTF-8 text; give a .txt or .jsonl file of text")
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    raise _not_utf8(spec, exc, offset - len(exc.object) + len(chunk)) from None
+                offset += len(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(spec, exc, offset - len(exc.object)) from None
+    except OSError as exc:
+        raise UserError(f"cannot read data file {spec}: {exc.strerror or exc}") from None
+
+
+#: hub datasets by --data name
+HUB_DATA = {"wikitext2": "wikitext", "c4": "allenai/c4"}
+
+
+def check_hub_data(spec: str) -> None:
+    """For a hub dataset: one quick connection instead of the libraries' retries; when the hub cannot be
+    reached, the datasets library reads only its cache (and fails at once when that lacks the data)."""
+    if spec in HUB_DATA:
+        from shapprune.models.peek import hub_is_usable
+
+        hub_is_usable(HUB_DATA[spec])
+
+
 def load_text(spec: str, split: str = "calibration") -> str:
     """The raw text of a data spec (not ``self``)."""
     if split not in SPLITS:
@@ -70,19 +136,26 @@ def load_text(spec: str, split: str = "calibration") -> str:
             raise UserError(f"data file {spec} does not exist; give an existing .txt or .jsonl file")
         if path.suffix == ".jsonl":
             texts = []
-            with path.open(encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        texts.append(json.loads(line)["text"])
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise UserError(
-                            f"{spec}:{lineno} is not a JSON object with a \"text\" field; fix the line or use a .txt file"
-                        ) from None
+            try:
+                with path.open(encoding="utf-8") as fh:
+                    for lineno, line in enumerate(fh, 1):
+                        if not line.strip():
+                            continue
+                        try:
+                            texts.append(json.loads(line)["text"])
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            raise UserError(
+                                f"{spec}:{lineno} is not a JSON object with a \"text\" field; fix the line or use a "
+                                ".txt file"
+                            ) from None
+            except UnicodeDecodeError:
+                raise _utf8_error_of(spec, path) from None
             text = "\n\n".join(texts)
         elif path.suffix == ".txt":
-            text = path.read_text(encoding="utf-8")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise _utf8_error_of(spec, path) from None
         else:
             raise UserError(f"data file {spec} must end in .txt or .jsonl")
         if not text.strip():

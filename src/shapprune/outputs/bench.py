@@ -130,45 +130,24 @@ def decode_step_seconds(model, prompt_ids: torch.Tensor, new_tokens: int) -> lis
 # ---------------------------------------------------------------------------------------------- memory
 
 
-def _rss_bytes(field_name: str = "VmRSS") -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def peak_memory(device: torch.device):
-    """Yield a dict that holds, after the block, ``peak_bytes`` above the start and the ``method`` used."""
+    """Yield a dict that holds, after the block, ``peak_bytes`` above the start and the ``method`` used.
+
+    Only on CUDA, where the allocator counts the tensors the block allocated (activations and KV cache). On
+    a CPU there is no such count: the process's RSS mixes weights paged in from disk and what earlier models
+    left, so no number is given (``None``) rather than one that means something else."""
     result: dict = {"peak_bytes": None, "method": None}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+    if device.type != "cuda":
         yield result
-        torch.cuda.synchronize(device)
-        result.update(peak_bytes=int(torch.cuda.max_memory_allocated(device) - before),
-                      method="cuda max_memory_allocated")
         return
-    before = _rss_bytes()
-    reset = _reset_peak_rss()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
     yield result
-    peak = _rss_bytes("VmHWM")
-    if before is not None and peak is not None and reset:
-        result.update(peak_bytes=max(0, peak - before), method="RSS high-water mark (VmHWM) minus RSS before")
+    torch.cuda.synchronize(device)
+    result.update(peak_bytes=int(torch.cuda.max_memory_allocated(device) - before),
+                  method="cuda max_memory_allocated")
 
 
 # ---------------------------------------------------------------------------------------------- sizes
@@ -437,7 +416,10 @@ def table_rows(result: dict) -> list[list[str]]:
     header = ["model", "layers", "params (M)", "weights MB", "ckpt MB"]
     header += [f"prefill {t} tok/s" for t in lengths]
     header += [f"prefill {lengths[-1]} ×", "of ideal", "blocks ×", "blocks of ideal"]
-    header += ["decode tok/s", "p50 ms", "p90 ms", "decode ×", "of ideal", "blocks ×", "blocks of ideal", "peak MB"]
+    header += ["decode tok/s", "p50 ms", "p90 ms", "decode ×", "of ideal", "blocks ×", "blocks of ideal"]
+    memory = any((v["peak_memory"] or {}).get("peak_bytes") is not None for v in result["variants"])
+    if memory:  # only where it was measured (CUDA's allocator): a CPU's RSS is not activation memory
+        header.append("peak MB")
     rows = [header]
     for v in result["variants"]:
         pre = v["prefill"][lengths[-1]]
@@ -452,8 +434,9 @@ def table_rows(result: dict) -> list[list[str]]:
         st = d["tokens_per_s"]
         row += [f"{st['median']:.1f} ({st['min']:.1f}–{st['max']:.1f})", _num(d["latency_ms"]["p50"], 2),
                 _num(d["latency_ms"]["p90"], 2), f"{d['speedup']:.2f}", _pct(d.get("of_ideal")),
-                _num(d.get("block_speedup"), 2), _pct(d.get("block_of_ideal")),
-                _mb((v["peak_memory"] or {}).get("peak_bytes"))]
+                _num(d.get("block_speedup"), 2), _pct(d.get("block_of_ideal"))]
+        if memory:
+            row.append(_mb((v["peak_memory"] or {}).get("peak_bytes")))
         rows.append(row)
     return rows
 

@@ -98,7 +98,9 @@ def plot_values(path: str | os.PathLike, values: list[float], stderr: list | Non
     ax.set_ylabel(ylabel, fontsize=9)
     ax.set_title(title, fontsize=9)
     ax.set_xticks(range(L))
-    ax.tick_params(axis="x", labelsize=8 if L <= 40 else 6)
+    ax.tick_params(axis="x", labelsize=8 if L <= 40 else 7)
+    if L > 40:  # every tick labelled would overlap: every other one, still at 7 pt
+        ax.set_xticks(range(0, L, 2))
     ax.axhline(0, color="gray", linewidth=0.5)
     handles = [Patch(color="#d62728", label="removed"), Patch(color="#1f77b4", label="kept")]
     if sources and "surrogate" in sources:
@@ -109,8 +111,28 @@ def plot_values(path: str | os.PathLike, values: list[float], stderr: list | Non
         fig.text(0.01, 0.01, note, fontsize=7, color="#444444", ha="left", va="bottom")
     fig.tight_layout(rect=(0, 0.05 if note else 0, 1, 1))
     fig.savefig(path, dpi=120)
+    _record_figure(fig, ax)
     plt.close(fig)
     return Path(path)
+
+
+#: what the last value plot showed, as a reader would check it (legend, tick size, whether the y label fits
+#: inside the figure, the y limit); kept for tests and for looking at a plot without opening it
+last_figure_info: dict = {}
+
+
+def _record_figure(fig, ax) -> None:
+    fig.canvas.draw()
+    label = ax.yaxis.label.get_window_extent()
+    box = fig.bbox
+    legend = ax.get_legend()
+    ticks = ax.get_xticklabels()
+    last_figure_info.clear()
+    last_figure_info.update(
+        legend=[t.get_text() for t in legend.get_texts()] if legend is not None else [],
+        tick_fontsize=min((t.get_fontsize() for t in ticks), default=0.0),
+        ylabel_inside=bool(label.x0 >= box.x0 and label.y0 >= box.y0 and label.x1 <= box.x1 and label.y1 <= box.y1),
+        ylim_top=float(ax.get_ylim()[1]))
 
 
 def plot_surrogate(path: str | os.PathLike, measured: list[float], predicted: list[float], strata: list[int],
@@ -238,7 +260,8 @@ def render_report(record: dict, info: dict, has_sur_plot: bool) -> str:
     if sc:
         lines.append(f"- screen against all windows on {sc['masks']} masks: Spearman {_fmt(sc.get('spearman'))}, "
                      f"bias {_fmt(sc.get('bias_log_ppl'))} log PPL, RMS after the bias {_fmt(sc.get('rms_after_bias'))}")
-    lines.append(f"- seed {r.get('seed')}; {_fmt(r.get('seconds'))} s")
+    seed = f"seed {r['seed']}; " if r.get("seed") is not None else ""
+    lines.append(f"- {seed}{_fmt(r.get('seconds'))} s")
     if info.get("strata"):
         lines.append(f"- strata (kept layers): {info['strata']}")
     lines += heal_section(r.get("heal"))
