@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from shapprune.cli.common import early_model_checks
 
-        early_model_checks(args)  # a truncated GGUF, --drop 9 of 5 layers, an unreachable hub: before any load
+        early_model_checks(args)  # a truncated GGUF, --drop 9 of 5 layers: before any load
         return int(args._run(args) or 0)
     except UserError as exc:  # OutOfMemory, StoreLocked, ... included
         sys.stderr.write(f"shapprune {args.command}: error: {exc}\n")

@@ -81,6 +81,9 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
 
     def load(spec: str):
+        from shapprune.models.peek import check_hub_reachable
+
+        check_hub_reachable(spec)
         return load_model(spec, device=args.device, dtype=args.dtype, device_map=args.device_map,
                           trust_remote_code=args.trust_remote_code, progress=show_progress(args),
                           gguf_cache=not getattr(args, "no_gguf_cache", False))[0]

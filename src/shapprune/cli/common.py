@@ -50,16 +50,14 @@ def show_progress(args) -> bool:
 
 def early_model_checks(args) -> int | None:
     """What the model argument and the input alone decide, before any model load: a truncated or foreign GGUF,
-    a hub id that cannot be fetched, ``--drop``/``--keep`` against the layer count (read from the GGUF header
+    ``--drop``/``--keep`` against the layer count (read from the GGUF header
     or the config). Returns the layer count when known without loading (``args.peeked_layers``)."""
-    from shapprune.models.peek import check_hub_reachable, check_layer_list, layer_count
+    from shapprune.models.peek import check_layer_list, layer_count
 
     spec = getattr(args, "model", None)
     if not isinstance(spec, str) or getattr(args, "command", None) == "store":  # store's --model: a fingerprint
         return None
     num_layers = layer_count(spec)
-    if num_layers is None:
-        check_hub_reachable(spec)
     args.peeked_layers = num_layers
     for opt in ("drop", "keep"):
         value = getattr(args, opt, None)
@@ -139,8 +137,12 @@ def check_model_args(args) -> None:
 
 
 def load(args):
+    """The model and tokenizer of ``args.model``; a hub id that cannot be fetched (offline, not cached) is one
+    line after one quick connection, instead of the libraries' rounds of retries."""
     from shapprune.models.loading import load_model, parse_max_memory
+    from shapprune.models.peek import check_hub_reachable
 
+    check_hub_reachable(args.model)
     return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                       trust_remote_code=args.trust_remote_code, progress=show_progress(args),
                       max_memory=parse_max_memory(getattr(args, "max_memory", None)),

@@ -17,8 +17,10 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from shapprune.models.layers import find_layer_stack
     from shapprune.models.loading import load_skeleton
+    from shapprune.models.peek import check_hub_reachable
 
     check_model_args(args)
+    check_hub_reachable(args.model)
     # built on the meta device from the config: no weights read (a 70B hub model answers in seconds)
     model = load_skeleton(args.model, trust_remote_code=args.trust_remote_code)
     if model is None:
