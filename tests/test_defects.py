@@ -447,6 +447,13 @@ def test_compare_plot_integer_ticks_and_relative_axis(tmp_path):
     pytest.importorskip("matplotlib")
     from shapprune import compare
 
-    fig = compare.plot_info_for_test(tmp_path / "p.png")
+    # last and random far worse than the rest, as on real models
+    rows = [compare.Row(m, n, [], 0.0, ppl, 0, 0.0)
+            for m, pts in {"sleb": (22.0, 30.0, 45.0), "shapprune": (21.0, 28.0, 41.0),
+                           "last": (900.0, 5e4, 3e5), "random": (300.0, 2e3, 9e4)}.items()
+            for n, ppl in zip((1, 2, 3), pts, strict=True)]
+    compare.plot_ppl_vs_removed(tmp_path / "p.png", compare.Comparison(rows, {"test_ppl": 18.0, "calib_ppl": 17.0}),
+                                ["sleb", "shapprune", "last", "random"])
+    fig = dict(compare.last_plot_info)
     assert all(float(t).is_integer() for t in fig["xticks"])
     assert fig["yscale"] != "log" or fig["ylim_top"] < 1000

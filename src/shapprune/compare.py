@@ -149,7 +149,8 @@ def run_comparison(model, tokenizer, calib_windows, calib_game: ModelGame, test_
             if heal:
                 key = tuple(sorted(sel.removed))
                 if key not in healed_sets:
-                    healed_sets[key] = heal_selection(model, tokenizer, calib_windows, test_game, sel.removed, heal)
+                    healed_sets[key] = heal_selection(model, tokenizer, calib_windows, test_game, sel.removed, test,
+                                                      heal)
                 healed = healed_sets[key]
             rows.append(Row(name, n, sel.removed, calib, test, asked, round(seconds, 2), tasks, healed=healed))
             log.info("%-10s N=%-2d removed %s  calib %.3f  test %.3f  (%d evaluations, %.1fs)", name, n,
@@ -189,10 +190,11 @@ def slicegpt_row(model, calib_windows, test_game: ModelGame, n: int, batch_size:
     return Row("slicegpt", n, [], float(calib), float(test), 0, round(seconds, 2), slicing=slicing)
 
 
-def heal_selection(model, tokenizer, calib_windows, test_game: ModelGame, removed, heal: dict) -> dict:
+def heal_selection(model, tokenizer, calib_windows, test_game: ModelGame, removed, unhealed: float,
+                   heal: dict) -> dict:
     """Heal a copy of ``model`` for the removal of ``removed`` (``heal``: :func:`~shapprune.heal.heal_and_remove`'s
     keyword arguments, ``methods`` included) and measure the healed model on the calibration and test windows;
-    the original model is untouched."""
+    ``unhealed``: the set's test perplexity without healing. The original model is untouched."""
     import copy
 
     import torch
@@ -210,8 +212,6 @@ def heal_selection(model, tokenizer, calib_windows, test_game: ModelGame, remove
         test = sequence_nll(healed, test_game.evaluator.windows.input_ids,
                             batch_size=test_game.evaluator.batch_size, progress=False).perplexity
     del healed
-    num = test_game.n_players
-    unhealed = float(test_game.perplexities(mask_without(num, list(removed))[None])[0])
     out = {"method": rec["method"], "calib_ppl": float(calib), "test_ppl": float(test), "unhealed_test_ppl": unhealed,
            "test_gap_closed": gap_closed(test_game.full_perplexity, unhealed, float(test)),
            "seconds": round(time.perf_counter() - t0, 2),
@@ -417,14 +417,3 @@ def plot_ppl_vs_removed(path: str | os.PathLike, cmp: Comparison, methods: list[
     plt.close(fig)
     return Path(path)
 
-
-def plot_info_for_test(path: str | os.PathLike) -> dict:
-    """The comparison plot of a small made-up comparison in which ``last`` and ``random`` are far worse than
-    the rest (as on real models); returns :data:`last_plot_info`."""
-    rows = [Row(m, n, [], 0.0, ppl, 0, 0.0)
-            for m, pts in {"sleb": (22.0, 30.0, 45.0), "shapprune": (21.0, 28.0, 41.0),
-                           "last": (900.0, 5e4, 3e5), "random": (300.0, 2e3, 9e4)}.items()
-            for n, ppl in zip((1, 2, 3), pts, strict=True)]
-    plot_ppl_vs_removed(path, Comparison(rows, {"test_ppl": 18.0, "calib_ppl": 17.0}),
-                        ["sleb", "shapprune", "last", "random"])
-    return dict(last_plot_info)
