@@ -59,3 +59,21 @@ def test_masked_equals_pruned_checkpoint(smollm2, tmp_path):
         torch.testing.assert_close(loaded(ids).logits, masked, rtol=1e-4, atol=1e-4)
         out = loaded.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, use_cache=True)
     assert out.shape[1] == ids.shape[1] + 5
+
+
+def test_slicegpt_at_zero_sparsity_gives_the_dense_perplexity(smollm2):
+    """SliceGPT at 0% (norm fusion, PCA rotation of every block, width kept at 576) is the dense model."""
+    from shapprune.methods import slicegpt
+
+    model, tok = smollm2
+    calib = make_windows(tok, str(need(WIKI_TEST).parent / "valid.tokens.txt"), seqlen=128, max_windows=4,
+                         split="calibration")
+    test = make_windows(tok, str(need(WIKI_TEST)), seqlen=256, max_windows=2, split="evaluation")
+    dense = sequence_nll(model, test.input_ids, batch_size=2, progress=False).perplexity
+    width = slicegpt.kept_width(model.config.hidden_size, 0.0)
+    assert width == model.config.hidden_size == 576
+    sliced, info = slicegpt.sliced_copy(model, calib.input_ids, width)
+    assert all(isinstance(layer, slicegpt.SlicedLayer) for layer in find_layer_stack(sliced).layers)
+    ppl = sequence_nll(sliced, test.input_ids, batch_size=2, progress=False).perplexity
+    assert abs(ppl - dense) / dense < 1e-3, (ppl, dense)
+    assert 5 < dense < 100
