@@ -205,3 +205,24 @@ def test_cli_prune_of_a_checkpoint_reloads_with_the_masked_logits(name, tmp_path
     with keep_layers(source, [1, 2, 4]):
         masked = logits(source, ids)
     torch.testing.assert_close(logits(pruned.eval(), ids), masked, rtol=0, atol=0)
+
+
+def test_gguf_block_classes_name_the_built_blocks():
+    """`layers FILE.gguf` describes the stack from the header and GGUF_BLOCK_CLASSES: every family transformers
+    loads from a GGUF has a row there, and each names the block class the model really builds."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    from shapprune.models.archs import GGUF_BLOCK_CLASSES
+    from shapprune.models.sources import GGUF_MODEL_TYPES
+
+    readable = {GGUF_MODEL_TYPES.get(a, a) for a in GGUF_CONFIG_MAPPING} | {"mistral"}
+    assert readable & set(ARCHITECTURES) <= set(GGUF_BLOCK_CLASSES) <= set(ARCHITECTURES)
+    for model_type, block in GGUF_BLOCK_CLASSES.items():
+        if model_type in ARCH_NAMES:
+            m = tiny_model(model_type)
+        else:  # families without a tiny model of their own here: the default config, built on the meta device
+            from transformers import AutoConfig
+
+            with torch.device("meta"):
+                m = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, num_hidden_layers=2))
+        assert find_layer_stack(m).block_class == block, model_type

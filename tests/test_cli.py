@@ -484,3 +484,22 @@ def test_calibration_defaults(extra, expected):
         assert window_options(args) == expected
     args = build_parser().parse_args(["eval", "m"])  # eval keeps its own: every 2,048-token window
     assert window_options(args) == (2048, None, None)
+
+
+def test_layers_of_a_gguf_reads_the_header_without_torch(tmp_path):
+    """`layers FILE.gguf` answers from the GGUF header and the architecture table: neither torch nor
+    transformers is imported (a second or less, instead of their imports' several)."""
+    import subprocess
+    import sys
+
+    from tiny_gguf import write_tiny_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, "llama")
+    code = ("import json, sys; from shapprune.cli import main; rc = main(['layers', sys.argv[1], '--json']); "
+            "print(json.dumps([rc, 'torch' in sys.modules, 'transformers' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True).stdout
+    info, flags = out[: out.rindex("\n[")], json.loads(out.strip().splitlines()[-1])
+    assert flags == [0, False, False]
+    assert json.loads(info) == {"model": str(path), "model_type": "llama", "path": "model.layers", "num_layers": 5,
+                                "block_class": "LlamaDecoderLayer"}

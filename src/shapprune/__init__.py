@@ -1,26 +1,40 @@
-"""shapprune: remove whole layers from causal LMs, chosen by Shapley values of a cooperative game."""
+"""shapprune: remove whole layers from causal LMs, chosen by Shapley values of a cooperative game.
+
+The public names below are imported when first used (``import shapprune`` alone does not import torch), so a
+command that needs no model, such as ``shapprune layers FILE.gguf``, answers without loading torch.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
-from shapprune.engine.ppl import perplexity, sequence_nll
-from shapprune.errors import UserError
-from shapprune.models.data import Windows, make_windows
-from shapprune.models.layers import LayerStack, find_layer_stack, keep_layers, remove_layers
-from shapprune.models.loading import load_model
-from shapprune.outputs.save import save_checkpoint
+#: public name -> module that defines it (a lazy registry: the module is imported on first access)
+_EXPORTS = {
+    "LayerStack": "shapprune.models.layers",
+    "UserError": "shapprune.errors",
+    "Windows": "shapprune.models.data",
+    "find_layer_stack": "shapprune.models.layers",
+    "keep_layers": "shapprune.models.layers",
+    "load_model": "shapprune.models.loading",
+    "make_windows": "shapprune.models.data",
+    "perplexity": "shapprune.engine.ppl",
+    "remove_layers": "shapprune.models.layers",
+    "save_checkpoint": "shapprune.outputs.save",
+    "sequence_nll": "shapprune.engine.ppl",
+}
 
-__all__ = [
-    "LayerStack",
-    "UserError",
-    "Windows",
-    "find_layer_stack",
-    "keep_layers",
-    "load_model",
-    "make_windows",
-    "perplexity",
-    "remove_layers",
-    "save_checkpoint",
-    "sequence_nll",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'shapprune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -37,7 +37,15 @@ def add_log_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_command(argv: list[str] | None) -> str | None:
+    """The subcommand named in ``argv`` (its first word that is one), or ``None``."""
+    words = sys.argv[1:] if argv is None else argv
+    return next((w for w in words if w in COMMANDS), None)
+
+
+def build_parser(argv: list[str] | None = None, all_commands: bool = True) -> argparse.ArgumentParser:
+    """The parser; with ``all_commands=False`` only the subcommand named in ``argv`` gets its options (the
+    others keep their one-line help), so a command imports only what its own options need."""
     from shapprune import __version__
 
     parser = OneLineParser(prog="shapprune", description="Layer pruning for causal LMs by Shapley values.")
@@ -45,12 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    chosen = None if all_commands else chosen_command(argv)
     for name, modname in COMMANDS.items():
         mod = importlib.import_module(modname)
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
-        add_log_args(p)
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        if all_commands or name == chosen:
+            add_log_args(p)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run, _quiets_itself=getattr(mod, "QUIETS_ITSELF", False))
     return parser
 
 
@@ -61,6 +71,17 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     for noisy in ("transformers", "datasets", "huggingface_hub", "accelerate", "urllib3", "filelock", "torchao",
                    "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.WARNING)
+
+
+def quiet_libraries(verbose: int) -> None:
+    """Without ``-v``, transformers' warnings and bars stay off (shapprune's own log and bars say what happens).
+    A command that may answer without transformers (``QUIETS_ITSELF = True`` in its module) calls this itself
+    before it first needs the library."""
+    if not verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
 
 
 def os_error_message(exc: OSError) -> str:
@@ -79,17 +100,14 @@ def os_error_message(exc: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv, all_commands=False)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
     _setup_logging(args.verbose, args.quiet)
-    if not args.verbose:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
+    if not getattr(args, "_quiets_itself", False):
+        quiet_libraries(args.verbose)
     try:
         from shapprune.cli.common import early_model_checks
 

@@ -130,7 +130,7 @@ def write_json_arg(args, obj) -> None:
 
 def check_model_args(args) -> None:
     """Model options that are wrong on their own, before anything is read (e.g. --max-memory alone)."""
-    from shapprune.models.loading import parse_max_memory
+    from shapprune.models.sources import parse_max_memory
 
     if parse_max_memory(getattr(args, "max_memory", None)) and not args.device_map:
         raise UserError("--max-memory only applies with --device-map auto")

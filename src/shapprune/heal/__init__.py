@@ -27,7 +27,7 @@ DEFAULT_HEAL = "none"
 #: defaults (see docs/healing.md and bench/results/healing.md)
 HEAL_SEQLEN = 512
 HELDOUT_WINDOWS = 8
-LINEAR_TOKENS = 16384
+LINEAR_TOKENS = 65536
 TRAIN_TOKENS = 65536
 HEAL_STEPS = 60
 HEAL_RANK = 8

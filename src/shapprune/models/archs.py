@@ -117,6 +117,17 @@ ARCHITECTURES: dict[str, Arch] = {
 }
 
 
+#: The block class transformers builds for each family it can load from a GGUF (names as in
+#: ``model._no_split_modules``). Only ``layers FILE.gguf`` reads this, to describe the stack from the GGUF header
+#: without importing torch or transformers; the tiny-model suite checks each name against the built model.
+GGUF_BLOCK_CLASSES: dict[str, str] = {
+    "llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer",
+    "qwen3": "Qwen3DecoderLayer", "qwen2_moe": "Qwen2MoeDecoderLayer", "qwen3_moe": "Qwen3MoeDecoderLayer",
+    "gemma2": "Gemma2DecoderLayer", "gemma3_text": "Gemma3DecoderLayer", "phi3": "Phi3DecoderLayer",
+    "gpt2": "GPT2Block", "mamba": "MambaBlock", "starcoder2": "Starcoder2DecoderLayer", "lfm2": "Lfm2DecoderLayer",
+    "gpt_oss": "GptOssDecoderLayer",
+}
+
 def stack_config(config, arch: Arch):
     """The config that describes the layer stack: ``config`` itself, or its ``arch.text_config`` part."""
     if arch.text_config is None:

@@ -18,7 +18,7 @@ LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 def gguf_path(spec: str) -> Path | None:
     """The ``.gguf`` file behind ``spec`` (a path or an alias), or ``None`` when it is not a GGUF."""
-    from shapprune.models.loading import resolve_spec
+    from shapprune.models.sources import resolve_spec
 
     src = resolve_spec(spec)
     return Path(src.location) / src.gguf_file if src.gguf_file else None
@@ -136,7 +136,7 @@ def hub_is_usable(what: str) -> bool:
 def check_hub_reachable(spec: str) -> None:
     """For a hub id: one quick connection to the hub instead of the libraries' rounds of retries. A model in
     the local hub cache is then read from it; one that is not is a one-line :class:`UserError`."""
-    from shapprune.models.loading import resolve_spec
+    from shapprune.models.sources import resolve_spec
 
     src = resolve_spec(spec)
     if src.gguf_file or Path(src.location).expanduser().exists() or src.location != spec:
