@@ -90,3 +90,31 @@ def _text(tmp_path):
     p = tmp_path / "t.txt"
     p.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
     return p
+
+
+def test_cached_tokenizer_is_built_directly_only_when_it_agrees(src, cache, monkeypatch):
+    """A cached folder's tokenizer is built straight from its tokenizer.json (skipping AutoTokenizer's work on
+    large vocabularies) only when that build was checked, at writing, to tokenize as AutoTokenizer does."""
+    import transformers
+
+    from shapprune.models import loading
+
+    _, tok = load_model(str(src), device="cpu", dtype="float32", progress=False)
+    (folder,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert (folder / loading.DIRECT_TOKENIZER).is_file()
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    direct = loading.direct_tokenizer(folder)
+    assert type(direct) is type(auto)
+    text = "hello world " * 3
+    assert direct(text).input_ids == auto(text).input_ids and direct.all_special_ids == auto.all_special_ids
+
+    def no_auto(*args, **kwargs):
+        raise AssertionError("AutoTokenizer was used")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_auto)
+    _, second = load_model(str(src), device="cpu", dtype="float32", progress=False)
+    assert second(text).input_ids == tok(text).input_ids
+    monkeypatch.undo()
+    # a build that disagrees leaves no mark, and the folder is loaded by AutoTokenizer
+    monkeypatch.setattr(loading, "direct_tokenizer", lambda folder: None)
+    assert not loading._direct_tokenizer_agrees(auto, folder)

@@ -104,6 +104,16 @@ class _Cursor:
                     raise _Truncated
                 self.pos += size
                 return count
+            if item_type == _STRING and not keep_items:  # a vocabulary: skip its strings in one tight loop
+                pos, buf, size, unpack = self.pos, self.buf, self.size, struct.unpack_from
+                for _ in range(count):
+                    if pos + 8 > size:
+                        raise _Truncated
+                    pos += 8 + unpack("<Q", buf, pos)[0]
+                if pos > size:
+                    raise _Truncated
+                self.pos = pos
+                return count
             items = [self.value(item_type, keep_items) for _ in range(count)]
             return items if keep_items else count
         raise _Truncated  # an unknown type: not a GGUF we can read
@@ -114,8 +124,26 @@ def _not_gguf(path: str | Path) -> UserError:
 
 
 def read_header(path: str | Path) -> GGUFHeader:
-    """The header of the GGUF file at ``path``; :class:`UserError` when it is truncated or not a GGUF."""
+    """The header of the GGUF file at ``path``; :class:`UserError` when it is truncated or not a GGUF. Read
+    once per process for the same file (path, size and modification time)."""
     path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HEADERS:
+        while len(_HEADERS) >= 8:
+            _HEADERS.pop(next(iter(_HEADERS)))
+        _HEADERS[key] = _parse_header(path)
+    return _HEADERS[key]
+
+
+#: headers read in this process, by (resolved path, size, mtime)
+_HEADERS: dict[tuple[str, int, int], GGUFHeader] = {}
+
+
+def _parse_header(path: Path) -> GGUFHeader:
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:

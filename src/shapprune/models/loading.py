@@ -208,6 +208,8 @@ def _write_gguf_cache(model, tokenizer, target: Path) -> bool:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if _direct_tokenizer_agrees(tokenizer, tmp):
+            (tmp / DIRECT_TOKENIZER).write_text("{}\n")
         os.replace(tmp, target)
     except OSError as exc:
         log.warning("not caching the dequantized GGUF (%s)", exc)
@@ -217,6 +219,59 @@ def _write_gguf_cache(model, tokenizer, target: Path) -> bool:
     log.info("cached the dequantized weights in %s (set %s=off or pass --no-gguf-cache to skip)", target,
              GGUF_CACHE_ENV)
     return True
+
+
+#: a file in a cached GGUF folder saying that its tokenizer may be built straight from ``tokenizer.json``
+#: (checked when the folder was written), which skips most of ``AutoTokenizer``'s work on large vocabularies
+DIRECT_TOKENIZER = "shapprune-direct-tokenizer.json"
+#: ``tokenizer_config.json`` entries passed on to the direct construction
+_DIRECT_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token", "model_max_length",
+                "add_bos_token", "add_eos_token", "padding_side", "clean_up_tokenization_spaces")
+#: text the direct tokenizer must encode and decode exactly as ``AutoTokenizer``'s does
+_PROBE_TEXT = ("The tower is 324 metres (1,063 ft) tall.\n\n = Valkyria Chronicles III = \n"
+               "naïve café – ½ · 東京 🙂 <b>tags</b>\tand\ttabs  double  spaces")
+
+
+def direct_tokenizer(folder: str | os.PathLike):
+    """The tokenizer of a cached GGUF folder built from its ``tokenizer.json`` by its own class, or ``None``
+    when that folder's tokenizer was not checked to agree (then ``AutoTokenizer`` loads it)."""
+    import json
+
+    import transformers
+
+    folder = Path(folder)
+    if not (folder / DIRECT_TOKENIZER).is_file():
+        return None
+    try:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        cls = getattr(transformers, str(cfg.get("tokenizer_class")), None)
+        if cls is None:
+            return None
+        return cls(tokenizer_file=str(folder / "tokenizer.json"), **{k: cfg[k] for k in _DIRECT_KEYS if k in cfg})
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _direct_tokenizer_agrees(tokenizer, folder: Path) -> bool:
+    """Whether :func:`direct_tokenizer` gives ``tokenizer`` back: the same class, vocabulary, special tokens,
+    and ids and decoding of a probe text with and without special tokens."""
+    (folder / DIRECT_TOKENIZER).write_text("{}\n")
+    try:
+        other = direct_tokenizer(folder)
+    finally:
+        (folder / DIRECT_TOKENIZER).unlink()
+    if other is None or type(other) is not type(tokenizer) or len(other) != len(tokenizer):
+        return False
+    ids = tokenizer(_PROBE_TEXT).input_ids
+    same = (other(_PROBE_TEXT).input_ids == ids
+            and other(_PROBE_TEXT, add_special_tokens=False).input_ids
+            == tokenizer(_PROBE_TEXT, add_special_tokens=False).input_ids
+            and other.decode(ids) == tokenizer.decode(ids)
+            and other.all_special_ids == tokenizer.all_special_ids
+            and other.special_tokens_map == tokenizer.special_tokens_map)
+    if not same:
+        log.debug("the cached tokenizer is loaded by AutoTokenizer: a direct build from tokenizer.json differs")
+    return bool(same)
 
 
 def source_dtype(src: ModelSource, trust_remote_code: bool = False) -> torch.dtype | None:
@@ -363,7 +418,8 @@ def _from_pretrained(spec, location, kwargs, model_kwargs, torch_dtype, device_m
 
     try:
         with _gguf_parsed_once(), _gguf_progress(progress):
-            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+            tokenizer = direct_tokenizer(location) if "gguf_file" not in kwargs else None
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(location, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(
                 location,
                 dtype=torch_dtype,
