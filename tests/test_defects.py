@@ -457,3 +457,5 @@ def test_compare_plot_integer_ticks_and_relative_axis(tmp_path):
     fig = dict(compare.last_plot_info)
     assert all(float(t).is_integer() for t in fig["xticks"])
     assert fig["yscale"] != "log" or fig["ylim_top"] < 1000
+    assert fig["ylim_top"] < 5.0 and {n: set(m) for n, m in fig["clipped"].items()} == {
+        1: {"last", "random"}, 2: {"last", "random"}, 3: {"last", "random"}}  # clipped, each labelled

@@ -373,14 +373,17 @@ last_plot_info: dict = {}
 
 
 def plot_ppl_vs_removed(path: str | os.PathLike, cmp: Comparison, methods: list[str]) -> Path:
-    """Test perplexity of each method relative to the full model's (1 = no loss), against layers removed, on a
-    linear axis scaled to the methods that matter: a baseline (``last``, ``random``) above the rest is clipped
-    at the top edge and its value written there. Integer x ticks."""
+    """Test perplexity of each method relative to the full model's (1 = no loss), against layers removed.
+
+    A log axis (a doubling is the same height wherever it happens, so methods 10% apart stay apart at every N),
+    scaled to the methods that matter: a baseline (``last``, ``random``) above them is clipped at the top edge,
+    each clipped point labelled with its method and value, stacked so that labels never overlap. Every method
+    has its own colour and marker; the legend sits outside the axes. Integer x ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
     full = cmp.full["test_ppl"]
     series = {}
@@ -390,30 +393,44 @@ def plot_ppl_vs_removed(path: str | os.PathLike, cmp: Comparison, methods: list[
             series[m] = [(0, 1.0)] + pts
     core = [y for m, pts in series.items() if m not in BASELINE_METHODS for _, y in pts]
     every = [y for pts in series.values() for _, y in pts]
-    top = 1.0 + 1.1 * ((max(core) if core else max(every, default=2.0)) - 1.0)
-    top = max(top, 1.05)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m, pts in series.items():
+    top = max(1.3 * (max(core) if core else max(every, default=2.0)), 1.2)
+    bottom = min(0.95, 0.95 * min(every, default=1.0))
+    colours = plt.get_cmap("tab20").colors
+    markers = "osD^vPXh<>p*"
+    fig, ax = plt.subplots(figsize=(7.6, 4.4))
+    clipped: dict[int, list[tuple[str, float, tuple]]] = {}
+    for i, (m, pts) in enumerate(series.items()):
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        line, = ax.plot(xs, [min(y, top) for y in ys], marker="o", label=m,
-                        linestyle="--" if m in BASELINE_METHODS else "-")
+        colour = colours[(2 * i) % 20] if i < 10 else colours[(2 * i + 1) % 20]
+        ax.plot(xs, [min(y, top) for y in ys], marker=markers[i % len(markers)], color=colour, label=m,
+                linestyle="--" if m in BASELINE_METHODS else "-", markersize=5, linewidth=1.4)
         for x, y in zip(xs, ys, strict=True):
             if y > top:
-                ax.plot([x], [top], marker="^", color=line.get_color(), markersize=8)
-                ax.annotate(f"{y:.3g}×", (x, top), ha="center", va="top", fontsize=7, xytext=(0, -6),
-                            textcoords="offset points", color=line.get_color())
-    ax.set_ylim(min(0.98, min(every, default=1.0)), top)
+                clipped.setdefault(x, []).append((m, y, colour))
+    last_x = max((p[0] for pts in series.values() for p in pts), default=0)
+    for x, items in clipped.items():
+        for k, (m, y, colour) in enumerate(items):
+            value = f"{y:.0e}".replace("e+0", "e").replace("e+", "e") if y >= 1e4 else f"{y:.3g}"
+            ax.annotate(f"{m} {value}×", (x, top), ha="right" if x == last_x else "center", va="top", fontsize=7,
+                        color=colour,
+                        xytext=(0, -4 - 9 * k), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom, top)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax.axhline(1.0, color="gray", linewidth=0.6)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layers removed")
-    ax.set_ylabel(f"test perplexity / full model's ({full:.2f})")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_ylabel(f"test perplexity / full model's ({full:.2f}), log scale")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     last_plot_info.clear()
     last_plot_info.update(xticks=[float(t) for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]],
-                          yscale=ax.get_yscale(), ylim_top=float(ax.get_ylim()[1]))
+                          yscale=ax.get_yscale(), ylim_top=float(ax.get_ylim()[1]),
+                          clipped={x: [m for m, _, _ in items] for x, items in clipped.items()})
     plt.close(fig)
     return Path(path)
 

@@ -93,7 +93,14 @@ def plot_values(path: str | os.PathLike, values: list[float], stderr: list | Non
             if v > lim[1] or v < lim[0]:
                 y = lim[1] if v > 0 else lim[0]
                 ax.annotate(f"{v:.3g}", (i, y), ha="center", va="top" if v > 0 else "bottom", fontsize=7,
-                            xytext=(0, -2 if v > 0 else 2), textcoords="offset points", color="black")
+                            xytext=(0, -2 if v > 0 else 2), textcoords="offset points", color="black",
+                            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none"})
+    top = ax.get_ylim()[1]
+    for i in sorted(removed):  # the removed layers' values are what the choice rests on: written out
+        if 0 <= i < L and (lim is None or lim[0] <= values[i] <= lim[1]):
+            y = max(values[i], 0.0) + (err[i] if err else 0.0)
+            ax.annotate(f"{values[i]:.2f}", (i, min(y, top)), ha="center", va="bottom", fontsize=6.5,
+                        xytext=(0, 1), textcoords="offset points", color="#d62728")
     ax.set_xlabel("layer (0-based)")
     ax.set_ylabel(ylabel, fontsize=9)
     ax.set_title(title, fontsize=9)
