@@ -15,9 +15,10 @@ repeats with the min–max spread.
   ``(t_orig − t_overhead) / (t_variant − t_overhead)``, compared with the ideal ``L/(L−N)``, and the
   end-to-end ideal is ``t_orig / (t_overhead + (t_orig − t_overhead)·(L−N)/L)``.
 
-Memory (in the first counted round, when the weights are resident): on CUDA, the peak of
-``torch.cuda.max_memory_allocated`` above what was allocated before, during the prefills plus a decode run; on CPU, the peak resident set size above the RSS before (the kernel's
-high-water mark, reset through ``/proc/self/clear_refs``). The weights themselves are counted separately.
+Memory (in the first counted round, when the weights are resident), on CUDA only: the peak of
+``torch.cuda.max_memory_allocated`` above what was allocated before, during the prefills plus a decode run
+(activations and KV cache; the weights are counted separately). A CPU has no allocator count of that kind (its
+RSS mixes weights paged in from disk with what earlier models left), so there the column is left out.
 """
 
 from __future__ import annotations
