@@ -362,3 +362,29 @@ def test_a_wrong_surrogate_is_reported(tmp_path):
               "evidence": {"value_sources": res["value_sources"], "noise": res["noise"]}}
     text = render_report(record, {}, False)
     assert f"**Warning:** {warning}." in text and "| measured |" in text and "| surrogate |" in text
+
+
+def test_gate_se_is_robust_to_a_critical_candidate_and_consistent_under_equal_noise():
+    """The gate's standard error is the median of the pairs' paired SEs (one candidate that removes a critical
+    layer varies wildly across windows and must not set the gate for the competitive sets), scaled so that
+    with equal noise on every pair it estimates what their root mean square does."""
+    from scipy import stats
+
+    from shapprune.methods.multifidelity import gate_se, paired_se
+
+    rng = np.random.default_rng(0)
+    W, tokens = 5, 1280
+    base = rng.normal(3000, 50, W)
+    close = [base + rng.normal(20, 8, W) for _ in range(4)]  # competitive candidates: steady differences
+    critical = base + np.array([300.0, 2500.0, 900.0, 60.0, 1800.0])  # removes a critical layer
+    cands = close + [critical]
+    pairs = [(a, b) for i, a in enumerate(cands) for b in cands[i + 1:]]
+    ses = [paired_se(a, b, tokens) for a, b in pairs]
+    got = gate_se(pairs, tokens)
+    assert got == pytest.approx(float(np.median(ses)) / math.sqrt(stats.chi2.median(W - 1) / (W - 1)))
+    assert got < math.sqrt(np.mean(np.square(ses))) / 3  # the RMS would be set by the critical candidate's pairs
+    # equal noise on every mask: the scaled median and the root mean square agree
+    many = [(base + rng.normal(0, 30, W), base + rng.normal(0, 30, W)) for _ in range(4000)]
+    rms = math.sqrt(np.mean([paired_se(a, b, tokens) ** 2 for a, b in many]))
+    assert gate_se(many, tokens) == pytest.approx(rms, rel=0.05)
+    assert gate_se([], tokens) is None

@@ -21,9 +21,9 @@ calibration windows, and every threshold that depends on the model or the text i
    removed block, its best-predicted single swap), until the budget is spent or every neighbour of the best
    has been evaluated.
 5. **The noise gate.** The search's best set replaces the greedy path's only if it is better by more than
-   ``GATE_SE`` standard errors of a paired difference between masks a swap apart, measured on this
-   calibration: from the per-window NLLs of the last greedy round's candidates and of the two sets compared
-   (:func:`paired_se`, pooled). A smaller gain is within what another draw of the text would undo.
+   ``GATE_SE`` standard errors of a paired difference, measured on this calibration's per-window NLLs: the
+   median over the last greedy round's candidate pairs (masks a swap apart) and the two sets compared
+   (:func:`gate_se`). A smaller gain is within what another draw of the text would undo.
 
 The budget counts calibration tokens processed, in units of one evaluation on all windows (a screen counts
 its share); by default it is ``BUDGET_SHARE`` of SLEB's greedy path. The answer is always a mask evaluated on
@@ -328,11 +328,20 @@ def paired_se(a: np.ndarray, b: np.ndarray, tokens: int) -> float:
     return float(math.sqrt(d.size * np.var(d, ddof=1)) / tokens)
 
 
-def pooled_se(pairs: list[tuple[np.ndarray, np.ndarray]], tokens: int) -> float | None:
-    """The root mean square of :func:`paired_se` over ``pairs`` (None when none gives a value)."""
-    se = [paired_se(a, b, tokens) for a, b in pairs]
-    se = [x for x in se if np.isfinite(x)]
-    return float(math.sqrt(np.mean(np.square(se)))) if se else None
+def gate_se(pairs: list[tuple[np.ndarray, np.ndarray]], tokens: int) -> float | None:
+    """The standard error the noise gate uses: the median of :func:`paired_se` over ``pairs`` (the last greedy
+    round's candidates, masks a swap apart, and the two sets compared), scaled so that where every pair has the
+    same noise it estimates what their root mean square would (as MAD·1.4826 estimates σ). The median because
+    a candidate that removes a critical layer differs from the others far more in some windows than in
+    others, and would set a mean. None when no pair gives a value."""
+    ses = [paired_se(a, b, tokens) for a, b in pairs]
+    ses = [x for x in ses if np.isfinite(x)]
+    if not ses:
+        return None
+    from scipy import stats
+
+    dof = len(pairs[0][0]) - 1  # windows − 1: each paired SE is a chi-distributed estimate with this dof
+    return float(np.median(ses)) / math.sqrt(stats.chi2.median(dof) / dof)
 
 
 class _Tap:
@@ -560,13 +569,17 @@ def _search(full_game, screen_game, n, budget, ridge, progress, wins: WindowNLLs
     search_cost = mf.ledger.cost
     full_evals, screen_evals = len(mf.ledger.full), len(mf.ledger.screen)
     best_key, best_val = _best_full(mf, keep)
-    # the noise gate: one standard error of a paired difference of masks a swap apart, measured on these windows
+    # the noise gate: standard errors of paired differences measured on these windows (gate_se)
     pairs = list(itertools.combinations(last_round, 2))
     if best_key != greedy_key:
         pairs.append((best_key, greedy_key))
-    se = pooled_se(wins.pairs(pairs), mf.ledger.full_tokens) if wins.available and pairs else None
+    se = gate_se(wins.pairs(pairs), mf.ledger.full_tokens) if wins.available and pairs else None
+    compared = wins.pairs([(best_key, greedy_key)]) if wins.available and best_key != greedy_key else []
+    compared_se = paired_se(*compared[0], mf.ledger.full_tokens) if compared else None
     noise_source = "measured" if se is not None else "default"
     noise = GATE_SE * (se if se is not None else DEFAULT_TOKEN_SD / math.sqrt(mf.ledger.full_tokens))
+    search_best = {"removed": np.flatnonzero(~_as_mask(best_key)).tolist(), "log_ppl": best_val,
+                   "kept": best_key == greedy_key or greedy_val - best_val > noise}
     if greedy_val - best_val <= noise:
         best_key, best_val = greedy_key, greedy_val  # within the calibration's noise: keep the greedy path's set
     chosen = _as_mask(best_key)
@@ -593,7 +606,8 @@ def _search(full_game, screen_game, n, budget, ridge, progress, wins: WindowNLLs
             "noise": {"gate_log_ppl": noise, "standard_error": noise / GATE_SE, "gate_se": GATE_SE,
                       "source": noise_source, "pairs": len(pairs), "tokens": mf.ledger.full_tokens,
                       "token_sd": noise / GATE_SE * math.sqrt(mf.ledger.full_tokens),
-                      "swap_gain_log_ppl": greedy_val - _best_full(mf, keep)[1]},
+                      "compared_pair_se": _finite(compared_se) if compared_se is not None else None,
+                      "swap_gain_log_ppl": greedy_val - _best_full(mf, keep)[1], "search_best": search_best},
             "screen": screen_reliability(mf.ledger)}
 
 
