@@ -22,8 +22,9 @@ calibration windows, and every threshold that depends on the model or the text i
    has been evaluated.
 5. **The noise gate.** The search's best set replaces the greedy path's only if it is better by more than
    ``GATE_SE`` standard errors of a paired difference, measured on this calibration's per-window NLLs: the
-   median over the last greedy round's candidate pairs (masks a swap apart) and the two sets compared
-   (:func:`gate_se`). A smaller gain is within what another draw of the text would undo.
+   larger of the median over the last greedy round's candidate pairs (masks a swap apart; :func:`gate_se`)
+   and the paired SE of the two sets compared. A smaller gain is within what another draw of the text would
+   undo.
 
 The budget counts calibration tokens processed, in units of one evaluation on all windows (a screen counts
 its share); by default it is ``BUDGET_SHARE`` of SLEB's greedy path. The answer is always a mask evaluated on
@@ -329,8 +330,8 @@ def paired_se(a: np.ndarray, b: np.ndarray, tokens: int) -> float:
 
 
 def gate_se(pairs: list[tuple[np.ndarray, np.ndarray]], tokens: int) -> float | None:
-    """The standard error the noise gate uses: the median of :func:`paired_se` over ``pairs`` (the last greedy
-    round's candidates, masks a swap apart, and the two sets compared), scaled so that where every pair has the
+    """The noise gate's standard error of a swap: the median of :func:`paired_se` over ``pairs`` (the last
+    greedy round's candidates, masks a swap apart), scaled so that where every pair has the
     same noise it estimates what their root mean square would (as MAD·1.4826 estimates σ). The median because
     a candidate that removes a critical layer differs from the others far more in some windows than in
     others, and would set a mean. None when no pair gives a value."""
@@ -571,11 +572,11 @@ def _search(full_game, screen_game, n, budget, ridge, progress, wins: WindowNLLs
     best_key, best_val = _best_full(mf, keep)
     # the noise gate: standard errors of paired differences measured on these windows (gate_se)
     pairs = list(itertools.combinations(last_round, 2))
-    if best_key != greedy_key:
-        pairs.append((best_key, greedy_key))
     se = gate_se(wins.pairs(pairs), mf.ledger.full_tokens) if wins.available and pairs else None
     compared = wins.pairs([(best_key, greedy_key)]) if wins.available and best_key != greedy_key else []
     compared_se = paired_se(*compared[0], mf.ledger.full_tokens) if compared else None
+    if compared_se is not None and np.isfinite(compared_se):  # never below the comparison's own uncertainty
+        se = max(se, compared_se) if se is not None else compared_se
     noise_source = "measured" if se is not None else "default"
     noise = GATE_SE * (se if se is not None else DEFAULT_TOKEN_SD / math.sqrt(mf.ledger.full_tokens))
     search_best = {"removed": np.flatnonzero(~_as_mask(best_key)).tolist(), "log_ppl": best_val,
