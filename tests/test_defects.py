@@ -226,8 +226,11 @@ SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_signal_during_saving_removes_the_temp_folder(tmp_path, sig):
     out = tmp_path / "OUT"
+    # the child starts with the signal at its default, as from a terminal: under `nohup` SIGHUP is ignored, and
+    # atomic_dir rightly leaves an ignored signal ignored
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(out)], stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+                            env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+                            preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
     tmp = Path(proc.stdout.readline().strip())
     assert tmp.is_dir()
     proc.send_signal(sig)
