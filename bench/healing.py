@@ -69,7 +69,7 @@ def main() -> None:
         parts = [json.loads(Path(p).read_text()) for p in a.merge]
         # a later file's row replaces an earlier one of the same model, N, healing and healing tokens
         rows = {(r["model"], r["n"], r["variant"], r.get("heal_tokens")): r for p in parts for r in p["rows"]}
-        notes = [f"{c}: {p['note']}" for p in parts if p.get("note") for c in p["commands"]]
+        notes = [(c, p["note"]) for p in parts if p.get("note") for c in p["commands"]]
         write(a, list(rows.values()), [c for p in parts for c in p["commands"]], a.test_windows, notes)
         return
     import tempfile
@@ -112,7 +112,7 @@ def main() -> None:
 
 
 def write(a, rows: list[dict], commands: list[str], test_windows: int | None = None,
-          notes: list[str] | None = None) -> None:
+          notes: list[tuple[str, str]] | None = None) -> None:
     from shapprune.heal import gap_closed
 
     full = {r["model"]: r for r in rows if r["variant"] == "full model"}
@@ -143,7 +143,7 @@ def write(a, rows: list[dict], commands: list[str], test_windows: int | None = N
                           "linear maps"], body)]
     if len(commands) > 1:
         text += ["", "Made by:", "", *[f"- `{c}`" for c in commands]]
-    text += [f"\nNote on `{n.split(': ', 1)[0]}`: {n.split(': ', 1)[1]}." for n in notes or []]
+    text += [f"\nNote on `{command}`: {note}." for command, note in notes or []]
     common.write_results(a.out, "Healing after removal", "\n".join(text), data={"rows": rows, "commands": commands})
 
 

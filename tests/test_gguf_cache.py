@@ -116,5 +116,5 @@ def test_cached_tokenizer_is_built_directly_only_when_it_agrees(src, cache, monk
     assert second(text).input_ids == tok(text).input_ids
     monkeypatch.undo()
     # a build that disagrees leaves no mark, and the folder is loaded by AutoTokenizer
-    monkeypatch.setattr(loading, "direct_tokenizer", lambda folder: None)
+    monkeypatch.setattr(loading, "_build_direct_tokenizer", lambda folder: None)
     assert not loading._direct_tokenizer_agrees(auto, folder)

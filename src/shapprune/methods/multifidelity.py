@@ -579,9 +579,10 @@ def _search(full_game, screen_game, n, budget, ridge, progress, wins: WindowNLLs
         se = max(se, compared_se) if se is not None else compared_se
     noise_source = "measured" if se is not None else "default"
     noise = GATE_SE * (se if se is not None else DEFAULT_TOKEN_SD / math.sqrt(mf.ledger.full_tokens))
+    beats_greedy = greedy_val - best_val > noise
     search_best = {"removed": np.flatnonzero(~_as_mask(best_key)).tolist(), "log_ppl": best_val,
-                   "kept": best_key == greedy_key or greedy_val - best_val > noise}
-    if greedy_val - best_val <= noise:
+                   "kept": best_key == greedy_key or beats_greedy}
+    if not beats_greedy:
         best_key, best_val = greedy_key, greedy_val  # within the calibration's noise: keep the greedy path's set
     chosen = _as_mask(best_key)
     f = mf.surrogate(ridge)  # before the report's evaluations: they are held out from it
@@ -607,7 +608,7 @@ def _search(full_game, screen_game, n, budget, ridge, progress, wins: WindowNLLs
             "noise": {"gate_log_ppl": noise, "standard_error": noise / GATE_SE, "gate_se": GATE_SE,
                       "source": noise_source, "pairs": len(pairs), "tokens": mf.ledger.full_tokens,
                       "token_sd": noise / GATE_SE * math.sqrt(mf.ledger.full_tokens),
-                      "compared_pair_se": _finite(compared_se) if compared_se is not None else None,
+                      "compared_pair_se": _finite(compared_se),
                       "swap_gain_log_ppl": greedy_val - _best_full(mf, keep)[1], "search_best": search_best},
             "screen": screen_reliability(mf.ledger)}
 

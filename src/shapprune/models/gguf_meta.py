@@ -135,7 +135,7 @@ def read_header(path: str | Path) -> GGUFHeader:
     if key not in _HEADERS:
         while len(_HEADERS) >= 8:
             _HEADERS.pop(next(iter(_HEADERS)))
-        _HEADERS[key] = _parse_header(path)
+        _HEADERS[key] = _parse_header(path, st.st_size)
     return _HEADERS[key]
 
 
@@ -143,9 +143,8 @@ def read_header(path: str | Path) -> GGUFHeader:
 _HEADERS: dict[tuple[str, int, int], GGUFHeader] = {}
 
 
-def _parse_header(path: Path) -> GGUFHeader:
+def _parse_header(path: Path, size: int) -> GGUFHeader:
     try:
-        size = path.stat().st_size
         with open(path, "rb") as fh:
             if size < 24:
                 raise _not_gguf(path)

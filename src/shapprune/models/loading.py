@@ -235,13 +235,16 @@ _PROBE_TEXT = ("The tower is 324 metres (1,063 ft) tall.\n\n = Valkyria Chronicl
 def direct_tokenizer(folder: str | os.PathLike):
     """The tokenizer of a cached GGUF folder built from its ``tokenizer.json`` by its own class, or ``None``
     when that folder's tokenizer was not checked to agree (then ``AutoTokenizer`` loads it)."""
+    folder = Path(folder)
+    return _build_direct_tokenizer(folder) if (folder / DIRECT_TOKENIZER).is_file() else None
+
+
+def _build_direct_tokenizer(folder: Path):
+    """``tokenizer_config.json``'s class built from ``tokenizer.json`` (``None`` when that fails)."""
     import json
 
     import transformers
 
-    folder = Path(folder)
-    if not (folder / DIRECT_TOKENIZER).is_file():
-        return None
     try:
         cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
         cls = getattr(transformers, str(cfg.get("tokenizer_class")), None)
@@ -255,11 +258,7 @@ def direct_tokenizer(folder: str | os.PathLike):
 def _direct_tokenizer_agrees(tokenizer, folder: Path) -> bool:
     """Whether :func:`direct_tokenizer` gives ``tokenizer`` back: the same class, vocabulary, special tokens,
     and ids and decoding of a probe text with and without special tokens."""
-    (folder / DIRECT_TOKENIZER).write_text("{}\n")
-    try:
-        other = direct_tokenizer(folder)
-    finally:
-        (folder / DIRECT_TOKENIZER).unlink()
+    other = _build_direct_tokenizer(folder)
     if other is None or type(other) is not type(tokenizer) or len(other) != len(tokenizer):
         return False
     ids = tokenizer(_PROBE_TEXT).input_ids
