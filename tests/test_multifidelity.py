@@ -2,6 +2,9 @@
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -388,3 +391,19 @@ def test_gate_se_is_robust_to_a_critical_candidate_and_consistent_under_equal_no
     rms = math.sqrt(np.mean([paired_se(a, b, tokens) ** 2 for a, b in many]))
     assert gate_se(many, tokens) == pytest.approx(rms, rel=0.05)
     assert gate_se([], tokens) is None
+
+
+def test_a_noisy_synthetic_game_is_the_same_in_every_process():
+    """A mask's noise depends on the mask and the seed only, not on the process's string-hash salt: the
+    synthetic benchmark and these tests give the same game in every run."""
+    code = ("from shapprune.game.synthetic import LayerRemovalGame as G; import numpy as np; "
+            "g = G(np.linspace(0.1, 1, 6), np.zeros((6, 6)), noise=0.3, windows=4, seed=7); "
+            "m = np.array([1, 0, 1, 1, 0, 1], bool); print(repr(g.log_ppl(m)), g.window_nlls([m]).tolist())")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(salt)}).stdout
+            for salt in (1, 2)}
+    assert len(outs) == 1
+    g = QuadraticGame(np.linspace(0.1, 1, 6), np.zeros((6, 6)), noise=0.3, windows=4, seed=7)
+    m = np.array([1, 0, 1, 1, 0, 1], bool)
+    assert g.log_ppl(m) != g.true_log_ppl(m)  # the noise is there
+    assert outs.pop().startswith(repr(g.log_ppl(m)))

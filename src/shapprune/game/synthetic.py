@@ -8,6 +8,8 @@ dividends ``c_T``, for which ``φᵢ = Σ_{T ∋ i} c_T / |T|`` and ``Σφ = v(N
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 
 from shapprune.game.store import mask_key
@@ -116,8 +118,13 @@ class LayerRemovalGame:
             v -= self.triple * float((r[:-2] & r[1:-1] & r[2:]).sum())
         return v
 
+    def _mask_rng(self, mask) -> np.random.Generator:
+        # A mask's noise is a function of the mask and the seed alone, the same in every process (Python's
+        # ``hash`` of a string is salted per process, which made the same game differ from run to run).
+        return np.random.default_rng([zlib.crc32(mask_key(mask).encode()), int(self.seed)])
+
     def _window_log_ppl(self, mask) -> np.ndarray:
-        rng = np.random.default_rng(abs(hash((mask_key(mask), self.seed))) % 2**32)
+        rng = self._mask_rng(mask)
         return self.true_log_ppl(mask) + self.noise * rng.standard_normal(self.windows)
 
     def _window_nlls(self, masks) -> np.ndarray:
@@ -129,7 +136,7 @@ class LayerRemovalGame:
             return float(self._window_log_ppl(mask).mean())
         v = self.true_log_ppl(mask)
         if self.noise:
-            rng = np.random.default_rng(abs(hash((mask_key(mask), self.seed))) % 2**32)
+            rng = self._mask_rng(mask)
             v += self.noise * rng.standard_normal()
         return v
 
