@@ -170,7 +170,7 @@ def synthetic(a) -> None:
     import numpy as np
 
     import shapprune.methods.multifidelity as mf
-    from shapprune.game.synthetic import LayerRemovalGame
+    from shapprune.game.synthetic import random_layer_game
 
     L, n, W = 12, 4, 10
     gates = [float(x) for x in a.gates.split(",")] if a.gates else [mf.GATE_SE]
@@ -178,14 +178,7 @@ def synthetic(a) -> None:
     for level in (float(x) for x in a.noise.split(",")):
         recs = []
         for seed in range(a.first_game, a.first_game + a.games):
-            rng = np.random.default_rng(seed)
-            c = rng.uniform(0.1, 1.0, L)
-            w = np.zeros((L, L))
-            for i in range(L - 1):
-                if rng.random() < 0.3:
-                    w[i, i + 1] = -rng.uniform(0.2, 0.6) * min(c[i], c[i + 1])
-            sigma = REAL_SE * level * math.sqrt(W / 2)
-            game = LayerRemovalGame(c, w, triple=a.triple, noise=sigma, windows=W if level else 0, seed=seed)
+            game = random_layer_game(seed, L, a.triple, REAL_SE * level, W)
             opt = min(game.true_log_ppl(np.isin(np.arange(L), rem, invert=True))
                       for rem in itertools.combinations(range(L), n))
             res = mf.multifidelity_search(game, None, n, mf.default_budget(L, n), progress=False)

@@ -407,3 +407,21 @@ def test_a_noisy_synthetic_game_is_the_same_in_every_process():
     m = np.array([1, 0, 1, 1, 0, 1], bool)
     assert g.log_ppl(m) != g.true_log_ppl(m)  # the noise is there
     assert outs.pop().startswith(repr(g.log_ppl(m)))
+
+
+@pytest.mark.parametrize("factor", [1.0, 2.0])
+def test_random_block_games_never_lose_two_standard_errors_to_the_greedy_path(factor):
+    """The benchmark's random games (``bench/quality.py synthetic``) at a real model's calibration noise and
+    twice it: the answer's true log PPL is never worse than the greedy path's by two standard errors of a
+    paired difference, and rarely by one (the gate compares the best of many noisy masks: a winner's curse
+    no finite gate removes; bench/results/quality.md, "The noise gate")."""
+    from shapprune.game.synthetic import random_layer_game
+
+    losses = []
+    for seed in range(200):
+        game = random_layer_game(seed, 12, triple=0.2, paired_se=REAL_SE * factor)
+        res = multifidelity_search(game, None, 4, default_budget(12, 4), progress=False)
+        se = res["noise"]["standard_error"]
+        losses.append((game.true_log_ppl(res["mask"]) - game.true_log_ppl(res["greedy"])) / se)
+    assert max(losses) < 2.0
+    assert sum(x > 1.0 for x in losses) <= 0.05 * len(losses)

@@ -147,3 +147,19 @@ class LayerRemovalGame:
     def perplexities(self, masks) -> np.ndarray:
         self.asked += [mask_key(m) for m in masks]
         return np.exp([self.log_ppl(m) for m in masks])
+
+
+def random_layer_game(seed: int, num_layers: int = 12, triple: float = 0.0, paired_se: float = 0.0,
+                      windows: int = 10) -> LayerRemovalGame:
+    """The random :class:`LayerRemovalGame` of ``bench/quality.py synthetic``: ``cᵢ ~ U(0.1, 1)``, a negative
+    interaction ``−U(0.2, 0.6)·min(cᵢ, cᵢ₊₁)`` between 30% of the adjacent pairs, ``triple`` off each removed
+    run of three, and a calibration of ``windows`` windows whose paired standard error of two masks' log PPL
+    difference is ``paired_se`` (none when 0)."""
+    rng = np.random.default_rng(seed)
+    c = rng.uniform(0.1, 1.0, num_layers)
+    w = np.zeros((num_layers, num_layers))
+    for i in range(num_layers - 1):
+        if rng.random() < 0.3:
+            w[i, i + 1] = -rng.uniform(0.2, 0.6) * min(c[i], c[i + 1])
+    sigma = paired_se * float(np.sqrt(windows / 2))  # per window: a difference of two means has SE paired_se
+    return LayerRemovalGame(c, w, triple=triple, noise=sigma, windows=windows if paired_se else 0, seed=seed)
