@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def methods(a) -> None:
             for n in counts:
                 asked_before = game.new + game.reused
                 t0 = time.perf_counter()
-                sel = select(method, SelectionContext(model=model, tokenizer=tok, windows=calib, game=game), n)
+                sel = select(method, SelectionContext(model=model, tokenizer=tok, windows=calib, game=game,
+                                                    options={"progress": sys.stderr.isatty()}), n)
                 secs = time.perf_counter() - t0
                 cost = sel.extra.get("cost_full_equivalents", game.new + game.reused - asked_before)
                 mask = mask_without(num, sel.removed)[None]
