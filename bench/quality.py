@@ -169,24 +169,21 @@ def synthetic(a) -> None:
     """How often the search finds a random game's optimum, and how far from its greedy path it can end. The gate
     only decides between the search's best and the greedy path's set, so each game's search runs once and every
     ``--gates`` multiple is applied to its record (``GATE_SE`` is what the method uses)."""
-    import numpy as np
-
     import shapprune.methods.multifidelity as mf
     from shapprune.game.synthetic import random_layer_game
+    from shapprune.methods.baselines import mask_without
 
     L, n, W = 12, 4, 10
     gates = [float(x) for x in a.gates.split(",")] if a.gates else [mf.GATE_SE]
-    out = []
     for level in (float(x) for x in a.noise.split(",")):
         recs = []
         for seed in range(a.first_game, a.first_game + a.games):
             game = random_layer_game(seed, L, a.triple, REAL_SE * level, W)
-            opt = min(game.true_log_ppl(np.isin(np.arange(L), rem, invert=True))
-                      for rem in itertools.combinations(range(L), n))
+            opt = min(game.true_log_ppl(mask_without(L, rem)) for rem in itertools.combinations(range(L), n))
             res = mf.multifidelity_search(game, None, n, mf.default_budget(L, n), progress=False)
             nz = res["noise"]
-            best = np.isin(np.arange(L), nz["search_best"]["removed"], invert=True)
-            recs.append({"opt": opt, "greedy": game.true_log_ppl(res["greedy"]), "best": game.true_log_ppl(best),
+            best = game.true_log_ppl(mask_without(L, nz["search_best"]["removed"]))
+            recs.append({"opt": opt, "greedy": game.true_log_ppl(res["greedy"]), "best": best,
                          "gain": res["greedy_log_ppl"] - nz["search_best"]["log_ppl"], "se": nz["standard_error"]})
         for z in gates:
             found, worst, worst_se, over, over_se = 0, -math.inf, -math.inf, 0, 0
@@ -200,7 +197,6 @@ def synthetic(a) -> None:
                    "gate_se": z, "optimum_found": found, "worst_excess_over_greedy_plus_gate": worst,
                    "games_over_gate": over, "games_over_one_se": over_se, "worst_loss_to_greedy_in_se": worst_se}
             print(json.dumps(row), flush=True)
-            out.append(row)
 
 
 def main() -> None:
