@@ -23,7 +23,12 @@ specs as ``methods`` builds them: checks whether a search missed a set another r
 log PPL = Σ cᵢrᵢ + Σ wᵢ,ᵢ₊₁rᵢrᵢ₊₁ − t·#(removed runs of three), cᵢ ~ U(0.1, 1), a negative interaction between 30%
 of the adjacent pairs, ``t`` = ``--triple``; each ``--noise`` level adds a calibration's noise of 10 windows whose
 paired standard error is that multiple of ``REAL_SE``. Reports how often the optimum is found and the worst gap
-of the answer's true log PPL to its own greedy path's, against the noise gate the run measured.
+of the answer's true log PPL to its own greedy path's, against the noise gate the run measured. ``--screen``
+screens the single removals on the first quarter of the windows where the method would on a model (it must at
+this budget: :func:`~shapprune.methods.multifidelity.needs_screen`); by default every evaluation is on all windows.
+
+``--set NAME=VALUE`` (``methods``, ``synthetic``) replaces one of the default method's constants for the run, to
+measure an alternative against the default on the same models and games (``quality.md``, "Defaults").
 """
 
 from __future__ import annotations
@@ -42,6 +47,32 @@ import common
 REAL_SE = 0.035
 
 
+#: the default method's constants a run may set (``--set NAME=VALUE``) to measure an alternative against the default
+TUNABLE = ("SCREEN_FRACTION", "MIN_WIDTH", "PATH_SHARE", "SCREEN_TOKENS", "GATE_SE", "BUDGET_SHARE", "EDGE_SWAPS")
+
+
+def apply_settings(items: list[str] | None) -> dict:
+    """Set ``shapprune.methods.multifidelity``'s constants from ``NAME=VALUE`` items (each cast to the type of
+    the default it replaces) for this process; returns what was set (empty: the defaults)."""
+    import shapprune.methods.multifidelity as mf
+
+    done = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or name not in TUNABLE:
+            print(f"error: --set takes NAME=VALUE with NAME one of {', '.join(TUNABLE)} (got {item!r})", file=sys.stderr)
+            sys.exit(2)
+        kind = type(getattr(mf, name))
+        try:
+            v = (value.lower() in ("1", "true", "on")) if kind is bool else kind(value)
+        except ValueError:
+            print(f"error: --set {name} needs a {kind.__name__} (got {value!r})", file=sys.stderr)
+            sys.exit(2)
+        setattr(mf, name, v)
+        done[name] = v
+    return done
+
+
 def methods(a) -> None:
     """The default method against SLEB (and any other method) on held-out text and tasks."""
     from shapprune.game.core import ModelGame, PerplexityEvaluator
@@ -56,6 +87,7 @@ def methods(a) -> None:
         tasks = {(r.get("model", a.model), r["method"], r["n"]): r for p in parts for r in p["tasks"]}
         write(a, list(rows.values()), list(tasks.values()), parts[0]["header"], merged=a.merge)
         return
+    settings = apply_settings(a.set)
     model, tok = common.load(a.model, a.dtype)
     test = common.test_windows(tok, a.test_windows)
     test_game = ModelGame(model, PerplexityEvaluator(test, batch_size=1), EvaluationStore(None), progress=False)
@@ -77,6 +109,7 @@ def methods(a) -> None:
                 cost = sel.extra.get("cost_full_equivalents", game.new + game.reused - asked_before)
                 mask = mask_without(num, sel.removed)[None]
                 row = {"model": a.model, "calibration": spec, "method": method, "n": n, "removed": sel.removed,
+                       **({"settings": settings} if settings else {}),
                        "calib_ppl": float(game.perplexities(mask)[0]),
                        "test_ppl": float(test_game.perplexities(mask)[0]), "cost": float(cost),
                        "tokens": int(calib.describe()["tokens"]), "seconds": round(secs, 1)}
@@ -98,6 +131,9 @@ def methods(a) -> None:
     header = (f"`{a.model}`, dtype {str(next(model.parameters()).dtype).removeprefix('torch.')}. Test: "
               f"{test.num_windows} windows x 2048 tokens of `test.raw.txt` (full model {test_game.full_perplexity:.2f}). "
               "Cost: calibration tokens processed, in full evaluations (SLEB: one per candidate).")
+    if settings:
+        header += " The default method's constants set for this run: " + ", ".join(
+            f"`{k} = {v}`" for k, v in settings.items()) + "."
     if a.cache:
         header += f" Calibration evaluations reused from the cache `{a.cache}`: the seconds are not comparable."
     write(a, rows, task_rows, header)
@@ -173,6 +209,7 @@ def synthetic(a) -> None:
     from shapprune.game.synthetic import random_layer_game
     from shapprune.methods.baselines import mask_without
 
+    settings = apply_settings(a.set)
     L, n, W = 12, 4, 10
     gates = [float(x) for x in a.gates.split(",")] if a.gates else [mf.GATE_SE]
     for level in (float(x) for x in a.noise.split(",")):
@@ -180,7 +217,13 @@ def synthetic(a) -> None:
         for seed in range(a.first_game, a.first_game + a.games):
             game = random_layer_game(seed, L, a.triple, REAL_SE * level, W)
             opt = min(game.true_log_ppl(mask_without(L, rem)) for rem in itertools.combinations(range(L), n))
-            res = mf.multifidelity_search(game, None, n, mf.default_budget(L, n), progress=False)
+            budget = mf.default_budget(L, n)
+            screen = None
+            if a.screen:  # as select_shapprune decides: the first SCREEN_FRACTION of the windows, when it must
+                k = math.ceil(mf.SCREEN_FRACTION * W)
+                if k < W and mf.screens_singles(L, n, budget, round(game.evaluator.tokens * k / W)):
+                    screen = game.first(k, W)
+            res = mf.multifidelity_search(game, screen, n, budget, progress=False)
             nz = res["noise"]
             best = game.true_log_ppl(mask_without(L, nz["search_best"]["removed"]))
             recs.append({"opt": opt, "greedy": game.true_log_ppl(res["greedy"]), "best": best,
@@ -194,6 +237,7 @@ def synthetic(a) -> None:
                 worst, over = max(worst, loss - z * r["se"]), over + (loss > z * r["se"])
                 worst_se, over_se = max(worst_se, loss / r["se"]), over_se + (loss > r["se"])
             row = {"games": a.games, "first_game": a.first_game, "triple": a.triple, "noise_x_real_se": level,
+                   "screen": bool(a.screen), **({"settings": settings} if settings else {}),
                    "gate_se": z, "optimum_found": found, "worst_excess_over_greedy_plus_gate": worst,
                    "games_over_gate": over, "games_over_one_se": over_se, "worst_loss_to_greedy_in_se": worst_se}
             print(json.dumps(row), flush=True)
@@ -225,6 +269,13 @@ def main() -> None:
     y.add_argument("--gates", default="", help="gate multiples of the standard error to compare, e.g. 1,1.5,2 "
                                                "(default: the method's GATE_SE)")
     y.add_argument("--noise", default="0", help="noise levels, multiples of REAL_SE (default: %(default)s)")
+    for p in (m, y):
+        p.add_argument("--set", action="append", metavar="NAME=VALUE",
+                       help="set one of the default method's constants for this run, to measure an alternative "
+                            f"({', '.join(TUNABLE)}); repeatable")
+    y.add_argument("--screen", action="store_true",
+                   help="screen the single removals on the first windows where the method would (as on a model); "
+                        "default: every evaluation on all windows")
     a = common.parse(ap)
     a.func(a)
 

@@ -70,3 +70,30 @@ def test_engine_floor_runs_and_writes_its_results_file(tmp_path, monkeypatch):
     text = out.read_text()
     assert f"python bench/engine.py floor --masks 20 --out {out}" in text
     assert "| (i) 20 stratified masks | 20 |" in text and "| (ii) one SLEB round | 30 |" in text
+
+
+def _quality(monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", ["bench/quality.py", *argv])
+    runpy.run_path(str(ROOT / "bench" / "quality.py"), run_name="__main__")
+
+
+def test_quality_synthetic_sets_a_constant_for_its_run(monkeypatch, capsys):
+    """``--set`` replaces one of the default method's constants for the run (an alternative measured against
+    the default on the same games); the rows say what was set, and a different width changes the search."""
+    import shapprune.methods.multifidelity as mf
+
+    monkeypatch.setattr(mf, "PATH_SHARE", mf.PATH_SHARE)  # restored after the test
+    _quality(monkeypatch, "synthetic", "--games", "6", "--triple", "0.2", "--noise", "1", "--screen")
+    default = json.loads(capsys.readouterr().out.splitlines()[0])
+    _quality(monkeypatch, "synthetic", "--games", "6", "--triple", "0.2", "--noise", "1", "--screen",
+             "--set", "PATH_SHARE=1.0")
+    alt = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert "settings" not in default and alt["settings"] == {"PATH_SHARE": 1.0} and mf.PATH_SHARE == 1.0
+    assert default["screen"] and alt["screen"] and 0 <= alt["optimum_found"] <= 6
+
+
+@pytest.mark.parametrize("item", ["FOO=1", "PATH_SHARE", "MIN_WIDTH=wide"])
+def test_quality_set_refuses_what_it_cannot_set(monkeypatch, capsys, item):
+    with pytest.raises(SystemExit) as e:
+        _quality(monkeypatch, "synthetic", "--games", "1", "--set", item)
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --set")

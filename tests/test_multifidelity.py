@@ -425,3 +425,20 @@ def test_random_block_games_never_lose_two_standard_errors_to_the_greedy_path(fa
         losses.append((game.true_log_ppl(res["mask"]) - game.true_log_ppl(res["greedy"])) / se)
     assert max(losses) < 2.0
     assert sum(x > 1.0 for x in losses) <= 0.05 * len(losses)
+
+
+def test_a_synthetic_games_screen_is_its_first_windows():
+    """``first(k)`` is the same game on its first ``k`` windows, as a model's screen is: the same per-window
+    values, their mean over ``k``, ``k/W`` of the tokens; a noiseless game only scales its tokens."""
+    g = QuadraticGame(np.linspace(0.1, 1, 6), np.zeros((6, 6)), tokens=1000, noise=0.3, windows=10, seed=3)
+    m = np.array([1, 0, 1, 1, 0, 1], bool)
+    s = g.first(3)
+    per_window = g.window_nlls([m])[0] / (1000 / 10)
+    assert s.evaluator.describe()["tokens"] == 300 and not hasattr(s, "window_nlls")
+    assert math.isclose(s.log_ppl(m), per_window[:3].mean()) and math.isclose(g.log_ppl(m), per_window.mean())
+    s.perplexities(m[None])
+    assert s.asked == [mask_key(m)] and g.asked == []
+    quiet = QuadraticGame(np.linspace(0.1, 1, 6), np.zeros((6, 6)), tokens=1000)
+    assert quiet.first(2, 10).log_ppl(m) == quiet.log_ppl(m) and quiet.first(2, 10).evaluator.tokens == 200
+    with pytest.raises(ValueError, match="screen of 11 windows"):
+        g.first(11)

@@ -8,6 +8,7 @@ dividends ``c_T``, for which ``φᵢ = Σ_{T ∋ i} c_T / |T|`` and ``Σφ = v(N
 
 from __future__ import annotations
 
+import copy
 import zlib
 
 import numpy as np
@@ -108,6 +109,7 @@ class LayerRemovalGame:
         self.n_players = len(self.c)
         self.evaluator = _Tokens(tokens)
         self.asked: list[str] = []
+        self.take = 0  # 0: every window; k: the first k (:meth:`first`)
         if self.windows:
             self.window_nlls = self._window_nlls
 
@@ -125,7 +127,22 @@ class LayerRemovalGame:
 
     def _window_log_ppl(self, mask) -> np.ndarray:
         rng = self._mask_rng(mask)
-        return self.true_log_ppl(mask) + self.noise * rng.standard_normal(self.windows)
+        v = self.true_log_ppl(mask) + self.noise * rng.standard_normal(self.windows)
+        return v[:self.take] if self.take else v
+
+    def first(self, k: int, windows: int | None = None) -> LayerRemovalGame:
+        """The same game on its first ``k`` windows (a screen, as ``PerplexityEvaluator.first`` gives): the same
+        per-window values, their mean over ``k``, ``k/W`` of the tokens. ``windows`` is W for a game without
+        window noise (it then only scales the tokens)."""
+        total = self.windows or int(windows or 0)
+        if not 0 < k <= total:
+            raise ValueError(f"a screen of {k} windows needs a game of at least that many (has {total})")
+        g = copy.copy(self)
+        g.evaluator, g.asked = _Tokens(round(self.evaluator.tokens * k / total)), []
+        if self.windows:
+            g.take = k
+            del g.window_nlls  # a screen's per-window NLLs are never asked for
+        return g
 
     def _window_nlls(self, masks) -> np.ndarray:
         per = self.evaluator.tokens / self.windows
