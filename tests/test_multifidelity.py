@@ -442,3 +442,22 @@ def test_a_synthetic_games_screen_is_its_first_windows():
     assert quiet.first(2, 10).log_ppl(m) == quiet.log_ppl(m) and quiet.first(2, 10).evaluator.tokens == 200
     with pytest.raises(ValueError, match="screen of 11 windows"):
         g.first(11)
+
+
+@pytest.mark.parametrize("factor", [1.0, 2.0])
+def test_random_block_games_screened_as_the_method_would_never_lose_the_noise_to_the_greedy_path(factor):
+    """The same games with the single removals screened on the first 3 of the 10 windows, as the method does at
+    this budget (``needs_screen``): at ``GATE_SE`` the answer's true log PPL is never worse than its greedy
+    path's by one standard error (quality.md, "The noise gate": 0 of 4,000 runs of 1,000 games)."""
+    from shapprune.game.synthetic import random_layer_game
+    from shapprune.methods import multifidelity as mfm
+
+    budget = default_budget(12, 4)
+    assert mfm.needs_screen(12, 4, budget)
+    losses = []
+    for seed in range(200):
+        game = random_layer_game(seed, 12, triple=0.2, paired_se=REAL_SE * factor)
+        res = multifidelity_search(game, game.first(3), 4, budget, progress=False)
+        assert res["screen_evaluations"] == 12
+        losses.append((game.true_log_ppl(res["mask"]) - game.true_log_ppl(res["greedy"])) / res["noise"]["standard_error"])
+    assert max(losses) < 1.0

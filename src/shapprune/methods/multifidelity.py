@@ -63,9 +63,10 @@ SCREEN_FRACTION = 0.25
 #: default budget as a share of SLEB's greedy path (in full evaluations)
 BUDGET_SHARE = 0.5
 #: the swap search's answer replaces the greedy path's only when it is better by more than this many standard
-#: errors of a paired difference between masks a swap apart, measured on the run's calibration windows (a wider
-#: gate trades real gains for fewer noise-chosen answers: bench/results/quality.md, "The noise gate")
-GATE_SE = 1.0
+#: errors of a paired difference between masks a swap apart, measured on the run's calibration windows: the
+#: search's best is the least of many noisy measurements, so its measured gain runs high (a winner's curse), and
+#: a wider gate trades real gains for fewer noise-chosen answers (bench/results/quality.md, "The noise gate")
+GATE_SE = 1.25
 #: standard deviation of the per-token log-likelihood difference of two masks a swap apart, used only where
 #: the game gives no per-window NLLs to measure it from (a task utility, a game without windows): one
 #: standard error is then ``DEFAULT_TOKEN_SD / sqrt(calibration tokens)`` in log PPL
