@@ -105,6 +105,24 @@ def test_screen_windows_takes_a_share():
     assert screen_windows(Windows(torch.zeros(1, 8, dtype=torch.long), "x", 8, False), 0.25) is None
 
 
+def test_the_cost_line_names_a_screen_only_where_there_was_one():
+    from shapprune.cli.prune_cmd import cost_line
+    from shapprune.outputs.report import render_report
+
+    base = {"full": 82, "search_full_equivalents": 82.0, "report": 4, "per_window_recomputed": 0,
+            "total_full_equivalents": 86.0, "sleb_full_evaluations": 165}
+    plain = {**base, "screened": 0, "screen_share": 1.0}
+    line = cost_line(plain)
+    assert line.startswith("cost: 82 evaluations, all on all windows (no screen) = 82.0 ") and "screened" not in line
+    screened = {**base, "full": 18, "screened": 18, "screen_share": 0.4, "search_full_equivalents": 25.2}
+    assert cost_line(screened).startswith("cost: 18 full + 18 screened evaluations (a screened one costs 0.4 of a full")
+    for cost, want in ((plain, "82 evaluations, all on all windows (no screen)"), (screened, "18 full and 18 screened")):
+        md = render_report({"source": "tiny", "method": "shapprune", "removed": [1], "kept": [0, 2, 3],
+                            "num_layers": 4, "cost": cost, "calibration_ppl": {"full": 1.0, "pruned": 2.0},
+                            "evaluations": {"new": 1, "reused": 0}}, {}, False)
+        assert f"- cost: {want}" in md
+
+
 def test_default_method_prunes_a_tiny_model(tmp_path):
     from shapprune.models.data import Windows
     from shapprune.pipeline import choose_layers

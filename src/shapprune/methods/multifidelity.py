@@ -33,8 +33,8 @@ set (log PPL of the chosen set minus log PPL with that layer put back, with its 
 from the evaluations made or a few made for the report, counted apart in the cost; for the kept layers, the
 surrogate's marginal (log PPL with the layer also removed minus kept), labelled as such, with the
 surrogate's held-out error (5-fold, on the masks of the target size) and a warning when that is poor. The
-defaults' measurements, and which are not yet measured, are in ``bench/results/quality.md`` (section "Defaults
-of the default method").
+defaults' measurements against alternatives are in ``bench/results/quality.md`` (section "Defaults of the
+default method") and ``bench/results/quality-defaults.md``.
 """
 
 from __future__ import annotations

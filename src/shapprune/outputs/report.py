@@ -248,8 +248,10 @@ def render_report(record: dict, info: dict, has_sur_plot: bool) -> str:
     lines.append(f"- {budget}evaluations on all windows: {ev.get('new')} new, {ev.get('reused')} reused from the store")
     cost = r.get("cost")
     if cost and "screened" in cost:
-        lines.append(f"- cost: {cost['full']} full and {cost['screened']} screened evaluations (a screened one "
-                     f"costs {cost['screen_share']:.3g} of a full one): {cost['search_full_equivalents']} "
+        made = (f"{cost['full']} full and {cost['screened']} screened evaluations (a screened one costs "
+                f"{cost['screen_share']:.3g} of a full one)" if cost["screened"] else
+                f"{cost['full']} evaluations, all on all windows (no screen)")
+        lines.append(f"- cost: {made}: {cost['search_full_equivalents']} "
                      f"full-evaluation equivalents for the search, + {cost['report']} for the measured values "
                      f"below and {cost['per_window_recomputed']} to recover per-window NLLs, "
                      f"{cost['total_full_equivalents']} in all; SLEB's greedy path: {cost['sleb_full_evaluations']}")
