@@ -48,7 +48,8 @@ REAL_SE = 0.035
 
 
 #: the default method's constants a run may set (``--set NAME=VALUE``) to measure an alternative against the default
-TUNABLE = ("SCREEN_FRACTION", "MIN_WIDTH", "PATH_SHARE", "SCREEN_TOKENS", "GATE_SE", "BUDGET_SHARE", "EDGE_SWAPS")
+TUNABLE = ("SCREEN_FRACTION", "MIN_WIDTH", "PATH_SHARE", "SCREEN_TOKENS", "GATE_SE", "BUDGET_SHARE", "EDGE_SWAPS",
+           "PAIR_RIDGE", "BIAS_RIDGE")
 
 
 def apply_settings(items: list[str] | None) -> dict:

@@ -97,3 +97,12 @@ def test_quality_set_refuses_what_it_cannot_set(monkeypatch, capsys, item):
     with pytest.raises(SystemExit) as e:
         _quality(monkeypatch, "synthetic", "--games", "1", "--set", item)
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --set")
+
+
+def test_every_settable_constant_is_one_the_default_method_reads():
+    """``--set`` may name only constants that exist in the method, of a type a command line can give."""
+    import shapprune.methods.multifidelity as mf
+
+    ns = runpy.run_path(str(ROOT / "bench" / "quality.py"), run_name="not_main")
+    for name in ns["TUNABLE"]:
+        assert isinstance(getattr(mf, name), (bool, int, float)), name
