@@ -217,7 +217,8 @@ def test_the_edges_of_removed_blocks_are_always_candidates():
     screen = QuadraticGame(c, w, tokens=250)
     res = multifidelity_search(full, screen, 3, budget=10, progress=False)
     assert res["width"] == 2
-    assert res["path"] == [5, 4, 6]  # SLEB's path, found with two full evaluations a round
+    # SLEB's path, found with two full evaluations a round (after 5, layers 4 and 6 cost the same: either order)
+    assert res["path"][0] == 5 and sorted(res["path"][1:]) == [4, 6]
     assert sorted(np.flatnonzero(~res["mask"]).tolist()) == optimum(full, 3) == [4, 5, 6]
     assert res["cost"] <= 10
 

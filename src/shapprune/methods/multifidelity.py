@@ -153,10 +153,12 @@ class MultiFidelity:
 
 
 #: ridge on the screen's per-layer bias terms, relative to the other terms: a bias is believed only where
-#: both fidelities saw the layer, so that a layer seen on the screen alone is predicted from the screen
-BIAS_RIDGE = 100.0
+#: both fidelities saw the layer and disagree clearly, so that a layer seen on the screen alone is predicted
+#: from the screen (bench/results/quality-defaults.md: 10, 100 and 1000 measured)
+BIAS_RIDGE = 1000.0
 #: ridge on the pairwise interactions, relative to the layers' own terms: an interaction is believed only as
 #: far as the evaluations demand it, so that what one layer's removal costs stays in its own term
+#: (bench/results/quality-defaults.md: 10, 100 and 1000 measured)
 PAIR_RIDGE = 100.0
 
 
