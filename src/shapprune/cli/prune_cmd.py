@@ -388,11 +388,10 @@ def surrogate_lines(sur: dict) -> list[str]:
 def cost_line(cost: dict) -> str:
     """Evaluations made, screened and full apart, in full-evaluation equivalents, against SLEB's path."""
     if "screened" in cost:
+        from shapprune.outputs.report import evaluations_made
+
         extra = cost.get("report", 0) + cost.get("per_window_recomputed", 0)
-        made = (f"{cost['full']} full + {cost['screened']} screened evaluations (a screened one costs "
-                f"{cost['screen_share']:.3g} of a full one)" if cost["screened"] else
-                f"{cost['full']} evaluations, all on all windows (no screen)")
-        return (f"cost: {made} = {cost['search_full_equivalents']:.1f} full-evaluation "
+        return (f"cost: {evaluations_made(cost, '+')} = {cost['search_full_equivalents']:.1f} full-evaluation "
                 f"equivalents for the search, {cost['total_full_equivalents']:.1f} with {extra} for the report; "
                 f"SLEB's greedy path: {cost['sleb_full_evaluations']}")
     return (f"cost: {cost['full_evaluations']:.1f} evaluations' worth of calibration tokens (SLEB's greedy path: "

@@ -223,6 +223,15 @@ def write_outputs(directory: str | os.PathLike, record: dict, info: dict | None)
     return written
 
 
+def evaluations_made(cost: dict, conjunction: str) -> str:
+    """A selection's evaluations, full and screened apart (``conjunction`` joins the two), or that there was no
+    screen: the words the summary and ``report.md`` share."""
+    if not cost["screened"]:
+        return f"{cost['full']} evaluations, all on all windows (no screen)"
+    return (f"{cost['full']} full {conjunction} {cost['screened']} screened evaluations (a screened one costs "
+            f"{cost['screen_share']:.3g} of a full one)")
+
+
 def render_report(record: dict, info: dict, has_sur_plot: bool) -> str:
     """The Markdown report of one selection."""
     r = record
@@ -248,10 +257,7 @@ def render_report(record: dict, info: dict, has_sur_plot: bool) -> str:
     lines.append(f"- {budget}evaluations on all windows: {ev.get('new')} new, {ev.get('reused')} reused from the store")
     cost = r.get("cost")
     if cost and "screened" in cost:
-        made = (f"{cost['full']} full and {cost['screened']} screened evaluations (a screened one costs "
-                f"{cost['screen_share']:.3g} of a full one)" if cost["screened"] else
-                f"{cost['full']} evaluations, all on all windows (no screen)")
-        lines.append(f"- cost: {made}: {cost['search_full_equivalents']} "
+        lines.append(f"- cost: {evaluations_made(cost, 'and')}: {cost['search_full_equivalents']} "
                      f"full-evaluation equivalents for the search, + {cost['report']} for the measured values "
                      f"below and {cost['per_window_recomputed']} to recover per-window NLLs, "
                      f"{cost['total_full_equivalents']} in all; SLEB's greedy path: {cost['sleb_full_evaluations']}")
