@@ -9,6 +9,7 @@ import pytest
 
 from shapprune import load_model
 from shapprune.cli import main
+from shapprune.engine import distributed
 from shapprune.engine.distributed import RayBackend, WorkerSpec, parse_workers
 from shapprune.errors import UserError
 from shapprune.game.core import ModelGame, PerplexityEvaluator
@@ -61,7 +62,24 @@ def test_workers_match_serial(cluster, tiny, method, budget):
     assert dist.game.counts() == serial.game.counts()
 
 
-def test_dead_worker_chunk_is_resent(cluster, tiny, tmp_path):
+def dying_worker(marker: str):
+    """A worker class whose first actor to find no file at ``marker`` writes it and dies in the middle of a
+    chunk, after its first mask (defined here, so Ray sends it by value to the actors; the fault is the test's)."""
+    import os
+
+    class DyingWorker(distributed._Worker):
+        def evaluate(self, keys, evaluator=None):
+            if len(keys) > 1 and not os.path.exists(marker):
+                super().evaluate(list(keys)[:1], evaluator)
+                with open(marker, "w") as fh:
+                    fh.write(str(os.getpid()))
+                os._exit(1)  # a worker dying in the middle of a chunk
+            return super().evaluate(keys, evaluator)
+
+    return DyingWorker
+
+
+def test_dead_worker_chunk_is_resent(cluster, tiny, tmp_path, monkeypatch):
     _, model, _, win = tiny
     rng = np.random.default_rng(0)
     masks = rng.random((20, 5)) < 0.6
@@ -69,7 +87,8 @@ def test_dead_worker_chunk_is_resent(cluster, tiny, tmp_path):
     serial = ModelGame(model, PerplexityEvaluator(win, batch_size=2), progress=False)
     expected = [e.nll for e in serial.evaluate(masks)]
     marker = tmp_path / "died"
-    backend = backend_for(model, win, fault_marker=str(marker))
+    monkeypatch.setattr(distributed, "_Worker", dying_worker(str(marker)))  # the actors RayBackend starts
+    backend = backend_for(model, win)
     store = EvaluationStore(tmp_path / "store.sqlite")
     try:
         game = ModelGame(model, PerplexityEvaluator(win, batch_size=2), store, progress=False, backend=backend)

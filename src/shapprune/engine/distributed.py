@@ -115,7 +115,6 @@ class WorkerSpec:
     evaluator: object = None
     threads: int | None = None  # torch threads per CPU actor
     reuse_prefix: bool = True
-    fault_marker: str | None = None  # fault-injection tests only: first actor to see no such file dies mid-chunk
 
     @classmethod
     def from_model(cls, model, evaluator, **kwargs) -> WorkerSpec:
@@ -169,14 +168,7 @@ class _Worker:
     def evaluate(self, keys: list[str], evaluator=None) -> tuple[list[Evaluation], float]:
         game = self.game if evaluator is None else self._game(evaluator)
         t0 = time.perf_counter()
-        out = []
-        for i, ev in enumerate(game.evaluate_keys(list(keys))):
-            out.append(ev)
-            marker = self.spec.fault_marker
-            if marker and i == 0 and len(keys) > 1 and not os.path.exists(marker):
-                with open(marker, "w") as fh:
-                    fh.write(str(os.getpid()))
-                os._exit(1)  # a worker dying in the middle of a chunk
+        out = list(game.evaluate_keys(list(keys)))
         return out, time.perf_counter() - t0
 
 
