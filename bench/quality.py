@@ -53,9 +53,10 @@ TUNABLE = ("SCREEN_FRACTION", "MIN_WIDTH", "PATH_SHARE", "SCREEN_TOKENS", "GATE_
 
 
 def apply_settings(items: list[str] | None) -> dict:
-    """Set ``shapprune.methods.multifidelity``'s constants from ``NAME=VALUE`` items (each cast to the type of
-    the default it replaces) for this process; returns what was set (empty: the defaults)."""
-    import shapprune.methods.multifidelity as mf
+    """Set the default method's constants (``shapprune.methods.multifidelity.defaults``, which its modules read
+    when they run) from ``NAME=VALUE`` items (each cast to the type of the default it replaces) for this
+    process; returns what was set (empty: the defaults)."""
+    from shapprune.methods.multifidelity import defaults as mf
 
     done = {}
     for item in items or []:
@@ -212,7 +213,7 @@ def synthetic(a) -> None:
 
     settings = apply_settings(a.set)
     L, n, W = 12, 4, 10
-    gates = [float(x) for x in a.gates.split(",")] if a.gates else [mf.GATE_SE]
+    gates = [float(x) for x in a.gates.split(",")] if a.gates else [mf.defaults.GATE_SE]
     for level in (float(x) for x in a.noise.split(",")):
         recs = []
         for seed in range(a.first_game, a.first_game + a.games):
@@ -221,7 +222,7 @@ def synthetic(a) -> None:
             budget = mf.default_budget(L, n)
             screen = None
             if a.screen:  # as select_shapprune decides: the first SCREEN_FRACTION of the windows, when it must
-                k = math.ceil(mf.SCREEN_FRACTION * W)
+                k = math.ceil(mf.defaults.SCREEN_FRACTION * W)
                 if k < W and mf.screens_singles(L, n, budget, round(game.evaluator.tokens * k / W)):
                     screen = game.first(k, W)
             res = mf.multifidelity_search(game, screen, n, budget, progress=False)

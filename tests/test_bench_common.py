@@ -80,7 +80,7 @@ def _quality(monkeypatch, *argv):
 def test_quality_synthetic_sets_a_constant_for_its_run(monkeypatch, capsys):
     """``--set`` replaces one of the default method's constants for the run (an alternative measured against
     the default on the same games); the rows say what was set, and a different width changes the search."""
-    import shapprune.methods.multifidelity as mf
+    from shapprune.methods.multifidelity import defaults as mf
 
     monkeypatch.setattr(mf, "PATH_SHARE", mf.PATH_SHARE)  # restored after the test
     _quality(monkeypatch, "synthetic", "--games", "6", "--triple", "0.2", "--noise", "1", "--screen")
@@ -101,7 +101,7 @@ def test_quality_set_refuses_what_it_cannot_set(monkeypatch, capsys, item):
 
 def test_every_settable_constant_is_one_the_default_method_reads():
     """``--set`` may name only constants that exist in the method, of a type a command line can give."""
-    import shapprune.methods.multifidelity as mf
+    from shapprune.methods.multifidelity import defaults as mf
 
     ns = runpy.run_path(str(ROOT / "bench" / "quality.py"), run_name="not_main")
     for name in ns["TUNABLE"]:

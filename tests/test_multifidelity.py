@@ -149,6 +149,7 @@ def test_default_method_prunes_a_tiny_model(tmp_path):
 
 def test_singles_are_screened_when_the_screen_holds_enough_tokens(monkeypatch):
     from shapprune.methods import multifidelity as mfm
+    from shapprune.methods.multifidelity import defaults
     from shapprune.models.data import Windows
     from shapprune.pipeline import choose_layers
     from tiny import tiny_inputs, tiny_model
@@ -167,7 +168,7 @@ def test_singles_are_screened_when_the_screen_holds_enough_tokens(monkeypatch):
               progress=False)
     plain = choose_layers(model, None, win, **kw).selection.extra
     assert plain["screen_windows"] == 0 and plain["screen_evaluations"] == 0  # the budget allows all singles
-    monkeypatch.setattr(mfm, "SCREEN_TOKENS", 30)
+    monkeypatch.setattr(defaults, "SCREEN_TOKENS", 30)
     screened = choose_layers(model, None, win, **kw).selection.extra
     assert screened["screen_windows"] == 2 and screened["screen_evaluations"] == 5
     # at SmolLM2's size the singles' saved cost widens every greedy round (unit 1/4: the screen's share)
@@ -253,10 +254,10 @@ def block_trap_game():
 
 @pytest.mark.parametrize("blocks", [True, False])
 def test_block_swap_escapes_a_block_trap(blocks, monkeypatch):
-    import shapprune.methods.multifidelity as mf
+    from shapprune.methods.multifidelity import moves
 
     if not blocks:
-        monkeypatch.setattr(mf, "block_swaps", lambda m, size=2: np.zeros((0, m.shape[0]), dtype=bool))
+        monkeypatch.setattr(moves, "block_swaps", lambda m, size=2: np.zeros((0, m.shape[0]), dtype=bool))
     c, w = block_trap_game()
     full = QuadraticGame(c, w)
     assert optimum(full, 4) == [0, 1, 4, 5]
@@ -270,8 +271,7 @@ def test_swap_rounds_take_turns_with_the_edge_swaps(monkeypatch):
     """The surrogate predicts removing layer 6 (next to the removed 5) as costly as alone and ranks it last;
     each round still evaluates, in turn with the best-predicted neighbours, the best-predicted single swap of
     every edge of the removed blocks, so that an interaction no evaluation has shown can be found."""
-    import shapprune.methods.multifidelity as mf
-    from shapprune.methods.multifidelity import LayerSurrogate, swap_moves, swap_round
+    from shapprune.methods.multifidelity import LayerSurrogate, defaults, swap_moves, swap_round
 
     L = 8
     best = np.ones(L, dtype=bool)
@@ -285,7 +285,7 @@ def test_swap_rounds_take_turns_with_the_edge_swaps(monkeypatch):
     # cheapest to restore; 0.1 both)
     assert got == [[2, 5], [4, 5], [0, 2], [1, 5], [5, 7], [5, 6]]
     assert sorted(pred)[:3] == pytest.approx([0.3, 0.3, 0.35])
-    monkeypatch.setattr(mf, "EDGE_SWAPS", False)
+    monkeypatch.setattr(defaults, "EDGE_SWAPS", False)
     plain = swap_round(best, nb, f, 6)
     assert np.array_equal(plain, nb[np.argsort(pred, kind="stable")[:6]])
 
@@ -480,3 +480,4 @@ def test_random_block_games_screened_as_the_method_would_never_lose_the_noise_to
         assert res["screen_evaluations"] == 12
         losses.append((game.true_log_ppl(res["mask"]) - game.true_log_ppl(res["greedy"])) / res["noise"]["standard_error"])
     assert max(losses) < 1.0
+

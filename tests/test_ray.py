@@ -68,13 +68,13 @@ def dying_worker(marker: str):
     import os
 
     class DyingWorker(distributed._Worker):
-        def evaluate(self, keys, evaluator=None):
+        def evaluate(self, keys, evaluator=None, windows=None):
             if len(keys) > 1 and not os.path.exists(marker):
-                super().evaluate(list(keys)[:1], evaluator)
+                super().evaluate(list(keys)[:1], evaluator, windows)
                 with open(marker, "w") as fh:
                     fh.write(str(os.getpid()))
                 os._exit(1)  # a worker dying in the middle of a chunk
-            return super().evaluate(keys, evaluator)
+            return super().evaluate(keys, evaluator, windows)
 
     return DyingWorker
 

@@ -63,7 +63,8 @@ def choose_layers(model, tokenizer, windows, *, source: str, method: str, remove
     ``workers``: ``None`` evaluates masks here; ``"ray"`` (a local Ray cluster), ``"ray:auto"`` or
     ``"ray:HOST:PORT"`` (join one) evaluates them on Ray actors (``num_workers`` of them; default one per GPU,
     else per CPU), each loading the same model (:mod:`shapprune.engine.distributed`); or a ready backend object with
-    ``evaluate(keys)``. Results are the same either way."""
+    ``evaluate(keys)`` (and ``first(k)``, a backend for the first ``k`` windows, where a method screens on them).
+    Results are the same either way."""
     t0 = time.time()
     check_selection(method, find_layer_stack(model).num_layers, remove or 1, budget, options)  # before any evaluation
     store = EvaluationStore(store_path)

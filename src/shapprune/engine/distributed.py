@@ -146,6 +146,7 @@ class _Worker:
                                    trust_remote_code=spec.trust_remote_code)
         self.spec = spec
         self.games: dict = {}
+        self.screens: dict = {}
         self.game = self._game(spec.evaluator)
         self.load_seconds = time.perf_counter() - t0
 
@@ -165,8 +166,23 @@ class _Worker:
         return {"model": self.game.model_fp, "data": self.game.data_fp, "pid": os.getpid(),
                 "threads": torch.get_num_threads(), "load_seconds": self.load_seconds}
 
-    def evaluate(self, keys: list[str], evaluator=None) -> tuple[list[Evaluation], float]:
+    def _screen(self, game, windows: int):
+        """The local game of ``game``'s evaluator on its first ``windows`` windows (a screen), built on first use
+        from this worker's own evaluator (for KL: its own reference, sliced)."""
+        key = (game.data_fp, int(windows))
+        if key not in self.screens:
+            from shapprune.game.core import ModelGame
+
+            self.screens[key] = ModelGame(self.model, game.evaluator.first(int(windows)), None, progress=False,
+                                          reuse_prefix=self.spec.reuse_prefix)
+        return self.screens[key]
+
+    def evaluate(self, keys: list[str], evaluator=None, windows: int | None = None) -> tuple[list[Evaluation], float]:
+        """Evaluate ``keys`` on the game of ``evaluator`` (default the spec's), on its first ``windows`` windows
+        when given; returns the records (with per-window NLLs) and the seconds spent."""
         game = self.game if evaluator is None else self._game(evaluator)
+        if windows is not None:
+            game = self._screen(game, windows)
         t0 = time.perf_counter()
         out = list(game.evaluate_keys(list(keys)))
         return out, time.perf_counter() - t0
@@ -292,9 +308,16 @@ class RayBackend:
         same actors evaluate it, each building a local game for ``evaluator`` on first use."""
         return BoundBackend(self, self.ray.put(evaluator))
 
-    def evaluate(self, keys: Sequence[str], desc: str = "evaluating masks", evaluator=None) -> Iterator[Evaluation]:
+    def first(self, windows: int) -> BoundBackend:
+        """A backend for this game on its first ``windows`` windows (a screen): the same actors evaluate it, each
+        on its own evaluator's first windows; nothing but the count is sent."""
+        return BoundBackend(self, None, windows)
+
+    def evaluate(self, keys: Sequence[str], desc: str = "evaluating masks", evaluator=None,
+                 windows: int | None = None) -> Iterator[Evaluation]:
         """Evaluate ``keys`` (one round, in trie order) on the workers; yield each chunk's records as it returns.
-        ``evaluator``: an object reference of another evaluator (see :meth:`bind`); default the spec's."""
+        ``evaluator``: an object reference of another evaluator (see :meth:`bind`); default the spec's.
+        ``windows``: only the evaluator's first ``windows`` windows (see :meth:`first`); default all."""
         ray = self.ray
         t0 = time.perf_counter()
         pending = deque((c, 0) for c in self.chunks(keys))
@@ -306,7 +329,7 @@ class RayBackend:
                 while pending and idle:
                     chunk, attempts = pending.popleft()
                     w = idle.popleft()
-                    running[self.actors[w].evaluate.remote(chunk, evaluator)] = (w, chunk, attempts + 1)
+                    running[self.actors[w].evaluate.remote(chunk, evaluator, windows)] = (w, chunk, attempts + 1)
                 if not running:
                     raise UserError("every Ray worker died; see the Ray logs (e.g. out of memory), then re-run: "
                                     "finished masks are in the store")
@@ -393,14 +416,19 @@ class RayBackend:
 
 
 class BoundBackend:
-    """:class:`RayBackend`'s actors, evaluating another evaluator's game (:meth:`RayBackend.bind`)."""
+    """:class:`RayBackend`'s actors, evaluating another evaluator's game (:meth:`RayBackend.bind`; ``None``:
+    the spec's), on its first ``windows`` windows where given (:meth:`RayBackend.first`)."""
 
-    def __init__(self, backend: RayBackend, evaluator_ref):
+    def __init__(self, backend: RayBackend, evaluator_ref, windows: int | None = None):
         self.backend = backend
         self.evaluator_ref = evaluator_ref
+        self.windows = windows
+
+    def first(self, windows: int) -> BoundBackend:
+        return BoundBackend(self.backend, self.evaluator_ref, windows)
 
     def evaluate(self, keys: Sequence[str], desc: str = "evaluating masks") -> Iterator[Evaluation]:
-        return self.backend.evaluate(keys, desc, evaluator=self.evaluator_ref)
+        return self.backend.evaluate(keys, desc, evaluator=self.evaluator_ref, windows=self.windows)
 
 
 def _first_line(exc: BaseException) -> str:

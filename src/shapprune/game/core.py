@@ -40,7 +40,8 @@ class Evaluator(Protocol):
 
     # Optional: ``prepare(runner)`` is called once with the full model before any mask (e.g. to record a
     # reference); ``first(k)`` returns the same evaluator on its first ``k`` windows (a cheaper screen);
-    # ``windowed(runner)`` returns the runner's NLL with each window's share (``per_window``).
+    # ``windowed(runner)`` returns the runner's NLL with each window's share (``per_window``): a game scores an
+    # evaluator that has it by it (``nll`` is then its sum), and keeps the shares in its records.
 
 
 class PerplexityEvaluator:
@@ -130,7 +131,8 @@ class ModelGame:
     ``new`` and ``reused`` count real evaluations performed and answers taken from the store.
 
     Missing masks are evaluated here (:meth:`evaluate_keys`) or, with ``backend``, by its ``evaluate(keys)``
-    (e.g. a pool of workers); the store on this side stays the single record of results. Masks are evaluated
+    (e.g. a pool of workers; its ``first(k)``, where it has one, is a backend for the same game on the first
+    ``k`` windows, a screen); the store on this side stays the single record of results. Masks are evaluated
     in prefix-trie order, and the layer outputs of the last mask evaluated are kept
     between calls (``reuse_prefix``; at most ``max_prefix_bytes``, by default a quarter of the free memory),
     so a mask shares its prefix with the previous one even across calls.
@@ -170,17 +172,28 @@ class ModelGame:
         known = self.store.get_many(self.model_fp, self.data_fp, unique)
         missing = [k for k in unique if k not in known]
         self.reused += len(unique) - len(missing)
-        order = trie_order(missing)
-        if self.backend is not None and order:
-            results = self.backend.evaluate(order)  # a distributed backend: same records, computed elsewhere
-        else:
-            results = self.evaluate_keys(order, desc)
-        for ev in results:
+        for ev in self.compute(missing, desc):
             self.store.put(self.model_fp, self.data_fp, ev)
             known[ev.mask] = ev
             self.new += 1
             self.seconds += ev.seconds
         return [known[k] for k in keys]
+
+    def compute(self, keys: list[str], desc: str = "evaluating masks"):
+        """Evaluate mask keys where this game evaluates (its backend, else here), in prefix-trie order, yielding
+        each :class:`Evaluation` (with its per-window NLLs where the evaluator gives them); nothing is read from
+        or written to the store, and nothing is counted."""
+        order = trie_order(keys)
+        if not order:
+            return iter(())
+        if self.backend is not None:
+            return self.backend.evaluate(order)  # a distributed backend: same records, computed elsewhere
+        return self.evaluate_keys(order, desc)
+
+    def recompute(self, keys: list[str], desc: str = "evaluating masks again") -> list[Evaluation]:
+        """Evaluate masks again where this game evaluates, e.g. for the per-window NLLs a record from the store
+        lacks; the store keeps its records and the counts are unchanged."""
+        return list(self.compute(list(dict.fromkeys(keys)), desc))
 
     def evaluate_keys(self, keys: list[str], desc: str = "evaluating masks"):
         """Evaluate mask keys here, in the order given (trie order shares the most), yielding each
@@ -195,11 +208,21 @@ class ModelGame:
                 if cache is None or live is None:  # all layers kept: the stack is the model's own list
                     if cache is not None:
                         cache.clear()
-                    nll, tokens = self.evaluator.nll(self.runner)
+                    nll, tokens, per_window = self._score()
                 else:
                     with cache.run(key, kept, live):
-                        nll, tokens = self.evaluator.nll(self.runner)
-            yield Evaluation(key, float(nll), int(tokens), _ppl(nll, tokens), time.perf_counter() - t0)
+                        nll, tokens, per_window = self._score()
+            yield Evaluation(key, float(nll), int(tokens), _ppl(nll, tokens), time.perf_counter() - t0, per_window)
+
+    def _score(self) -> tuple[float, int, tuple[float, ...] | None]:
+        """The evaluator's summed NLL and tokens on the model as it runs now, and each window's share where it
+        scores per window (``windowed``)."""
+        windowed = getattr(self.evaluator, "windowed", None)
+        if windowed is None:
+            nll, tokens = self.evaluator.nll(self.runner)
+            return nll, tokens, None
+        res = windowed(self.runner)
+        return res.nll, res.tokens, tuple(float(x) for x in res.per_window) or None
 
     @property
     def layers_run(self) -> int:

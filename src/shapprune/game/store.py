@@ -14,9 +14,10 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from shapprune.errors import StoreLocked, UserError
@@ -36,6 +37,11 @@ def default_store_path() -> Path:
 def mask_key(mask: Iterable[bool]) -> str:
     """A mask as a string of 0/1 in layer order (``"1101"`` keeps layers 0, 1 and 3)."""
     return "".join("1" if bool(b) else "0" for b in mask)
+
+
+def mask_of(key: str) -> np.ndarray:
+    """The boolean mask (True = kept) of a :func:`mask_key`."""
+    return np.array([c == "1" for c in key], dtype=bool)
 
 
 def model_fingerprint(model) -> str:
@@ -72,13 +78,17 @@ def model_fingerprint(model) -> str:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One real evaluation of a mask: summed NLL over ``tokens`` tokens, its perplexity and wall time."""
+    """One real evaluation of a mask: summed NLL over ``tokens`` tokens, its perplexity and wall time.
+
+    ``per_window``: each window's share of ``nll`` where the evaluator scores per window and the evaluation was
+    computed in this run (here or on a worker); None for a record read from the store, which keeps sums only."""
 
     mask: str
     nll: float
     tokens: int
     perplexity: float
     seconds: float
+    per_window: tuple[float, ...] | None = field(default=None, repr=False, compare=False)
 
 
 #: seconds a process waits for another one's lock on the store (``$SHAPPRUNE_STORE_TIMEOUT`` overrides)

@@ -143,6 +143,19 @@ def quadratic_features(masks: np.ndarray) -> np.ndarray:
     return np.concatenate([np.ones((m.shape[0], 1)), m, m[:, iu] * m[:, ju]], axis=1)
 
 
+def ridge_solve(X: np.ndarray, y: np.ndarray, ridge: float, weights: np.ndarray | None = None) -> np.ndarray:
+    """Ridge least squares: the coefficients solving ``(XᵀX + diag(pen)) w = Xᵀy``, with each column's penalty
+    ``pen = ridge · rows · weights`` (``weights``: a column's penalty relative to the others, 0 unpenalised; by
+    default 1 for every column but the first, the intercept). The one ridge solve of every quadratic surrogate
+    (:class:`QuadraticSurrogate`, the default method's ``LayerSurrogate``)."""
+    X = np.asarray(X, dtype=np.float64)
+    if weights is None:
+        weights = np.ones(X.shape[1])
+        weights[0] = 0.0
+    pen = float(ridge) * max(1, X.shape[0]) * np.asarray(weights, dtype=np.float64)
+    return np.linalg.solve(X.T @ X + np.diag(pen) + 1e-12 * np.eye(X.shape[1]), X.T @ y)
+
+
 class QuadraticSurrogate:
     """``a₀ + Σ aᵢmᵢ + Σ_{i<j} bᵢⱼmᵢmⱼ`` fit by ridge least squares (intercept not penalised)."""
 
@@ -158,10 +171,7 @@ class QuadraticSurrogate:
         X = quadratic_features(masks)
         y = np.asarray(targets, dtype=np.float64)
         L = np.asarray(masks).shape[1]
-        pen = np.full(X.shape[1], float(ridge) * max(1, X.shape[0]))
-        pen[0] = 0.0
-        # solve the ridge normal equations (X^T X + diag(pen)) w = X^T y
-        w = np.linalg.solve(X.T @ X + np.diag(pen) + 1e-12 * np.eye(X.shape[1]), X.T @ y)
+        w = ridge_solve(X, y, ridge)
         b = np.zeros((L, L))
         iu, ju = _pair_index(L)
         b[iu, ju] = w[1 + L :]
