@@ -481,3 +481,71 @@ def test_random_block_games_screened_as_the_method_would_never_lose_the_noise_to
         losses.append((game.true_log_ppl(res["mask"]) - game.true_log_ppl(res["greedy"])) / res["noise"]["standard_error"])
     assert max(losses) < 1.0
 
+
+class InProcessBackend:
+    """A ready backend (``evaluate(keys)``, ``first(k)``) whose "workers" are games of its own on the same model, as
+    a Ray actor's are; ``asked`` lists every key it evaluated, per fidelity (None: all windows; k: the first k)."""
+
+    def __init__(self, model, evaluator, windows=None, asked=None, workers=None):
+        from shapprune.game.core import ModelGame
+
+        self.windows = windows
+        self.asked = asked if asked is not None else {}
+        self.workers = workers if workers is not None else set()  # ids of the games that are workers
+        ev = evaluator.first(windows) if windows is not None else evaluator
+        self.game = ModelGame.__new__(ModelGame)  # registered as a worker before its constructor evaluates
+        self.workers.add(id(self.game))
+        self.game.__init__(model, ev, None, progress=False)
+        self.model, self.evaluator = model, evaluator
+
+    def first(self, windows):
+        return InProcessBackend(self.model, self.evaluator, windows, self.asked, self.workers)
+
+    def evaluate(self, keys):
+        self.asked.setdefault(self.windows, []).extend(keys)
+        return list(self.game.evaluate_keys(list(keys)))
+
+
+def test_every_evaluation_runs_on_the_backend(tmp_path, monkeypatch):
+    """With a backend, every mask the default method evaluates (the screened ones, those on all windows, and
+    those evaluated again for the per-window NLLs a store's record lacks) is computed by the backend, none on
+    the driver, and the run is the serial run's."""
+    from shapprune.game.core import ModelGame, PerplexityEvaluator
+    from shapprune.methods.multifidelity import defaults
+    from shapprune.models.data import Windows
+    from shapprune.pipeline import choose_layers
+    from tiny import tiny_inputs, tiny_model
+
+    computed_on = []  # the game of every evaluation computed in this process, wherever
+    inner = ModelGame.evaluate_keys
+
+    def evaluate_keys(self, keys, desc="evaluating masks"):
+        for ev in inner(self, keys, desc):
+            computed_on.append(id(self))
+            yield ev
+
+    monkeypatch.setattr(ModelGame, "evaluate_keys", evaluate_keys)
+    monkeypatch.setattr(defaults, "SCREEN_TOKENS", 30)  # the singles screened on 2 of the 8 windows
+    model = tiny_model("llama")
+    win = Windows(tiny_inputs(n=8, t=16), "tiny", 16, False)
+    kw = dict(source="tiny", method="shapprune", remove=2, budget=10, seed=0, options={}, progress=False)
+    for run in ("first", "again"):  # again: every mask is in the store, the per-window NLLs are not
+        serial = choose_layers(model, None, win, store_path=str(tmp_path / "serial.sqlite"), **kw)
+        backend = InProcessBackend(model, PerplexityEvaluator(win))
+        computed_on.clear()
+        res = choose_layers(model, None, win, store_path=str(tmp_path / "workers.sqlite"), workers=backend, **kw)
+        extra, detail = res.selection.extra, res.selection.extra["cost_detail"]
+        assert computed_on and set(computed_on) <= backend.workers  # nothing computed on the driver
+        screen = backend.asked.get(extra["screen_windows"], [])
+        full = backend.asked.get(None, [])
+        nz = extra["evidence"]["noise"]
+        assert extra["screen_windows"] == 2 and nz["source"] == "measured" and nz["pairs"] == 3  # per-window NLLs
+        if run == "first":
+            assert len(screen) == extra["screen_evaluations"] + 1  # + the full model on the screen
+            assert len(full) == res.game.new and detail["per_window_recomputed"] == 0
+        else:
+            assert screen == [] and res.game.new == 0 and detail["per_window_recomputed"] > 0
+            assert len(full) == detail["per_window_recomputed"]  # evaluated again, by the backend
+        assert res.record["removed"] == serial.record["removed"] and res.record["values"] == serial.record["values"]
+        assert extra["evidence"]["noise"] == serial.selection.extra["evidence"]["noise"]
+        assert detail == serial.selection.extra["cost_detail"]

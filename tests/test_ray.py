@@ -62,6 +62,28 @@ def test_workers_match_serial(cluster, tiny, method, budget):
     assert dist.game.counts() == serial.game.counts()
 
 
+def test_default_method_screens_on_the_workers(cluster, tiny):
+    """The default method's screen (the first windows) is evaluated by the same workers, on their own
+    evaluator's first windows: every evaluation of the run is a worker's, and the run is the serial run's."""
+    _, model, tok, win = tiny
+    common = dict(source="tiny", method="shapprune", remove=2, budget=None, seed=0, options={}, store_path=None,
+                  batch_size=2, progress=False)
+    serial = choose_layers(model, tok, win, **common)
+    backend = backend_for(model, win)
+    try:
+        dist = choose_layers(model, tok, win, workers=backend, **common)
+        extra = dist.selection.extra
+        assert extra["screen_windows"] == 1 and extra["screen_evaluations"] > 0
+        # the full game's new masks, the screened ones and the full model on the screen: all on the workers
+        assert backend.summary()["masks"] == dist.game.new + extra["screen_evaluations"] + 1
+    finally:
+        backend.close()
+    assert dist.record["removed"] == serial.record["removed"]
+    assert dist.record["values"] == serial.record["values"]
+    assert dist.selection.extra["evidence"] == serial.selection.extra["evidence"]
+    assert dist.selection.extra["cost_detail"] == serial.selection.extra["cost_detail"]
+
+
 def dying_worker(marker: str):
     """A worker class whose first actor to find no file at ``marker`` writes it and dies in the middle of a
     chunk, after its first mask (defined here, so Ray sends it by value to the actors; the fault is the test's)."""
