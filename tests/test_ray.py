@@ -91,11 +91,15 @@ def dying_worker(marker: str):
 
     class DyingWorker(distributed._Worker):
         def evaluate(self, keys, evaluator=None, windows=None):
-            if len(keys) > 1 and not os.path.exists(marker):
+            if len(keys) > 1:
+                try:  # the first actor to create the marker is the one that dies (the others may be racing it)
+                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    return super().evaluate(keys, evaluator, windows)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
                 super().evaluate(list(keys)[:1], evaluator, windows)
-                with open(marker, "w") as fh:
-                    fh.write(str(os.getpid()))
-                os._exit(1)  # a worker dying in the middle of a chunk
+                os._exit(1)  # a worker dying in the middle of a chunk, after its first mask
             return super().evaluate(keys, evaluator, windows)
 
     return DyingWorker
