@@ -17,6 +17,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def default_out(model: str, tag: str):
+    """``shapprune-out/<model>-<tag>-<time>``: the output directory when ``--out`` is not given."""
+    import time
+    from pathlib import Path
+
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).name or model)
+    return Path("shapprune-out") / f"{safe}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="hub id, local checkpoint directory, .gguf file, or alias (smollm2-135m, gemma3-270m)")

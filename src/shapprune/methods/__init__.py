@@ -50,7 +50,7 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 #: (e.g. a budget below the method's minimum); methods without an entry need no check.
 METHOD_CHECKS: dict[str, str] = {
     "shapley": "shapprune.methods.shapley:check_shapley",
-    "exhaustive": "shapprune.methods:check_exhaustive",
+    "exhaustive": "shapprune.methods.baselines:check_exhaustive",
 }
 
 
@@ -59,19 +59,6 @@ def check_selection(name: str, num_layers: int, n: int, budget: int | None, opti
     target = METHOD_CHECKS.get(check_method(name))
     if target:
         load(target)(num_layers, n, budget, dict(options or {}))
-
-
-def check_exhaustive(num_layers: int, n: int, budget: int | None, options: dict) -> None:
-    """The exhaustive method's budget caps ``C(L, N)``: refuse a smaller one, naming the evaluations needed."""
-    from math import comb
-
-    from shapprune.methods.baselines import DEFAULT_EXHAUSTIVE_BUDGET
-
-    cap = int(options.get("exhaustive_budget") or budget or DEFAULT_EXHAUSTIVE_BUDGET)
-    flag = "--exhaustive-budget" if "exhaustive_budget" in options else "--budget"  # compare has its own flag
-    if comb(num_layers, n) > cap:
-        raise UserError(f"exhaustive search over {n} of {num_layers} layers needs {comb(num_layers, n)} evaluations, "
-                        f"more than the budget {cap}; give {flag} {comb(num_layers, n)} or use a smaller N")
 
 
 def method_options(name: str) -> tuple[str, ...]:
