@@ -262,8 +262,8 @@ def dtype(a) -> None:
     """fp32 against bf16 on the same windows (see the module's help)."""
     from scipy import stats
 
-    from shapprune.engine.hardware import cpu_has_native_bf16
     from shapprune.methods.baselines import mask_without, sleb_path
+    from shapprune.models.hardware import cpu_has_native_bf16
 
     res = {}
     for dt in ("float32", "bfloat16"):

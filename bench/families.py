@@ -71,7 +71,7 @@ def measure(spec: str, env: dict) -> dict:
     import torch
 
     from shapprune import sequence_nll
-    from shapprune.engine.hardware import choose_dtype
+    from shapprune.models.hardware import choose_dtype
     from shapprune.models.loading import gguf_cache_key, model_shape, resolve_spec
 
     row: dict = {"model": spec}

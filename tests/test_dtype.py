@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from shapprune.cli import main
-from shapprune.engine import hardware
+from shapprune.models import hardware
 from tiny import save_tiny
 
 CPU = torch.device("cpu")

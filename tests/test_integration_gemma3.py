@@ -113,7 +113,7 @@ def test_gguf_out_refuses_a_broken_pattern_in_one_line(tmp_path, capsys):
 
 def test_quantized_prune_reloads(gemma3, tmp_path, capsys):
     pytest.importorskip("torchao")
-    from shapprune.outputs.quantize import scheme_of
+    from shapprune.models.quantized import scheme_of
 
     out = tmp_path / "q"
     assert main(["prune", "gemma3-270m", "--drop", "4,8", "--quantize", "int8-weight-only", "--out", str(out),

@@ -11,12 +11,11 @@ from tiny import save_tiny, tiny_inputs
 
 pytest.importorskip("torchao")
 
+from shapprune.models.quantized import check_loadable, scheme_of  # noqa: E402
 from shapprune.outputs.quantize import (  # noqa: E402
-    check_loadable,
     quantize_checkpoint,
     quantize_in_memory,
     save_pruned,
-    scheme_of,
     torchao_config,
 )
 
@@ -121,7 +120,7 @@ def test_quantize_errors(ckpt, tmp_path, capsys, monkeypatch):
 
 
 def test_quantized_checkpoint_without_torchao_is_a_one_line_error(ckpt, tmp_path, monkeypatch, capsys):
-    import shapprune.outputs.quantize as q
+    import shapprune.models.quantized as q
 
     out = tmp_path / "q"
     quantize_checkpoint(ckpt, out, "int8-weight-only", device="cpu")

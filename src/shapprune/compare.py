@@ -18,29 +18,16 @@ import numpy as np
 
 from shapprune.errors import UserError
 from shapprune.game.core import ModelGame
-from shapprune.methods import METHODS, SelectionContext, select
+from shapprune.methods import SelectionContext, registry, select
 from shapprune.methods.baselines import mask_without
 
 log = logging.getLogger(__name__)
 
-#: ``--methods all`` runs cheap methods first, so partial results come early; the exhaustive optimum is last.
-#: methods whose refusal of one N (exhaustive: C(L, N) above its budget) skips that row, listed as skipped;
-#: any other method's error stops the comparison, so that no row is ever silently dropped.
-SKIPPABLE = ("exhaustive",)
-
-ORDER = ("last", "random", "shortgpt", "angular", "taylor", "ppl", "sleb", "shapprune", "shapley", "search", "exhaustive")
-
-
 def all_methods() -> list[str]:
-    """Every registered method, in :data:`ORDER` first, others after, ``exhaustive`` last."""
-    names = [m for m in ORDER if m in METHODS and m != "exhaustive"]
-    names += [m for m in METHODS if m not in names and m != "exhaustive"]
-    return names + (["exhaustive"] if "exhaustive" in METHODS else [])
-
-
-#: columns that are not layer selections: ``slicegpt`` slices every weight to an equal parameter count instead
-#: (not in ``all``; ask for it by name, e.g. ``--methods all,slicegpt``)
-WIDTH_METHODS = ("slicegpt",)
+    """``--methods all``: every registered layer selection, cheap methods first (by :attr:`MethodSpec.rank`), so
+    partial results come early; the exhaustive optimum is last. Width methods (``slicegpt``: every weight sliced
+    to an equal parameter count) are not in ``all``; ask for them by name, e.g. ``--methods all,slicegpt``."""
+    return registry.compare_order()
 
 
 def parse_methods(text: str) -> list[str]:
@@ -50,11 +37,24 @@ def parse_methods(text: str) -> list[str]:
     for m in (m.strip() for m in text.split(",")):
         if m:
             names += all_methods() if m == "all" else [m]
-    unknown = [m for m in names if m not in METHODS and m not in WIDTH_METHODS]
+    unknown = [m for m in names if registry.find(m) is None]
     if unknown or not names:
-        raise UserError(f"unknown method {unknown[0] if unknown else text!r}; use all or some of "
-                        f"{', '.join([*METHODS, *WIDTH_METHODS])}")
+        known = [s.name for s in registry.selection_specs()] + [s.name for s in registry.specs("width")]
+        raise UserError(f"unknown method {unknown[0] if unknown else text!r}; use all or some of {', '.join(known)}")
     return list(dict.fromkeys(names))
+
+
+def is_width(name: str) -> bool:
+    """Whether ``name`` is a column that is not a layer selection (a width method, e.g. ``slicegpt``)."""
+    spec = registry.find(name)
+    return spec is not None and not spec.selects_layers
+
+
+def skippable(name: str) -> bool:
+    """Whether ``name``'s refusal of one N (exhaustive: C(L, N) above its budget) skips that row, listed as
+    skipped; any other method's error stops the comparison, so that no row is ever silently dropped."""
+    spec = registry.find(name)
+    return spec is not None and spec.skippable
 
 
 def parse_counts(text: str, num_layers: int | None = None) -> list[int]:
@@ -121,7 +121,7 @@ def run_comparison(model, tokenizer, calib_windows, calib_game: ModelGame, test_
     rows, skipped = [], []
     healed_sets: dict[tuple, dict] = {}
     for name in methods:
-        if name in WIDTH_METHODS:
+        if is_width(name):
             rows += [slicegpt_row(model, calib_windows, test_game, n, batch_size, options or {}) for n in counts]
             continue
         for n in counts:
@@ -133,7 +133,7 @@ def run_comparison(model, tokenizer, calib_windows, calib_game: ModelGame, test_
             try:
                 sel = select(name, ctx, n)
             except UserError as exc:
-                if name not in SKIPPABLE:
+                if not skippable(name):
                     raise UserError(f"{name}, N={n}: {exc}") from None
                 log.warning("%s, N=%d skipped: %s", name, n, exc)
                 skipped.append({"method": name, "n": n, "reason": str(exc)})
@@ -364,9 +364,11 @@ def results_markdown(cmp: Comparison, counts: list[int], methods: list[str], hea
     return "\n".join(lines) + "\n"
 
 
-#: methods shown as reference lines of the comparison plot: their perplexity is usually far above the rest,
-#: so the axis is not scaled to them (clipped points are marked and labelled)
-BASELINE_METHODS = ("last", "random", "first")
+def reference_methods() -> set[str]:
+    """Methods shown as reference lines of the comparison plot (:attr:`MethodSpec.reference_line`): their
+    perplexity is usually far above the rest, so the axis is not scaled to them (clipped points are marked and
+    labelled)."""
+    return {s.name for s in registry.specs() if s.reference_line}
 
 #: what the last comparison plot showed (x ticks, y scale, y limit); for tests and reading a plot without opening it
 last_plot_info: dict = {}
@@ -386,12 +388,13 @@ def plot_ppl_vs_removed(path: str | os.PathLike, cmp: Comparison, methods: list[
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
     full = cmp.full["test_ppl"]
+    reference = reference_methods()
     series = {}
     for m in methods:
         pts = sorted((r.n, r.test_ppl / full) for r in cmp.rows if r.method == m and r.test_ppl is not None)
         if pts:
             series[m] = [(0, 1.0)] + pts
-    core = [y for m, pts in series.items() if m not in BASELINE_METHODS for _, y in pts]
+    core = [y for m, pts in series.items() if m not in reference for _, y in pts]
     every = [y for pts in series.values() for _, y in pts]
     top = max(1.3 * (max(core) if core else max(every, default=2.0)), 1.2)
     bottom = min(0.95, 0.95 * min(every, default=1.0))
@@ -403,7 +406,7 @@ def plot_ppl_vs_removed(path: str | os.PathLike, cmp: Comparison, methods: list[
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         colour = colours[(2 * i) % 20] if i < 10 else colours[(2 * i + 1) % 20]
         ax.plot(xs, [min(y, top) for y in ys], marker=markers[i % len(markers)], color=colour, label=m,
-                linestyle="--" if m in BASELINE_METHODS else "-", markersize=5, linewidth=1.4)
+                linestyle="--" if m in reference else "-", markersize=5, linewidth=1.4)
         for x, y in zip(xs, ys, strict=True):
             if y > top:
                 clipped.setdefault(x, []).append((m, y, colour))

@@ -50,6 +50,7 @@ def run(args) -> int:
     from shapprune.errors import UserError
     from shapprune.models.layers import find_layer_stack, kept_from, parse_layer_list
     from shapprune.models.loading import load_model, model_device, resolve_spec
+    from shapprune.models.quantized import check_loadable, scheme_of
     from shapprune.outputs.atomic import atomic_dir, check_out_dir, write_json
     from shapprune.outputs.bench import (
         BenchSettings,
@@ -59,7 +60,6 @@ def run(args) -> int:
         format_table,
         run_bench,
     )
-    from shapprune.outputs.quantize import check_loadable, scheme_of
 
     if not args.pruned and not args.drop:
         raise UserError("nothing to compare with: give --drop 3,7 or one or more PRUNED_DIR")

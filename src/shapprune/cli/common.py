@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from shapprune.errors import UserError
+from shapprune.methods import registry
 
 
 def positive_int(text: str) -> int:
@@ -15,6 +16,15 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def default_out(model: str, tag: str):
+    """``shapprune-out/<model>-<tag>-<time>``: the output directory when ``--out`` is not given."""
+    import time
+    from pathlib import Path
+
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).name or model)
+    return Path("shapprune-out") / f"{safe}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -212,10 +222,8 @@ def drop_or_keep(args, num_layers: int) -> list[int]:
 
 def add_utility_args(p: argparse.ArgumentParser) -> None:
     """``--utility ppl|task:NAME[,NAME...]`` for the game, with the task files it reads."""
-    p.add_argument("--utility", default="ppl", metavar="ppl|kl|task:A,B",
-                   help="score masks by calibration perplexity (ppl), by the KL divergence from the full model's "
-                        "next-token distributions on the same windows (kl, EvoPress's fitness), or by zero-shot "
-                        "log-likelihood of the gold answers of tasks, e.g. task:piqa,arc_easy (needs --task-dir)")
+    utility = registry.UTILITY
+    p.add_argument(utility.flag, default=utility.default, metavar="ppl|kl|task:A,B", help=utility.help)
     p.add_argument("--task-dir", default=None, metavar="DIR", help="folder of <task>.jsonl files for --utility task:")
     p.add_argument("--task-limit", type=positive_int, default=None, metavar="N",
                    help="first N items of each task for --utility task:")
@@ -230,18 +238,11 @@ def utility_evaluator(args, tokenizer, windows, batch_size: int = 16):
 
 
 # ------------------------------------------------------------------------------------ layer-selection options
-#: option (as in :data:`shapprune.methods.METHOD_OPTIONS`) -> its flag
-FLAGS = {"budget": "--budget", "estimator": "--estimator", "surrogate": "--surrogate", "strata": "--strata",
-         "utility": "--utility", "paper_recipe": "--paper-recipe"}
+#: option (as in :data:`shapprune.methods.METHOD_OPTIONS`) -> its flag; a view of the registry's options
+FLAGS = {name: opt.flag for name, opt in registry.OPTIONS.items()}
 
-BUDGET_HELP = ("what it counts depends on the method. shapley: real evaluations — Stage-1 masks for the "
-               "surrogate estimator (at least 5 per stratum; default 100, or 10 per stratum if more), distinct "
-               "masks for permutation (at least and by default one cycle of ⌈L/2⌉ antithetic pairs, about L²), "
-               "kernel (at least 2L+2; default max(100, 4L+2)) and exact (2^L). exhaustive: the largest C(L, N) "
-               "it may enumerate (default 5000). shapprune (the default): calibration tokens in full evaluations (a "
-               "screen on a quarter of the windows counts a quarter; default half of SLEB's path, about 0.5·N·L). "
-               "search: real evaluations (at least its greedy path). "
-               "A budget too small for a meaningful answer is refused, with the minimum")
+#: ``--budget``'s help: what it counts for each registered method (:attr:`MethodSpec.budget_help`)
+BUDGET_HELP = registry.budget_help()
 
 
 def int_list(text: str, flag: str = "--strata") -> list[int]:
@@ -259,18 +260,13 @@ def add_selection_args(p: argparse.ArgumentParser, batch_size: int = 16) -> None
     """The options ``prune``, ``shapley`` and ``compare`` share: estimator, budget, the game's data and store.
 
     Values are checked by :func:`check_selection_args` (against the registries), before a model is loaded."""
-    p.add_argument("--estimator", default=None,
-                   help="Shapley estimator for --method shapley: surrogate (default, the paper's two-stage method), "
-                        "permutation, kernel or exact (shapprune.game.estimators.ESTIMATORS)")
-    p.add_argument("--surrogate", default=None,
-                   help="surrogate for --estimator surrogate (default mlp) or exact (enumerate the surrogate): "
-                        "mlp or quadratic")
-    p.add_argument("--budget", type=positive_int, default=None, help=BUDGET_HELP)
-    p.add_argument("--strata", default=None, metavar="K,K,...",
-                   help="counts of kept layers for Stage 1, e.g. 18,21,24 (default: 5 from L-2 to L-round(0.45L))")
-    p.add_argument("--paper-recipe", action="store_true", default=None,
-                   help="shapley: fit the MLP surrogate with the published optimiser exactly (0/1 masks, batch 300, "
-                        "300 epochs) instead of shapprune's adaptation for small samples")
+    o = registry.OPTIONS
+    p.add_argument(o["estimator"].flag, default=o["estimator"].default, help=o["estimator"].help)
+    p.add_argument(o["surrogate"].flag, default=o["surrogate"].default, help=o["surrogate"].help)
+    p.add_argument(o["budget"].flag, type=positive_int, default=o["budget"].default, help=registry.budget_help())
+    p.add_argument(o["strata"].flag, default=o["strata"].default, metavar="K,K,...", help=o["strata"].help)
+    p.add_argument(o["paper_recipe"].flag, action="store_true", default=o["paper_recipe"].default,
+                   help=o["paper_recipe"].help)
     add_data_args(p, data="wikitext2", seqlen=None, max_windows=None, batch_size=batch_size, calibration=True)
     p.add_argument("--store", default=None, metavar="PATH",
                    help="SQLite evaluation store (default: $SHAPPRUNE_STORE or ~/.cache/shapprune/evaluations.sqlite)")
@@ -281,11 +277,7 @@ def add_selection_args(p: argparse.ArgumentParser, batch_size: int = 16) -> None
 
 def given_options(args) -> list[str]:
     """The method-specific options (keys of :data:`FLAGS`) the user set."""
-    out = [k for k in ("budget", "estimator", "surrogate", "strata", "paper_recipe")
-           if getattr(args, k, None) is not None]
-    if getattr(args, "utility", "ppl") != "ppl":
-        out.append("utility")
-    return out
+    return [name for name, opt in registry.OPTIONS.items() if getattr(args, name, opt.default) != opt.default]
 
 
 def check_selection_args(args, methods: list[str], own_budgets: dict[str, str] | None = None) -> None:

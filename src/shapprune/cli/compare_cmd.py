@@ -19,9 +19,14 @@ from shapprune.cli.common import (
     windows,
     workers_from_args,
 )
+from shapprune.methods import registry
 
-#: methods whose budget counts other things than ``--budget``'s (shapley's masks): each has its own flag
-OWN_BUDGETS = {"search": "--search-budget", "shapprune": "--shapprune-budget", "exhaustive": "--exhaustive-budget"}
+
+def own_budgets() -> dict[str, str]:
+    """Methods whose budget counts other things than ``--budget``'s (shapley's masks) -> their own flag
+    (:attr:`~shapprune.methods.registry.MethodSpec.compare_budget_flag`)."""
+    return {s.name: s.compare_budget_flag for s in registry.selection_specs() if s.compare_budget_flag}
+
 
 HELP = "compare layer-selection methods: test perplexity vs layers removed (results.json/.md, plot)"
 log = logging.getLogger("shapprune")
@@ -35,14 +40,9 @@ def add_arguments(p) -> None:
     p.add_argument("--eval-data", default="wikitext2", help="test data (default: wikitext2 test split)")
     p.add_argument("--eval-seqlen", type=positive_int, default=2048, help="test window length (default: 2048)")
     p.add_argument("--eval-max-windows", type=positive_int, default=None, help="test windows (default: all)")
-    p.add_argument("--search-budget", type=positive_int, default=None,
-                   help="real evaluations for search (default: its greedy path + 2·L)")
-    p.add_argument("--shapprune-budget", type=positive_int, default=None,
-                   help="calibration tokens in full evaluations for shapprune (default: half of SLEB's path at "
-                        "each N); --budget is the other methods' (shapley's masks), whose units differ")
-    p.add_argument("--exhaustive-budget", type=positive_int, default=None,
-                   help="largest C(L, N) the exhaustive method may evaluate; larger N are skipped and listed "
-                        "(default: the method's own, 5000)")
+    for spec in registry.selection_specs():
+        if spec.compare_budget_flag:
+            p.add_argument(spec.compare_budget_flag, type=positive_int, default=None, help=spec.compare_budget_help)
     p.add_argument("--tasks", default=None, help="also zero-shot tasks, e.g. piqa,arc_easy (with --task-dir)")
     p.add_argument("--task-dir", default=None, help="directory of local task files <name>.jsonl")
     p.add_argument("--limit", type=positive_int, default=None, help="first N items of each task")
@@ -59,13 +59,13 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from shapprune.compare import (
-        SKIPPABLE,
-        WIDTH_METHODS,
+        is_width,
         parse_counts,
         parse_methods,
         plot_ppl_vs_removed,
         results_markdown,
         run_comparison,
+        skippable,
     )
     from shapprune.game.core import ModelGame, PerplexityEvaluator
     from shapprune.game.store import EvaluationStore, default_store_path
@@ -74,10 +74,11 @@ def run(args) -> int:
 
     t0 = time.time()
     methods = parse_methods(args.methods)
-    selections = [m for m in methods if m not in WIDTH_METHODS]
-    check_selection_args(args, selections, own_budgets=OWN_BUDGETS)
+    selections = [m for m in methods if not is_width(m)]
+    own = own_budgets()
+    check_selection_args(args, selections, own_budgets=own)
     # each method's budget: its own flag's value (None: its default), --budget for the rest
-    budget_of = {m: getattr(args, flag.lstrip("-").replace("-", "_")) for m, flag in OWN_BUDGETS.items()}
+    budget_of = {m: getattr(args, flag.lstrip("-").replace("-", "_")) for m, flag in own.items()}
     counts = parse_counts(args.remove)
     out = Path(args.out)
     check_out_dir(out)
@@ -107,7 +108,7 @@ def run(args) -> int:
 
         check_model(model)
     for name in selections:  # a bad budget or strata fails here, before any evaluation
-        if name not in SKIPPABLE:
+        if not skippable(name):
             check_selection(name, find_layer_stack(model).num_layers, min(counts), budget_of.get(name, args.budget),
                             selection_options(args))
     calib = windows(args, tokenizer, model, split="calibration")

@@ -15,6 +15,7 @@ from shapprune.cli.common import (
     add_worker_args,
     check_data_early,
     check_selection_args,
+    default_out,
     given_options,
     load,
     positive_int,
@@ -118,11 +119,6 @@ def heal_from_args(args, model, tokenizer, removed, calibration, methods: list[s
                            seqlen=args.heal_seqlen, tokens=args.heal_tokens, steps=args.heal_steps,
                            rank=args.heal_rank, lr=args.heal_lr, time_limit=args.heal_time_limit,
                            checkpoint_dir=str(ckpt), progress=show_progress(args))
-
-
-def default_out(model: str, tag: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).name or model)
-    return Path("shapprune-out") / f"{safe}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def check_choice_args(args) -> None:

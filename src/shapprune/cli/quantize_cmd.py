@@ -26,7 +26,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from shapprune.cli.prune_cmd import default_out
+    from shapprune.cli.common import default_out
     from shapprune.errors import UserError
     from shapprune.models.loading import resolve_device
     from shapprune.outputs.atomic import atomic_dir, check_out_dir

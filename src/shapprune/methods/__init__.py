@@ -1,5 +1,6 @@
-"""Stage 4, methods: a registry of string names to functions, imported lazily (the baselines, the paper's
-Shapley ranking, ``search`` and the default ``multifidelity``).
+"""Stage 4, methods: every layer-selection method is one :class:`~shapprune.methods.registry.MethodSpec` in
+:mod:`shapprune.methods.registry` (the baselines, the paper's Shapley ranking, ``search`` and the default
+``multifidelity``), its function imported lazily.
 
 Every method has the signature ``select(ctx: SelectionContext, n: int) -> Selection`` and chooses ``n``
 layers (0-based) to remove. Methods that evaluate masks do so through ``ctx.game`` so that every real
@@ -12,75 +13,43 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shapprune.errors import UserError
-from shapprune.registry import load
+from shapprune.methods import registry
+from shapprune.methods.registry import DEFAULT_METHOD, MethodSpec, register
 
-#: what ``prune --remove N`` uses when no ``--method`` is given
-DEFAULT_METHOD = "shapprune"
-
-#: method name -> "module:function"
-METHODS: dict[str, str] = {
-    "shapprune": "shapprune.methods.multifidelity:select_shapprune",
-    "search": "shapprune.methods.search:select_search",
-    "shapley": "shapprune.methods.shapley:select_shapley",
-    "shortgpt": "shapprune.methods.baselines:select_shortgpt",
-    "angular": "shapprune.methods.baselines:select_angular",
-    "ppl": "shapprune.methods.baselines:select_ppl",
-    "taylor": "shapprune.methods.baselines:select_taylor",
-    "sleb": "shapprune.methods.baselines:select_sleb",
-    "last": "shapprune.methods.baselines:select_last",
-    "random": "shapprune.methods.baselines:select_random",
-    "exhaustive": "shapprune.methods.baselines:select_exhaustive",
-}
-
+#: method name -> its selection function (``"module:function"`` or the function), for every method that
+#: chooses layers; a view of the registry, so it lists methods registered later too
+METHODS = registry.View(lambda: {s.name: s.select for s in registry.selection_specs()})
 
 #: The method-specific options each method reads (``ctx.budget``, ``ctx.options[...]``, ``ctx.game``'s utility);
 #: the command line refuses one given to a method that would ignore it. A method without an entry reads none.
 #: ``utility`` marks methods that score masks through ``ctx.game`` (so ``--utility task:...`` changes them).
-METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "shapprune": ("budget", "utility"),
-    "search": ("budget", "utility"),
-    "shapley": ("budget", "estimator", "surrogate", "strata", "utility", "paper_recipe"),
-    "ppl": ("utility",),
-    "sleb": ("utility",),
-    "exhaustive": ("budget", "utility"),
-}
+#: A view of the registry's :attr:`MethodSpec.options`.
+METHOD_OPTIONS = registry.View(lambda: {s.name: s.option_names for s in registry.selection_specs() if s.options})
 
+#: method name -> its check of ``(num_layers, n, budget, options)`` before any evaluation (e.g. a budget below
+#: the method's minimum); methods without an entry need no check. A view of :attr:`MethodSpec.check`.
+METHOD_CHECKS = registry.View(lambda: {s.name: s.check for s in registry.selection_specs() if s.check})
 
-#: method name -> "module:function" checking ``(num_layers, n, budget, options)`` before any evaluation
-#: (e.g. a budget below the method's minimum); methods without an entry need no check.
-METHOD_CHECKS: dict[str, str] = {
-    "shapley": "shapprune.methods.shapley:check_shapley",
-    "exhaustive": "shapprune.methods:check_exhaustive",
-}
+__all__ = ["DEFAULT_METHOD", "METHODS", "METHOD_CHECKS", "METHOD_OPTIONS", "MethodSpec", "Selection",
+           "SelectionContext", "check_method", "check_selection", "get_method", "method_options", "register",
+           "select"]
 
 
 def check_selection(name: str, num_layers: int, n: int, budget: int | None, options: dict | None = None) -> None:
-    """Run ``name``'s check from :data:`METHOD_CHECKS` (once the layer count is known, before evaluating)."""
-    target = METHOD_CHECKS.get(check_method(name))
-    if target:
-        load(target)(num_layers, n, budget, dict(options or {}))
-
-
-def check_exhaustive(num_layers: int, n: int, budget: int | None, options: dict) -> None:
-    """The exhaustive method's budget caps ``C(L, N)``: refuse a smaller one, naming the evaluations needed."""
-    from math import comb
-
-    from shapprune.methods.baselines import DEFAULT_EXHAUSTIVE_BUDGET
-
-    cap = int(options.get("exhaustive_budget") or budget or DEFAULT_EXHAUSTIVE_BUDGET)
-    flag = "--exhaustive-budget" if "exhaustive_budget" in options else "--budget"  # compare has its own flag
-    if comb(num_layers, n) > cap:
-        raise UserError(f"exhaustive search over {n} of {num_layers} layers needs {comb(num_layers, n)} evaluations, "
-                        f"more than the budget {cap}; give {flag} {comb(num_layers, n)} or use a smaller N")
+    """Run ``name``'s check (once the layer count is known, before evaluating)."""
+    check = registry.get(check_method(name)).checker()
+    if check is not None:
+        check(num_layers, n, budget, dict(options or {}))
 
 
 def method_options(name: str) -> tuple[str, ...]:
     """The options ``name`` reads (see :data:`METHOD_OPTIONS`)."""
-    return METHOD_OPTIONS.get(name, ())
+    spec = registry.find(name)
+    return spec.option_names if spec is not None else ()
 
 
 def check_method(name: str) -> str:
-    """``name`` if it is registered, else a :class:`UserError` listing the registry."""
+    """``name`` if it is a registered layer selection, else a :class:`UserError` listing them."""
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     return name
@@ -111,7 +80,7 @@ class Selection:
 
 
 def get_method(name: str):
-    return load(METHODS[check_method(name)])
+    return registry.get(check_method(name)).selector()
 
 
 def select(name: str, ctx: SelectionContext, n: int) -> Selection:

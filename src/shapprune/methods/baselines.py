@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from shapprune.engine.head import logits_nll
 from shapprune.engine.runner import Runner
-from shapprune.methods import Selection, SelectionContext, check_exhaustive
+from shapprune.errors import UserError
+from shapprune.methods import Selection, SelectionContext
 from shapprune.models.layers import find_layer_stack
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,16 @@ def select_random(ctx: SelectionContext, n: int) -> Selection:
 
 
 DEFAULT_EXHAUSTIVE_BUDGET = 5000
+
+
+def check_exhaustive(num_layers: int, n: int, budget: int | None, options: dict) -> None:
+    """The exhaustive method's budget caps ``C(L, N)``: refuse a smaller one, naming the evaluations needed."""
+    cap = int(options.get("exhaustive_budget") or budget or DEFAULT_EXHAUSTIVE_BUDGET)
+    flag = "--exhaustive-budget" if "exhaustive_budget" in options else "--budget"  # compare has its own flag
+    if math.comb(num_layers, n) > cap:
+        raise UserError(f"exhaustive search over {n} of {num_layers} layers needs {math.comb(num_layers, n)} "
+                        f"evaluations, more than the budget {cap}; give {flag} {math.comb(num_layers, n)} or use a "
+                        "smaller N")
 
 
 def select_exhaustive(ctx: SelectionContext, n: int) -> Selection:

@@ -47,13 +47,13 @@ _DTYPES = {
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device,
                   shape: tuple[int, int, int] | None = None) -> torch.dtype:
-    """``auto`` (or None) is :func:`shapprune.engine.hardware.choose_dtype`'s choice for ``device`` and a model
+    """``auto`` (or None) is :func:`shapprune.models.hardware.choose_dtype`'s choice for ``device`` and a model
     of ``shape`` ``(tokens, hidden, intermediate)`` (bf16 on CUDA; on a CPU, bf16 only where it measures
     faster), logged with its reason; anything else is the dtype named."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "", "auto"):
-        from shapprune.engine.hardware import choose_dtype
+        from shapprune.models.hardware import choose_dtype
 
         choice = choose_dtype(device, shape)
         log.info("--dtype auto: %s (%s)", str(choice.dtype).replace("torch.", ""), choice.reason)
@@ -359,7 +359,7 @@ def load_model(
     """
     src = resolve_spec(spec)
     if not src.gguf_file and Path(src.location).is_dir():
-        from shapprune.outputs.quantize import check_loadable
+        from shapprune.models.quantized import check_loadable
 
         check_loadable(src.location)  # a torchao-quantized checkpoint needs torchao: one-line error
     dev = resolve_device(device)

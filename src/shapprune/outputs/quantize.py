@@ -12,7 +12,6 @@ the model's dtype (``TorchAoConfig``'s default ``include_input_output_embeddings
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -23,11 +22,9 @@ from pathlib import Path
 import torch
 
 from shapprune.errors import UserError
+from shapprune.models.quantized import INSTALL_HINT, scheme_of, torchao_available
 
 log = logging.getLogger(__name__)
-
-INSTALL_HINT = "pip install 'shapprune[quant]' (torchao)"
-
 
 @dataclass(frozen=True)
 class Scheme:
@@ -48,10 +45,6 @@ SCHEMES = {
 #: files transformers writes for the weights and config; everything else in a checkpoint is copied along.
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-def torchao_available() -> bool:
-    return importlib.util.find_spec("torchao") is not None
 
 
 def check_scheme(scheme: str, device: torch.device | str | None = None) -> Scheme:
@@ -85,43 +78,6 @@ def torchao_config(scheme: str):
     # tinygemm's packed layout (torch's own _weight_int4pack_mm on CUDA; no extra kernel package needed, unlike the
     # default "plain" format), groups of 64 so that hidden sizes like SmolLM2's 576 are quantized, not skipped
     return Int4WeightOnlyConfig(group_size=64, int4_packing_format="tile_packed_to_4d")
-
-
-def quantization_of(config) -> dict | None:
-    """The ``quantization_config`` dict of a model config (or ``config.json`` dict), if any."""
-    q = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
-    if q is None:
-        return None
-    return q if isinstance(q, dict) else q.to_dict()
-
-
-def scheme_of(model_or_config) -> str | None:
-    """The scheme name of a torchao-quantized model or config (``None`` when not quantized by torchao)."""
-    config = getattr(model_or_config, "config", model_or_config)
-    q = quantization_of(config)
-    if not q or q.get("quant_method") != "torchao":
-        return None
-    kind = (q.get("quant_type") or {}).get("default", {}).get("_type", "")
-    for name, cls in (("int8-weight-only", "Int8WeightOnlyConfig"),
-                      ("int8-dynamic", "Int8DynamicActivationInt8WeightConfig"),
-                      ("int4-weight-only", "Int4WeightOnlyConfig")):
-        if kind == cls:
-            return name
-    return kind or "torchao"
-
-
-def check_loadable(directory: str | os.PathLike) -> None:
-    """Before loading a checkpoint directory: a torchao-quantized one needs torchao installed."""
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        return
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    q = quantization_of(config)
-    if q and q.get("quant_method") == "torchao" and not torchao_available():
-        raise UserError(f"{directory} is quantized with torchao; install it to load it: {INSTALL_HINT}")
 
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, device: str | None = None,

@@ -7,22 +7,16 @@ import logging
 import os
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from shapprune.methods import registry
 
-#: method -> (file name, what its per-layer values are); other methods get ``<method>_values.png``
-VALUE_PLOTS: dict[str, tuple[str, str]] = {
-    "shapley": ("shapley.png", "estimated Shapley value"),
-    "shapprune": ("marginal_log_ppl.png", "log-PPL cost of the layer at the chosen set (surrogate)"),
-    "search": ("quadratic_shapley.png", "Shapley value of the quadratic surrogate"),
-    "shortgpt": ("block_influence.png", "block influence 1 − cos(x_in, x_out)"),
-    "ppl": ("ppl_without_layer.png", "calibration perplexity without the layer"),
-    "taylor": ("taylor.png", "Taylor score Σ|w·∂L/∂w|"),
-}
+log = logging.getLogger(__name__)
 
 
 def value_plot(method: str) -> tuple[str, str]:
-    """``(file name, y-axis label)`` of the per-layer value plot of ``method``."""
-    return VALUE_PLOTS.get(method, (f"{method}_values.png", f"{method} score per layer"))
+    """``(file name, y-axis label)`` of the per-layer value plot of ``method`` (its
+    :attr:`~shapprune.methods.registry.MethodSpec.plot`; else ``<method>_values.png``)."""
+    spec = registry.find(method)
+    return spec.value_plot() if spec is not None else (f"{method}_values.png", f"{method} score per layer")
 
 
 def _fmt(x, digits: int = 4) -> str:

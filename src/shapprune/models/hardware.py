@@ -91,7 +91,7 @@ def measure_bf16_speedup(shape: tuple[int, int, int] = DEFAULT_SHAPE, reps: int 
 
 
 def _probe_file() -> Path:
-    from shapprune.models.loading import user_cache_dir
+    from shapprune.models.sources import user_cache_dir
 
     return user_cache_dir() / "bf16-probe.json"
 
