@@ -232,7 +232,9 @@ def test_prune_heal_end_to_end_reloads_with_the_recorded_perplexity(tiny_cli, tm
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.num_hidden_layers == 3
     calib = make_windows(tok, args[1], 32, max_windows=4, split="calibration", bos="auto", model=reloaded)
-    hd = heal_windows(tok, args[1], 64, h["tokens"], calib, bool(calib.bos))
+    hd = heal_windows(tok, args[1], 64, h["tokens"], calib, bool(calib.bos), heldout=h["heldout_windows"],
+                      heldout_seqlen=h["heldout_seqlen"])
+    assert h["heldout_seqlen"] == 128  # as long as the model's context allows (tiny: 128)
     assert _ppl(reloaded, hd.heldout) == pytest.approx(h["ppl_after"]["heldout"], rel=1e-4)
     if heal == "linear":
         rep = (out / "report.md").read_text() if (out / "report.md").is_file() else ""
@@ -279,8 +281,8 @@ def test_smollm2_linear_heal_gguf_reloads_with_the_healed_logits(smollm2, tmp_pa
     from conftest import WIKI_VALID, need
 
     monkeypatch.setenv("SHAPPRUNE_STORE", str(tmp_path / "store.sqlite"))
-    common = ["smollm2-135m", "--drop", "3,4", "--heal", "linear", "--heal-tokens", "2048", "--data",
-              str(need(WIKI_VALID)), "--no-progress", "--dtype", "float32"]
+    common = ["smollm2-135m", "--drop", "3,4", "--heal", "linear", "--heal-tokens", "16384", "--heal-seqlen", "512",
+              "--heal-heldout", "2", "--data", str(need(WIKI_VALID)), "--no-progress", "--dtype", "float32"]
     hf, gg = tmp_path / "hf", tmp_path / "gg"
     assert main(["prune", *common, "--out", str(hf), "--save-dtype", "float32"]) == 0
     assert main(["prune", *common, "--out-format", "gguf", "--out", str(gg)]) == 0

@@ -51,7 +51,7 @@ def add_arguments(p) -> None:
                         "matrices (default) or not (the paper-era convention)")
     from shapprune.cli.prune_cmd import add_heal_args
 
-    add_heal_args(p)
+    add_heal_args(p, default="none")
     p.add_argument("--no-table1", action="store_true", help="skip the N=2 static/greedy/exhaustive analysis")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     add_worker_args(p)
@@ -139,8 +139,11 @@ def run(args) -> int:
                "slicegpt_match": args.slicegpt_match}
     heal = None
     if heal_methods:
+        from shapprune import heal as H
+
         heal = {"methods": heal_methods, "data": args.heal_data, "seqlen": args.heal_seqlen, "tokens": args.heal_tokens,
-                "steps": args.heal_steps, "rank": args.heal_rank, "lr": args.heal_lr,
+                "steps": args.heal_steps or H.HEAL_STEPS, "rank": args.heal_rank or H.HEAL_RANK,
+                "lr": args.heal_lr or H.HEAL_LR, "heldout": args.heal_heldout,
                 "time_limit": args.heal_time_limit, "seed": args.seed}
     cmp = run_comparison(model, tokenizer, calib, calib_game, test_game, methods=methods, counts=counts,
                          seed=args.seed, budget=args.budget, options=options, batch_size=args.batch_size,

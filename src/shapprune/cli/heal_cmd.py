@@ -50,11 +50,16 @@ def run(args) -> int:
     except (OSError, ValueError) as exc:
         raise UserError(f"{meta_path} cannot be read as JSON ({exc}); give a directory written by shapprune prune"
                         ) from None
-    if meta.get("heal"):
-        raise UserError(f"{args.model} is already healed ({meta['heal'].get('method')}); heal from the unhealed "
-                        "checkpoint or the source model")
     args.data = args.data or (meta.get("calibration") or {}).get("data")
     methods = check_heal_args(args)
+    earlier = meta.get("heal") if (meta.get("heal") or {}).get("method") not in (None, "none") else None
+    if earlier:  # say what was done and what happens now
+        what = ("trains the healed checkpoint further (the earlier repair stays)" if methods == ["lora"] else
+                "starts again from the unpruned source model and replaces the earlier repair")
+        print(f"{args.model} was already healed ({earlier['method']}: held-out perplexity "
+              f"{earlier['ppl_before']['heldout']:.4f} -> {earlier['ppl_after']['heldout']:.4f}); "
+              f"--heal {','.join(methods)} {what}")
+        meta["heal_earlier"] = earlier
     if not methods:
         raise UserError("--heal none heals nothing; choose lora, linear or distill")
     if args.data is None and args.heal_data is None:

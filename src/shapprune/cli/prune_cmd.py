@@ -63,44 +63,62 @@ def add_arguments(p) -> None:
 def add_heal_args(p, default: str | None = None) -> None:
     """``--heal METHOD`` and its options (``prune`` and ``heal``); defaults in :mod:`shapprune.heal`."""
     from shapprune import heal as H
+    from shapprune.heal import check as C
 
     dflt = default if default is not None else H.DEFAULT_HEAL
-    p.add_argument("--heal", default=dflt, metavar="METHOD",
+    p.add_argument("--heal", default=None, metavar="METHOD",
                    help=f"repair after removal: none, linear (training-free, ReplaceMe), lora, distill (LoRA on the "
-                        f"unpruned model's next-token distribution), or linear,lora / linear,distill (default: {dflt})")
+                        f"unpruned model's next-token distribution), or linear,lora / linear,distill (default: {dflt}); "
+                        "every repair is kept only if it measurably lowers held-out perplexity")
+    p.set_defaults(heal_default=dflt)
     p.add_argument("--heal-data", default=None, metavar="SPEC",
                    help="healing text (default: the calibration source's text outside the calibration windows); "
                         "test text is refused")
     p.add_argument("--heal-tokens", type=positive_int, default=None, metavar="N",
                    help=f"healing tokens (default: {H.LINEAR_TOKENS} for linear, {H.TRAIN_TOKENS} for lora/distill)")
-    p.add_argument("--heal-steps", type=positive_int, default=H.HEAL_STEPS, metavar="N",
+    p.add_argument("--heal-steps", type=positive_int, default=None, metavar="N",
                    help=f"lora/distill optimiser steps (default: {H.HEAL_STEPS})")
-    p.add_argument("--heal-rank", type=positive_int, default=H.HEAL_RANK, metavar="R",
+    p.add_argument("--heal-rank", type=positive_int, default=None, metavar="R",
                    help=f"LoRA rank (default: {H.HEAL_RANK})")
-    p.add_argument("--heal-lr", type=float, default=H.HEAL_LR, metavar="LR",
+    p.add_argument("--heal-lr", type=float, default=None, metavar="LR",
                    help=f"lora/distill peak learning rate (default: {H.HEAL_LR:g})")
     p.add_argument("--heal-time-limit", type=float, default=None, metavar="SECONDS",
-                   help="stop lora/distill training after this many seconds (the steps done are kept)")
-    p.add_argument("--heal-seqlen", type=positive_int, default=H.HEAL_SEQLEN, metavar="T",
-                   help=f"tokens per healing window (default: {H.HEAL_SEQLEN})")
+                   help="stop lora/distill training after this many seconds (the best state so far is kept)")
+    p.add_argument("--heal-seqlen", type=positive_int, default=None, metavar="T",
+                   help="tokens per healing window (default: as long as the held-out windows)")
+    p.add_argument("--heal-heldout", type=positive_int, default=None, metavar="N",
+                   help=f"held-out windows that check every repair (default: {C.HELDOUT_WINDOWS} of "
+                        f"{C.HELDOUT_SEQLEN} tokens, or the model's context)")
+
+
+#: options that only training repairs read
+TRAIN_OPTIONS = ("--heal-steps", "--heal-rank", "--heal-lr", "--heal-time-limit")
 
 
 def check_heal_args(args) -> list[str]:
-    """The healing methods asked for, checked with their data and options before a model is loaded."""
+    """The healing methods asked for (``--heal``, else the default), checked with their data and options
+    before a model is loaded."""
     from shapprune.errors import UserError
     from shapprune.heal import check_heal_data, parse_methods
 
-    methods = parse_methods(getattr(args, "heal", None))
+    asked = getattr(args, "heal", None)
+    methods = parse_methods(asked if asked is not None else args.heal_default)
     if args.heal_lr is not None and not args.heal_lr > 0:
         raise UserError(f"--heal-lr {args.heal_lr} must be positive, e.g. --heal-lr 5e-4")
     if args.heal_time_limit is not None and not args.heal_time_limit > 0:
         raise UserError(f"--heal-time-limit {args.heal_time_limit} must be positive (seconds)")
+    opt = {f: getattr(args, f[2:].replace("-", "_")) for f in
+           ("--heal-data", "--heal-tokens", "--heal-seqlen", "--heal-heldout", *TRAIN_OPTIONS)}
     if not methods:
-        given = [f for f, d in (("--heal-data", None), ("--heal-tokens", None), ("--heal-time-limit", None))
-                 if getattr(args, f[2:].replace("-", "_")) is not d]
+        given = [f for f, v in opt.items() if v is not None]
         if given:
-            raise UserError(f"{given[0]} applies only with --heal METHOD; add --heal or leave it out")
+            raise UserError(f"{given[0]} applies only when healing; drop --heal none or leave {given[0]} out")
         return methods
+    if not any(m in ("lora", "distill") for m in methods):
+        given = [f for f in TRAIN_OPTIONS if opt[f] is not None]
+        if given:
+            raise UserError(f"{given[0]} applies only to lora or distill, not --heal {','.join(methods)}; "
+                            f"add one (e.g. --heal linear,distill) or leave {given[0]} out")
     if args.heal_data is not None:
         check_heal_data(args.heal_data)
     elif getattr(args, "data", None) is not None:
@@ -108,17 +126,37 @@ def check_heal_args(args) -> list[str]:
     return methods
 
 
+def heal_explicit(args) -> bool:
+    """Whether the user asked for healing (``--heal`` given) rather than getting the default."""
+    return getattr(args, "heal", None) is not None
+
+
 def heal_from_args(args, model, tokenizer, removed, calibration, methods: list[str], out: Path):
     """Heal ``model`` for the removal of ``removed`` (or an already-pruned model: ``removed`` empty) and
-    remove the layers; ``(model, record)``. LoRA checkpoints go beside ``out`` so a re-run resumes."""
+    remove the layers; ``(model, record)``. LoRA checkpoints go beside ``out`` so a re-run resumes. The default
+    repair (``--heal`` not given) that finds too little healing text leaves the model unhealed, with a warning
+    and the reason in the record, instead of failing."""
+    from shapprune import heal as H
+    from shapprune.errors import UserError
     from shapprune.heal import heal_and_remove
 
     ckpt = out.parent / f".{out.name}.heal-checkpoint"
     data = args.heal_data or (None if calibration is not None else getattr(args, "data", None))
-    return heal_and_remove(model, tokenizer, removed, methods, calibration, data=data,
-                           seqlen=args.heal_seqlen, tokens=args.heal_tokens, steps=args.heal_steps,
-                           rank=args.heal_rank, lr=args.heal_lr, time_limit=args.heal_time_limit,
-                           checkpoint_dir=str(ckpt), progress=show_progress(args))
+    kw = dict(data=data, seqlen=args.heal_seqlen, tokens=args.heal_tokens,
+              steps=args.heal_steps or H.HEAL_STEPS, rank=args.heal_rank or H.HEAL_RANK,
+              lr=args.heal_lr or H.HEAL_LR, time_limit=args.heal_time_limit, heldout=args.heal_heldout,
+              checkpoint_dir=str(ckpt), progress=show_progress(args), strict=args.heal_tokens is not None)
+    if heal_explicit(args):
+        return heal_and_remove(model, tokenizer, removed, methods, calibration, **kw)
+    try:
+        return heal_and_remove(model, tokenizer, removed, methods, calibration, **kw)
+    except UserError as exc:
+        from shapprune.models.layers import remove_layers
+
+        log.warning("not healed (the default --heal %s): %s", ",".join(methods), exc)
+        if removed:
+            remove_layers(model, removed)
+        return model, {"method": "none", "skipped": str(exc), "default": ",".join(methods), "changed": []}
 
 
 def check_choice_args(args) -> None:
@@ -339,21 +377,10 @@ def print_summary(record: dict) -> None:
 
 
 def heal_line(h: dict) -> str:
-    """What healing did: method, tokens, steps, seconds, and held-out (and calibration) perplexity before and
-    after."""
-    b, a = h["ppl_before"], h["ppl_after"]
-    line = (f"healing {h['method']} on {h['tokens']} tokens of {h['data']}"
-            + (f", {h['steps']} steps" if h.get("steps") else "") + f", {h['seconds']:.1f} s: held-out perplexity "
-            f"{b['heldout']:.4f} -> {a['heldout']:.4f}")
-    if "calibration" in b:
-        line += f", calibration {b['calibration']:.4f} -> {a['calibration']:.4f}"
-    g = (h.get("gap_closed") or {}).get("heldout")
-    if g is not None:
-        line += f" ({100 * g:.0f}% of the held-out log-perplexity gap to the full model's {h['ppl_full']['heldout']:.4f} closed)"
-    skipped = [r for r in (h.get("linear") or {}).get("runs", []) if r.get("skipped")]
-    if skipped:
-        line += f"; linear map skipped for {len(skipped)} of {len(h['linear']['runs'])} runs ({skipped[0]['skipped']})"
-    return line
+    """What healing did (:func:`shapprune.outputs.heal_text.heal_lines`), one line each."""
+    from shapprune.outputs.heal_text import heal_lines
+
+    return "\n".join(heal_lines(h))
 
 
 def gguf_changed_line(g: dict) -> str:

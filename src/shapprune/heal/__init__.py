@@ -4,7 +4,9 @@
 :func:`heal_and_remove` takes the *unpruned* model and the layers to remove, heals, removes, and returns the
 record that goes into ``pruning.json`` under ``"heal"``. Healing text is never the test text
 (:func:`check_heal_data`); by default it is the calibration source's text outside the calibration windows
-(:func:`heal_windows`), and its last :data:`HELDOUT_WINDOWS` windows are held out to measure the repair.
+(:func:`heal_windows`), and its last :data:`HELDOUT_WINDOWS` windows, as long as the evaluation's, are held out to
+check every repair (:mod:`shapprune.heal.check`): a repair that does not measurably lower their perplexity is
+reverted.
 """
 
 from __future__ import annotations
@@ -18,21 +20,23 @@ from pathlib import Path
 import torch
 
 from shapprune.errors import UserError
+from shapprune.heal.check import HELDOUT_WINDOWS
 
 log = logging.getLogger(__name__)
 
 METHODS = ("none", "linear", "lora", "distill")
 #: what ``prune`` heals with when ``--heal`` is not given (see docs/healing.md for the measurements)
-DEFAULT_HEAL = "none"
-#: defaults (see docs/healing.md and bench/results/healing.md)
-HEAL_SEQLEN = 512
-HELDOUT_WINDOWS = 8
+DEFAULT_HEAL = "linear"
+#: defaults (see docs/healing.md and bench/results/healing.md); healing windows are as long as the held-out ones
+#: (:data:`shapprune.heal.check.HELDOUT_SEQLEN`, or the model's context) unless ``seqlen`` says otherwise
+HEAL_SEQLEN = None
+#: tokens in one training step (and one evaluation batch): windows per step = this // window length
+TRAIN_BATCH_TOKENS = 2048
 LINEAR_TOKENS = 65536
 TRAIN_TOKENS = 65536
 HEAL_STEPS = 60
 HEAL_RANK = 8
 HEAL_LR = 5e-4
-HEAL_BATCH = 4
 CHECKPOINT_EVERY = 10
 #: names of the files that hold test text: healing on them is refused
 TEST_FILE_PREFIXES = ("test.",)
@@ -101,40 +105,68 @@ def _spans(ids: torch.Tensor, windows) -> list[tuple[int, int]]:
 @dataclass
 class HealData:
     train: torch.Tensor  # [n, seqlen]
-    heldout: torch.Tensor  # [m, seqlen]
+    heldout: torch.Tensor  # [m, heldout_seqlen]
     data: str
     excluded_windows: int
+    heldout_seqlen: int = 0
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model was trained on (``max_position_embeddings`` or its synonyms), if known."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
 
 
 def heal_windows(tokenizer, data: str, seqlen: int, tokens: int, exclude=None, bos: bool = False,
-                 heldout: int = HELDOUT_WINDOWS) -> HealData:
-    """Windows of ``seqlen`` tokens of ``data``, in order, none overlapping the windows ``exclude``
-    (calibration): the first ``ceil(tokens / seqlen)`` for healing and the last ``heldout`` held out."""
+                 heldout: int = HELDOUT_WINDOWS, heldout_seqlen: int | None = None, strict: bool = False) -> HealData:
+    """Windows of ``data`` none of which overlaps the windows ``exclude`` (calibration): the last ``heldout``
+    windows of ``heldout_seqlen`` tokens (default ``seqlen``) are held out to check repairs; the first
+    ``ceil(tokens / seqlen)`` windows of ``seqlen`` before them are for healing. Where the text is too short for
+    held-out windows that long, they are cut at ``seqlen`` instead (with a warning). ``strict``: too few healing
+    windows for ``tokens`` is an error (the user asked for that many) rather than a warning."""
     from shapprune.models.data import load_text
 
     text = load_text(data, "calibration")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
-    body = seqlen - 1 if bos else seqlen
     spans = _spans(ids, exclude)
-    starts = [s for s in range(0, ids.numel() - body + 1, body)
-              if not any(s < b and a < s + body for a, b in spans)]
+
+    def starts_of(length: int, end: int) -> list[int]:
+        return [s for s in range(0, end - length + 1, length) if not any(s < b and a < s + length for a, b in spans)]
+
+    hl = heldout_seqlen or seqlen
+    body_h = hl - 1 if bos else hl
+    body = seqlen - 1 if bos else seqlen
+    held = starts_of(body_h, ids.numel())[-heldout:]
+    if hl != seqlen and (len(held) < heldout or not starts_of(body, held[0] if held else 0)):
+        log.warning("healing: %s is too short for %d held-out windows of %d tokens and healing windows before them; "
+                    "held-out windows of %d tokens instead", data, heldout, hl, seqlen)
+        hl, body_h = seqlen, body
+        held = starts_of(body_h, ids.numel())[-heldout:]
+    rest = starts_of(body, held[0]) if held else []
     want = -(-tokens // seqlen)
-    if len(starts) < heldout + 1:
-        raise UserError(f"{data} has too little text outside the calibration windows for healing windows of "
-                        f"{seqlen} tokens; give more text with --heal-data")
-    held, rest = starts[-heldout:], starts[:-heldout]
+    if len(held) < min(heldout, 2) or not rest:
+        raise UserError(f"{data} has too little text outside the calibration windows for {heldout} held-out "
+                        f"windows of {hl} tokens and healing windows of {seqlen}; give more text with --heal-data")
     if len(rest) < want:
-        log.warning("healing: %s has %d windows of %d tokens outside the calibration and held-out windows, fewer "
-                    "than the %d asked for; using them all", data, len(rest), seqlen, want)
+        msg = (f"{data} has {len(rest)} healing windows of {seqlen} tokens outside the calibration and held-out "
+               f"windows, fewer than the {want} that {tokens} healing tokens need")
+        if strict:
+            raise UserError(msg + "; give more text with --heal-data or ask for fewer --heal-tokens")
+        log.warning("healing: %s; using them all", msg)
     rest = rest[:want]
 
-    def cut(ss: list[int]) -> torch.Tensor:
-        rows = torch.stack([ids[s:s + body] for s in ss])
+    def cut(ss: list[int], n: int) -> torch.Tensor:
+        rows = torch.stack([ids[s:s + n] for s in ss])
         if bos:
             rows = torch.cat([torch.full((rows.shape[0], 1), tokenizer.bos_token_id, dtype=torch.long), rows], 1)
         return rows
 
-    return HealData(cut(rest), cut(held), data, len(spans))
+    return HealData(cut(rest, body), cut(held, body_h), data, len(spans), hl)
 
 
 def gap_closed(full: float, before: float, after: float) -> float | None:
@@ -152,19 +184,35 @@ def _ppl(model, ids: torch.Tensor, batch_size: int = 4) -> float:
     return sequence_nll(model, ids, batch_size=batch_size, progress=False).perplexity
 
 
+def _window_log_ppl(model, ids: torch.Tensor, batch_size: int = 4) -> list[float]:
+    from shapprune.engine.ppl import sequence_nll
+    from shapprune.heal.check import window_log_ppl
+
+    with torch.inference_mode():
+        nll = sequence_nll(model, ids, batch_size=batch_size, progress=False)
+    return window_log_ppl(nll.per_window, int(ids.shape[1]) - 1)
+
+
 def heal_and_remove(model, tokenizer, removed: Sequence[int], methods: Sequence[str], calibration=None, *,
-                    data: str | None = None, seqlen: int = HEAL_SEQLEN, tokens: int | None = None,
+                    data: str | None = None, seqlen: int | None = None, tokens: int | None = None,
                     steps: int = HEAL_STEPS, rank: int = HEAL_RANK, lr: float = HEAL_LR,
-                    batch_size: int = HEAL_BATCH, time_limit: float | None = None,
+                    batch_size: int | None = None, time_limit: float | None = None,
                     checkpoint_dir: str | None = None, checkpoint_every: int = CHECKPOINT_EVERY, seed: int = 0,
-                    progress: bool = False, on_step=None):
+                    progress: bool = False, on_step=None, heldout: int | None = None,
+                    heldout_seqlen: int | None = None, keep_se: float | None = None, strict: bool = False):
     """Heal the unpruned ``model`` for the removal of ``removed`` by ``methods`` (see :func:`parse_methods`),
     remove the layers, and return ``(model, record)``; ``model`` may be a new object (LoRA merged).
 
+    Every repair is checked (:mod:`shapprune.heal.check`) on held-out windows of the healing text, ``heldout``
+    of them of ``heldout_seqlen`` tokens (default: :data:`~shapprune.heal.check.HELDOUT_SEQLEN` or the model's
+    context): each linear map, and each training run (at its best held-out state), is kept only if it
+    measurably lowers held-out perplexity, and is otherwise reverted; the record says which and by how much.
+
     ``calibration``: the calibration :class:`~shapprune.models.data.Windows` (excluded from the healing text,
     and measured before and after); ``data``: the healing text's spec (default: the calibration's).
-    ``removed`` empty: ``model`` is already pruned (``lora`` only)."""
-    from shapprune.engine.runner import as_runner
+    ``removed`` empty: ``model`` is already pruned (``lora`` only). ``strict``: the user asked for ``tokens``,
+    so too little text is an error rather than a warning."""
+    from shapprune.heal import check as C
     from shapprune.models.layers import find_layer_stack, keep_layers, remove_layers
 
     methods = parse_methods(list(methods))
@@ -175,33 +223,63 @@ def heal_and_remove(model, tokenizer, removed: Sequence[int], methods: Sequence[
     check_heal_data(data)
     bos = bool(calibration.bos) if calibration is not None else False
     trains = any(m in ("lora", "distill") for m in methods)
+    ctx = context_length(model)
+    hl = heldout_seqlen or min(C.HELDOUT_SEQLEN, ctx or C.HELDOUT_SEQLEN)
+    seqlen = seqlen or hl
+    if batch_size is None:
+        batch_size = max(1, TRAIN_BATCH_TOKENS // seqlen)
     if tokens is None:
         tokens = TRAIN_TOKENS if trains else LINEAR_TOKENS
-    hd = heal_windows(tokenizer, data, seqlen, tokens, calibration, bos)
+    hd = heal_windows(tokenizer, data, seqlen, tokens, calibration, bos, heldout=heldout or C.HELDOUT_WINDOWS,
+                      heldout_seqlen=hl, strict=strict)
     num = find_layer_stack(model).num_layers
     kept = [i for i in range(num) if i not in set(removed)]
+    keep_se = C.KEEP_SE if keep_se is None else keep_se
     rec: dict = {"method": ",".join(methods), "data": data, "seqlen": seqlen, "tokens": int(hd.train.numel()),
                  "windows": int(hd.train.shape[0]), "heldout_windows": int(hd.heldout.shape[0]),
-                 "calibration_windows_excluded": hd.excluded_windows}
+                 "heldout_seqlen": hd.heldout_seqlen, "calibration_windows_excluded": hd.excluded_windows,
+                 "keep_rule": f"kept only if held-out log perplexity drops by more than {keep_se:g} paired "
+                              "standard error(s)", "checks": []}
+    eval_batch = max(1, TRAIN_BATCH_TOKENS // hd.heldout_seqlen)
 
-    def measure() -> dict:
-        out = {"heldout": _ppl(model, hd.heldout)}
+    def held() -> list[float]:
+        return _window_log_ppl(model, hd.heldout, eval_batch)
+
+    def measure(per_window: list[float]) -> dict:
+        import math
+
+        out = {"heldout": math.exp(sum(per_window) / len(per_window))}
         if calibration is not None:
-            out["calibration"] = _ppl(model, calibration.input_ids)
+            with torch.inference_mode():
+                out["calibration"] = _ppl(model, calibration.input_ids)
         return out
 
-    with torch.inference_mode():
-        if removed:
-            rec["ppl_full"] = measure()
-            with keep_layers(model, kept):
-                rec["ppl_before"] = measure()
-        else:
-            rec["ppl_before"] = measure()
+    if removed:
+        full = held()
+        rec["ppl_full"] = measure(full)
+        with keep_layers(model, kept):
+            current = held()
+            rec["ppl_before"] = measure(current)
+    else:
+        current = held()
+        rec["ppl_before"] = measure(current)
+    state = {"current": current}
+
+    def judge(what: str, after: list[float]) -> bool:
+        verdict = C.decide(what, state["current"], after, keep_se)
+        rec["checks"].append(verdict.to_json())
+        log.info("healing check, %s: held-out perplexity %.4f -> %.4f (log drop %.4f, SE %.4f): %s", what,
+                 verdict.before, verdict.after, verdict.drop, verdict.se, "kept" if verdict.kept else "reverted")
+        if verdict.kept:
+            state["current"] = after
+        return verdict.kept
+
     teacher = None
     changed: list = []  # parameters healing wrote to (names taken after removal: GGUF output needs them)
     if "distill" in methods:
         if not removed:
             raise UserError("distill needs the unpruned model as its teacher; heal from the source model")
+        from shapprune.engine.runner import as_runner
         from shapprune.game.core import KL_TOP_K
 
         teacher = as_runner(model, batch_size).reference(hd.train, KL_TOP_K, progress=progress)
@@ -211,9 +289,13 @@ def heal_and_remove(model, tokenizer, removed: Sequence[int], methods: Sequence[
             raise UserError("linear healing needs the unpruned model; heal from the source model")
         from shapprune.heal.linear import linear_repair
 
+        def accept(what: str) -> bool:
+            with keep_layers(model, kept):
+                return judge(what, held())
+
         t1 = time.time()
         rows = hd.train[: -(-min(tokens, LINEAR_TOKENS if trains else tokens) // seqlen)]
-        rec["linear"] = linear_repair(model, removed, rows, batch_size=batch_size, progress=progress)
+        rec["linear"] = linear_repair(model, removed, rows, batch_size=eval_batch, progress=progress, accept=accept)
         changed += rec["linear"].pop("changed_params", [])
         rec["linear"]["tokens"] = int(rows.numel())
         rec["linear"]["seconds"] = round(time.time() - t1, 3)
@@ -224,14 +306,17 @@ def heal_and_remove(model, tokenizer, removed: Sequence[int], methods: Sequence[
 
         model, info = lora_finetune(model, hd.train, teacher, steps=steps, lr=lr, rank=rank, batch_size=batch_size,
                                     seed=seed, time_limit=time_limit, checkpoint_dir=checkpoint_dir,
-                                    checkpoint_every=checkpoint_every, progress=progress, on_step=on_step)
+                                    checkpoint_every=checkpoint_every, progress=progress, on_step=on_step,
+                                    evaluate=held, baseline=state["current"],
+                                    accept=lambda after: judge("distill" if teacher is not None else "lora", after))
         changed += info.pop("changed_params", [])
         rec["finetune"] = info
         rec["steps"] = info["steps"]
     ids = {id(p) for p in changed}
     rec["changed"] = [n for n, p in model.named_parameters() if id(p) in ids]
-    with torch.inference_mode():
-        rec["ppl_after"] = measure()
+    rec["ppl_after"] = measure(state["current"])
+    rec["kept"] = [c["what"] for c in rec["checks"] if c["kept"]]
+    rec["reverted"] = [c["what"] for c in rec["checks"] if not c["kept"]]
     if "ppl_full" in rec:
         rec["gap_closed"] = {k: gap_closed(rec["ppl_full"][k], rec["ppl_before"][k], rec["ppl_after"][k])
                              for k in rec["ppl_after"]}
@@ -240,10 +325,9 @@ def heal_and_remove(model, tokenizer, removed: Sequence[int], methods: Sequence[
         import shutil
 
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    model._shapprune_healed = rec["method"]
     log.info("healing %s: held-out perplexity %.4f -> %.4f in %.1f s", rec["method"], rec["ppl_before"]["heldout"],
              rec["ppl_after"]["heldout"], rec["seconds"])
     return model, rec
 
 
-__all__ = ["DEFAULT_HEAL", "METHODS", "check_heal_data", "gap_closed", "heal_and_remove", "heal_windows", "parse_methods"]
+__all__ = ["DEFAULT_HEAL", "METHODS", "check_heal_data", "context_length", "gap_closed", "heal_and_remove", "heal_windows", "parse_methods"]

@@ -26,6 +26,8 @@ import torch
 log = logging.getLogger(__name__)
 
 STATE = "state.pt"
+#: held-out evaluations without improvement before training stops
+PATIENCE = 2
 
 
 def window_order(n: int, steps: int, batch: int, seed: int) -> list[list[int]]:
@@ -69,11 +71,20 @@ def lora_finetune(model, input_ids: torch.Tensor, teacher: tuple[torch.Tensor, t
                   steps: int, lr: float, rank: int, batch_size: int = 4, seed: int = 0,
                   time_limit: float | None = None, checkpoint_dir: str | os.PathLike | None = None,
                   checkpoint_every: int = 10, progress: bool = False,
-                  on_step: Callable[[int, float], None] | None = None):
+                  on_step: Callable[[int, float], None] | None = None,
+                  evaluate: Callable[[], list[float]] | None = None, baseline: list[float] | None = None,
+                  accept: Callable[[list[float]], bool] | None = None, eval_every: int | None = None,
+                  patience: int = PATIENCE):
     """Train LoRA adapters of rank ``rank`` on the (already pruned) ``model`` over windows ``input_ids``
     ``[n, T]`` for ``steps`` steps of ``batch_size`` windows (or until ``time_limit`` seconds), merge them and
     return ``(model, info)``. ``teacher``: the unpruned model's coarsened distributions over the same windows
-    (distillation); ``None``: next-token loss. ``on_step(step, loss)`` is called after each step."""
+    (distillation); ``None``: next-token loss. ``on_step(step, loss)`` is called after each step.
+
+    ``evaluate()``: per-window held-out log perplexities of the model as it is now; called every ``eval_every``
+    steps (default: ``checkpoint_every``) and at the end. The adapters of the best evaluation are kept (the
+    ``baseline``, the model before training, counts as step 0), training stops early after ``patience``
+    evaluations without improvement, and ``accept(best)`` decides whether the best state is merged; on
+    ``False`` the adapters are dropped and the model is returned as it was."""
     from peft import LoraConfig, get_peft_model
 
     from shapprune.models.loading import model_device
@@ -92,6 +103,9 @@ def lora_finetune(model, input_ids: torch.Tensor, teacher: tuple[torch.Tensor, t
     names = [k for k, p in pm.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     start, losses = 0, []
+    every = eval_every or checkpoint_every
+    best = {"step": 0, "score": None if baseline is None else sum(baseline) / len(baseline),
+            "windows": baseline, "adapters": None, "since": 0, "history": []}
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt is not None and (ckpt / STATE).is_file():
         state = torch.load(ckpt / STATE, weights_only=False)
@@ -101,6 +115,7 @@ def lora_finetune(model, input_ids: torch.Tensor, teacher: tuple[torch.Tensor, t
                     p.copy_(state["adapters"][k])
             opt.load_state_dict(state["optimizer"])
             start, losses = int(state["step"]), list(state["losses"])
+            best.update(state.get("best") or {})
             log.info("healing: resumed from %s at step %d of %d", ckpt, start, steps)
         else:
             log.warning("healing: ignoring the checkpoint in %s (made with other arguments)", ckpt)
@@ -110,7 +125,7 @@ def lora_finetune(model, input_ids: torch.Tensor, teacher: tuple[torch.Tensor, t
             return
         ckpt.mkdir(parents=True, exist_ok=True)
         tmp = ckpt / (STATE + ".tmp")
-        torch.save({"fingerprint": fp, "step": step, "losses": losses, "optimizer": opt.state_dict(),
+        torch.save({"fingerprint": fp, "step": step, "losses": losses, "optimizer": opt.state_dict(), "best": best,
                     "adapters": {k: p.detach().clone() for k, p in zip(names, params, strict=True)}}, tmp)
         os.replace(tmp, ckpt / STATE)
 
@@ -121,7 +136,7 @@ def lora_finetune(model, input_ids: torch.Tensor, teacher: tuple[torch.Tensor, t
         bar = tqdm(total=steps, initial=start, desc=f"healing ({'distill' if teacher is not None else 'lora'})")
     t0 = time.time()
     step = start
-    stopped = None
+    stopped = stopped_early = None
     while step < steps:
         if time_limit is not None and time.time() - t0 > time_limit:
             stopped = f"time limit of {time_limit:g} s reached after {step} steps"
@@ -142,16 +157,38 @@ def lora_finetune(model, input_ids: torch.Tensor, teacher: tuple[torch.Tensor, t
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if evaluate is not None and (step % every == 0 or step == steps):
+            if _evaluate(evaluate, best, step, names, params, patience):
+                log.info("healing: no held-out improvement in %d evaluations; stopping at step %d", patience, step)
+                stopped_early = f"held-out perplexity stopped improving (best at step {best['step']})"
+            if bar is not None:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", heldout=f"{math.exp(best['history'][-1][1]):.2f}")
         if step % checkpoint_every == 0 or step == steps:
             save_state(step)
         if on_step is not None:
             on_step(step, losses[-1])
+        if evaluate is not None and best["since"] >= patience:
+            break
     if bar is not None:
         bar.close()
     if stopped:
         save_state(step)
     wrapped = [m.base_layer for m in pm.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
-    merged = pm.merge_and_unload()
+    keep = True
+    if evaluate is not None:
+        if not best["history"] or best["history"][-1][0] != step:
+            _evaluate(evaluate, best, step, names, params, patience)
+        if best["adapters"] is None:  # nothing beat the model before training
+            keep = False
+        else:
+            with torch.no_grad():
+                for k, p in zip(names, params, strict=True):
+                    p.copy_(best["adapters"][k])
+        if keep and accept is not None:
+            keep = accept(best["windows"])
+        elif accept is not None and best["windows"] is not None and baseline is not None:
+            accept(best["windows"])  # recorded: training never beat the model before it
+    merged = pm.merge_and_unload() if keep else pm.unload()
     for p in merged.parameters():
         p.requires_grad_(False)
     merged.train(was_training)
@@ -161,5 +198,27 @@ def lora_finetune(model, input_ids: torch.Tensor, teacher: tuple[torch.Tensor, t
             "train_seconds": round(time.time() - t0, 3)}
     if stopped:
         info["stopped"] = stopped
-    info["changed_params"] = [p for m in wrapped for p in (m.weight, getattr(m, "bias", None)) if p is not None]
+    if stopped_early:
+        info["stopped_early"] = stopped_early
+    if evaluate is not None:
+        info["heldout_log_ppl"] = [[s_, round(v, 6)] for s_, v in best["history"]]
+        info["best_step"] = best["step"]
+        info["kept"] = keep
+    info["changed_params"] = ([p for m in wrapped for p in (m.weight, getattr(m, "bias", None)) if p is not None]
+                              if keep else [])
     return merged, info
+
+
+def _evaluate(evaluate, best: dict, step: int, names, params, patience: int = PATIENCE) -> bool:
+    """One held-out evaluation during training: remember the adapters if it is the best so far; ``True`` when
+    the patience is spent."""
+    with torch.no_grad():
+        windows = evaluate()
+    score = sum(windows) / len(windows)
+    best["history"].append((step, score))
+    if best["score"] is None or score < best["score"]:
+        best.update(step=step, score=score, windows=windows, since=0,
+                    adapters={k: p.detach().clone() for k, p in zip(names, params, strict=True)})
+    else:
+        best["since"] += 1
+    return best["since"] >= patience

@@ -13,8 +13,13 @@ Rules (measurements in ``bench/results/healing.md``):
 - ``λ = α · tr(MᵀM) / D`` with ``α`` from :data:`RIDGE_GRID`, chosen by the held-out error of a
   :data:`FOLDS`-fold split of the fitting windows (by window); where no ``α`` beats the identity on held-out
   windows the run is left as it is.
-- Runs are repaired in order, each on the activations of the model as already repaired (earlier runs removed
-  and folded, the current and later runs still present).
+- Every run's map is fitted from **one pass of the unpruned model** (as ReplaceMe's least squares does): the
+  statistics ``MᵀM``, ``MᵀR`` of every run come from the same activations, so a map does not depend on which
+  other maps were kept, and the same statistics score any candidate set after repair. (Fitting each run on the
+  model as already repaired, one pass per run, measured no better: bench/results/healing-linear-variants.md.)
+- The first position of each window (an attention sink with a huge norm in many models) is left out of the fit.
+- Each map is checked after it is folded in (:mod:`shapprune.heal.check`): it stays only if it measurably
+  lowers held-out perplexity, and is otherwise undone exactly.
 - A run that starts at layer 0 has no MLP before it: it is skipped (folding into the embedding would mean
   untying it from the LM head), with the reason recorded.
 - A block whose MLP output passes through a norm before the residual add (Gemma 2/3 and OLMo 2's
@@ -216,102 +221,155 @@ def _first(out):
     return out[0] if isinstance(out, tuple | list) else out
 
 
-def linear_repair(model: nn.Module, removed: Sequence[int], input_ids: torch.Tensor, batch_size: int = 4,
-                  grid: Sequence[float] = RIDGE_GRID, folds: int = FOLDS, progress: bool = False) -> dict:
-    """Repair every run of ``removed`` layers of the *unpruned* ``model`` in place (see the module docstring),
-    fitting on the windows ``input_ids`` ``[n, T]``. The caller removes the layers afterwards
-    (:func:`shapprune.models.layers.remove_layers`). Returns ``{"runs": [...], "changed_params": [...]}``: one
-    entry per run with its layers, the ridge chosen, held-out errors, or the reason it was skipped; and the
-    parameters it rewrote."""
-    from shapprune.models.layers import find_layer_stack, keep_layers
+def apply_map(target: Target, T: torch.Tensor):
+    """Fold ``T`` into ``target`` in place and return a function that undoes it exactly (the old tensors are
+    kept), so a map can be tried, checked and reverted, or applied only while a mask is scored."""
+    mod = target.module
+    saved = [(p, p.detach().clone()) for p in (mod.weight, getattr(mod, "bias", None)) if p is not None]
+    if target.diagonal:
+        fold_diagonal(mod, torch.diagonal(T), target.offset)
+    else:
+        fold_map(mod, T)
+
+    def undo() -> None:
+        with torch.no_grad():
+            for p, old in saved:
+                p.copy_(old)
+
+    return undo
+
+
+def run_targets(model: nn.Module, runs: Sequence[tuple[int, int]]) -> dict[tuple[int, int], Target]:
+    """Where each run's map goes (:func:`output_projection` of the block before it), or why nowhere."""
+    from shapprune.models.layers import find_layer_stack
+
+    stack = find_layer_stack(model)
+    out = {}
+    for a, b in runs:
+        if a == 0:
+            out[(a, b)] = Target(None, reason="the run starts at layer 0: there is no MLP before it to fold a map "
+                                              "into (the embedding is tied to the LM head in most models)")
+        else:
+            out[(a, b)] = output_projection(model, stack.layers[a - 1])
+    return out
+
+
+def collect_stats(model: nn.Module, runs: Sequence[tuple[int, int]], input_ids: torch.Tensor, batch_size: int = 4,
+                  folds: int = FOLDS, skip_first: bool = True, progress: bool = False
+                  ) -> dict[tuple[int, int], list[Stats]]:
+    """One forward pass of the *unpruned* ``model`` over ``input_ids`` ``[n, T]`` that gives every run
+    ``(a, b)`` its least-squares statistics, split into ``folds`` folds by window: ``M`` the MLP output of block
+    ``a − 1`` (scaled), ``R = Z − (H − M)`` with ``H`` that block's output and ``Z`` block ``b``'s. The pass stops
+    after the last run's block. ``skip_first``: the first position of each window (an attention sink with a
+    huge norm in many models) is left out of the fit. Runs without a target get no entry."""
+    from shapprune.models.layers import find_layer_stack
     from shapprune.models.loading import model_device
 
     stack = find_layer_stack(model)
-    num = stack.num_layers
-    removed = sorted(set(int(r) for r in removed))
-    runs = runs_of(removed)
+    targets = {r: t for r, t in run_targets(model, runs).items() if t.module is not None}
+    if not targets:
+        return {}
     dev = model_device(model)
     n = int(input_ids.shape[0])
     nf = max(2, min(folds, n))
-    report = []
-    changed: list = []
-    for ri, (a, b) in enumerate(runs):
-        entry: dict = {"layers": list(range(a, b + 1)), "before": a - 1}
-        if a == 0:
-            entry["skipped"] = ("the run starts at layer 0: there is no MLP before it to fold a map into "
-                                "(the embedding is tied to the LM head in most models)")
-            log.warning("linear repair: layers %d-%d skipped: %s", a, b, entry["skipped"])
-            report.append(entry)
-            continue
-        later = {i for ra, rb in runs[ri:] for i in range(ra, rb + 1)}
-        mask = [i for i in range(num) if i not in removed or i in later]
-        block_p, block_b = stack.layers[a - 1], stack.layers[b]
-        target = output_projection(model, block_p)
-        proj, scale = target.module, target.scale
-        if proj is None:
-            entry["skipped"] = target.reason
-            log.warning("linear repair: layers %d-%d skipped: %s", a, b, target.reason)
-            report.append(entry)
-            continue
-        entry["map"] = "diagonal" if target.diagonal else "full"
-        width = proj.weight.shape[-1] if type(proj).__name__ == "Conv1D" or target.diagonal else proj.weight.shape[0]
-        stats = [Stats.zeros(width) for _ in range(nf)]
-        cap: dict = {}
-        hooks = _capture(proj, block_p, block_b, cap, scale)
-        try:
-            with keep_layers(model, mask), torch.inference_mode():
-                it = range(0, n, batch_size)
-                if progress:
-                    from tqdm.auto import tqdm
+    stats: dict = {}
+    cap: dict = {}
+    hooks = []
+    last = max(b for _, b in targets)
+    for (a, b), tg in targets.items():
+        stats[(a, b)] = [Stats.zeros(_width(tg)) for _ in range(nf)]
+        hooks.append(tg.module.register_forward_hook(
+            lambda m, i, o, k=(a, b), s=tg.scale: cap.__setitem__(("M", k), _first(o) * s)))
+    blocks = sorted({a - 1 for a, _ in targets} | {b for _, b in targets})
+    for j in blocks:
+        def hook(m, i, o, j=j):
+            cap[("out", j)] = _first(o)
+            if j == last:
+                raise _Stop
+        hooks.append(stack.layers[j].register_forward_hook(hook))
+    cut = 1 if skip_first and input_ids.shape[1] > 1 else 0
+    try:
+        with torch.inference_mode():
+            it = range(0, n, batch_size)
+            if progress:
+                from tqdm.auto import tqdm
 
-                    it = tqdm(it, desc=f"linear repair, layers {a}-{b}", leave=False)
-                for s in it:
-                    try:
-                        model(input_ids=input_ids[s:s + batch_size].to(dev), use_cache=False)
-                    except _Stop:
-                        pass
-                    M, H, Z = cap["M"].double().cpu(), cap["H"].double().cpu(), cap["Z"].double().cpu()
+                it = tqdm(it, desc="linear repair: activations", leave=False)
+            for s in it:
+                try:
+                    model(input_ids=input_ids[s:s + batch_size].to(dev), use_cache=False)
+                except _Stop:
+                    pass
+                for (a, b) in targets:
+                    M = cap[("M", (a, b))].double().cpu()[:, cut:]
+                    H = cap[("out", a - 1)].double().cpu()[:, cut:]
+                    Z = cap[("out", b)].double().cpu()[:, cut:]
                     R = Z - (H - M)
                     for k in range(M.shape[0]):
-                        stats[(s + k) % nf].add(M[k], R[k])
-        finally:
-            for h in hooks:
-                h.remove()
-        choice = choose_ridge(stats, grid, diagonal=target.diagonal)
-        total = sum(stats[1:], stats[0])
-        d = total.A.shape[0]
-        entry.update({"tokens": total.tokens, "alpha": choice["alpha"],
-                      "heldout_error_identity": choice["identity_error"],
-                      "heldout_error": {str(k): v for k, v in choice["heldout_error"].items()}})
-        if choice["alpha"] is None:
-            entry["skipped"] = "no ridge strength beat the unrepaired model on held-out windows"
-            log.warning("linear repair: layers %d-%d left as they are: %s", a, b, entry["skipped"])
-            report.append(entry)
-            continue
-        lam = choice["alpha"] * float(torch.trace(total.A)) / d
-        T = (solve_diagonal if target.diagonal else solve_map)(total.A, total.B, lam)
-        entry["fit_error"] = {"identity": map_error(torch.eye(d, dtype=torch.float64), total),
-                              "repaired": map_error(T, total)}
-        if target.diagonal:
-            fold_diagonal(proj, torch.diagonal(T), target.offset)
-        else:
-            fold_map(proj, T)
-        changed.extend(p for p in (proj.weight, getattr(proj, "bias", None)) if p is not None)
-        log.info("linear repair: layers %d-%d, a %s map folded into layer %d (alpha %g, held-out error %.4g -> "
-                 "%.4g)", a, b, entry["map"], a - 1, choice["alpha"], choice["identity_error"],
-                 choice["heldout_error"][choice["alpha"]])
+                        stats[(a, b)][(s + k) % nf].add(M[k], R[k])
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def _width(target: Target) -> int:
+    w = target.module.weight
+    return w.shape[-1] if type(target.module).__name__ == "Conv1D" or target.diagonal else w.shape[0]
+
+
+def fit_map(folds: Sequence[Stats], diagonal: bool = False, grid: Sequence[float] = RIDGE_GRID
+            ) -> tuple[torch.Tensor | None, dict]:
+    """The ridge-chosen map of one run from its folds' statistics, or ``None`` where no ridge strength beats
+    the identity on held-out folds; and what was measured (``alpha``, held-out errors, fit errors)."""
+    choice = choose_ridge(folds, grid, diagonal=diagonal)
+    total = sum(folds[1:], folds[0])
+    d = total.A.shape[0]
+    info = {"tokens": total.tokens, "alpha": choice["alpha"], "heldout_error_identity": choice["identity_error"],
+            "heldout_error": {str(k): v for k, v in choice["heldout_error"].items()}}
+    if choice["alpha"] is None:
+        return None, info
+    lam = choice["alpha"] * float(torch.trace(total.A)) / d
+    T = (solve_diagonal if diagonal else solve_map)(total.A, total.B, lam)
+    info["fit_error"] = {"identity": map_error(torch.eye(d, dtype=torch.float64), total),
+                         "repaired": map_error(T, total)}
+    return T, info
+
+
+def linear_repair(model: nn.Module, removed: Sequence[int], input_ids: torch.Tensor, batch_size: int = 4,
+                  grid: Sequence[float] = RIDGE_GRID, folds: int = FOLDS, progress: bool = False,
+                  accept=None) -> dict:
+    """Repair every run of ``removed`` layers of the *unpruned* ``model`` in place (see the module docstring),
+    with maps fitted from one pass of the unpruned model over ``input_ids`` ``[n, T]``. Each map is folded in,
+    then ``accept(what)`` (if given) decides whether it stays: on ``False`` it is undone exactly. The caller
+    removes the layers afterwards (:func:`shapprune.models.layers.remove_layers`). Returns
+    ``{"runs": [...], "changed_params": [...]}``: per run its layers, ridge, held-out errors, or why it was
+    skipped or reverted; and the parameters it rewrote."""
+    runs = runs_of(removed)
+    targets = run_targets(model, runs)
+    stats = collect_stats(model, runs, input_ids, batch_size, folds, progress=progress)
+    report, changed = [], []
+    for (a, b) in runs:
+        entry: dict = {"layers": list(range(a, b + 1)), "before": a - 1}
         report.append(entry)
+        tg = targets[(a, b)]
+        if tg.module is None:
+            entry["skipped"] = tg.reason
+            log.warning("linear repair: layers %d-%d skipped: %s", a, b, tg.reason)
+            continue
+        entry["map"] = "diagonal" if tg.diagonal else "full"
+        T, info = fit_map(stats[(a, b)], tg.diagonal, grid)
+        entry.update(info)
+        if T is None:
+            entry["skipped"] = "no ridge strength beat the unrepaired model on held-out windows"
+            log.info("linear repair: layers %d-%d left as they are: %s", a, b, entry["skipped"])
+            continue
+        undo = apply_map(tg, T)
+        if accept is not None and not accept(f"linear map for layers {a}-{b}"):
+            undo()
+            entry["reverted"] = "it did not measurably lower held-out perplexity"
+            continue
+        changed.extend(p for p in (tg.module.weight, getattr(tg.module, "bias", None)) if p is not None)
+        log.info("linear repair: layers %d-%d, a %s map folded into layer %d (alpha %g)", a, b, entry["map"], a - 1,
+                 info["alpha"])
     return {"runs": report, "changed_params": changed}
-
-
-def _capture(proj: nn.Module, block_p: nn.Module, block_b: nn.Module, cap: dict, scale: float) -> list:
-    """Hooks that store the projection's output ``M`` (scaled), block ``p``'s output ``H`` and block ``b``'s
-    output ``Z`` in ``cap``, then stop the forward at block ``b``."""
-
-    def at_b(m, i, o):
-        cap["Z"] = _first(o)
-        raise _Stop
-
-    return [proj.register_forward_hook(lambda m, i, o: cap.__setitem__("M", _first(o) * scale)),
-            block_p.register_forward_hook(lambda m, i, o: cap.__setitem__("H", _first(o))),
-            block_b.register_forward_hook(at_b)]

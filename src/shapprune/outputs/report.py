@@ -160,14 +160,19 @@ def plot_surrogate(path: str | os.PathLike, measured: list[float], predicted: li
 
 
 def heal_section(h: dict | None) -> list[str]:
-    """report.md's lines on healing: method, data, cost, perplexity before and after, what each linear run got."""
+    """report.md's lines on healing: the summary's sentences (:mod:`shapprune.outputs.heal_text`), perplexity
+    before and after, every repair's held-out check, what each linear run got, the training's course."""
+    from shapprune.outputs.heal_text import check_line, heal_lines
+
     if not h:
         return []
-    lines = ["", "## Healing", "",
-             f"- method: `{h['method']}` on {h['tokens']} tokens ({h['windows']} windows of {h['seqlen']}) of "
-             f"`{h['data']}`, outside the {h.get('calibration_windows_excluded', 0)} calibration windows; "
-             f"{h['heldout_windows']} further windows held out to measure it"
-             + (f"; {h['steps']} steps" if h.get("steps") else "") + f"; {_fmt(h.get('seconds'))} s"]
+    lines = ["", "## Healing", ""] + [f"- {line}" for line in heal_lines(h)]
+    if h.get("skipped"):
+        return lines
+    lines.append(f"- healing text: {h['tokens']} tokens ({h['windows']} windows of {h['seqlen']}) of `{h['data']}`, "
+                 f"outside the {h.get('calibration_windows_excluded', 0)} calibration windows; "
+                 f"{h['heldout_windows']} further windows of {h.get('heldout_seqlen', h['seqlen'])} tokens held out "
+                 f"to check every repair ({h.get('keep_rule', 'kept if it lowers held-out perplexity')})")
     rows = [("held-out", "heldout"), ("calibration", "calibration")]
     lines += ["", "| perplexity | full model | removed, unhealed | healed | gap closed |", "|---|---|---|---|---|"]
     for label, key in rows:
@@ -175,16 +180,24 @@ def heal_section(h: dict | None) -> list[str]:
             g = (h.get("gap_closed") or {}).get(key)
             lines.append(f"| {label} | {_fmt((h.get('ppl_full') or {}).get(key))} | {_fmt(h['ppl_before'][key])} | "
                          f"{_fmt(h['ppl_after'][key])} | {'' if g is None else f'{100 * g:.0f}%'} |")
+    if h.get("checks"):
+        lines += ["", "Every repair, checked on the held-out windows in the order it was tried:", ""]
+        lines += [f"- {check_line(c)}" for c in h["checks"]]
     for run in (h.get("linear") or {}).get("runs", []):
-        what = (f"skipped: {run['skipped']}" if run.get("skipped") else
-                f"a {run.get('map', 'full')} map folded into layer {run['before']} (ridge α {run.get('alpha'):g})")
+        if run.get("skipped"):
+            what = f"skipped: {run['skipped']}"
+        else:
+            what = (f"a {run.get('map', 'full')} map for layer {run['before']} (ridge α {run.get('alpha'):g})"
+                    + (f", reverted: {run['reverted']}" if run.get("reverted") else ", folded into the weights"))
         lines.append(f"- linear repair of layers {run['layers']}: {what}")
     ft = h.get("finetune")
     if ft:
         lines.append(f"- LoRA rank {ft['rank']}, learning rate {ft['lr']:g}, {ft['steps']} of {ft['planned_steps']} "
                      f"steps of {ft['tokens_per_step']} tokens, loss {_fmt(ft.get('loss_first'))} -> "
                      f"{_fmt(ft.get('loss_last'))}" + (f" ({ft['stopped']})" if ft.get("stopped") else "")
-                     + "; adapters merged into the weights")
+                     + (f" ({ft['stopped_early']})" if ft.get("stopped_early") else "")
+                     + (f"; best held-out state at step {ft['best_step']}" if "best_step" in ft else "")
+                     + ("; adapters merged into the weights" if ft.get("kept", True) else "; adapters dropped"))
     return lines
 
 
