@@ -9,10 +9,10 @@ import pytest
 
 from shapprune import load_model
 from shapprune.cli import main
-from shapprune.engine import distributed
-from shapprune.engine.distributed import RayBackend, WorkerSpec, parse_workers
 from shapprune.errors import UserError
+from shapprune.game import distributed
 from shapprune.game.core import ModelGame, PerplexityEvaluator
+from shapprune.game.distributed import RayBackend, WorkerSpec, parse_workers
 from shapprune.game.store import EvaluationStore
 from shapprune.models.data import Windows
 from shapprune.pipeline import choose_layers

@@ -62,7 +62,7 @@ def choose_layers(model, tokenizer, windows, *, source: str, method: str, remove
 
     ``workers``: ``None`` evaluates masks here; ``"ray"`` (a local Ray cluster), ``"ray:auto"`` or
     ``"ray:HOST:PORT"`` (join one) evaluates them on Ray actors (``num_workers`` of them; default one per GPU,
-    else per CPU), each loading the same model (:mod:`shapprune.engine.distributed`); or a ready backend object with
+    else per CPU), each loading the same model (:mod:`shapprune.game.distributed`); or a ready backend object with
     ``evaluate(keys)`` (and ``first(k)``, a backend for the first ``k`` windows, where a method screens on them).
     Results are the same either way."""
     t0 = time.time()
@@ -72,7 +72,7 @@ def choose_layers(model, tokenizer, windows, *, source: str, method: str, remove
         evaluator = PerplexityEvaluator(windows, batch_size=batch_size)
     backend = owned = None
     if workers is not None:
-        from shapprune.engine.distributed import make_backend
+        from shapprune.game.distributed import make_backend
 
         backend = make_backend(workers, model, evaluator, progress=progress, reuse_prefix=reuse_prefix,
                                num_workers=num_workers)
