@@ -169,7 +169,7 @@ def prune(model, tokenizer=None, *, remove: int | None = None, ratio: float | No
           out: str | os.PathLike | None = None, budget: int | None = None, seed: int = 0,
           seqlen: int | None = None, max_windows: int | None = None, store: str | None = None,
           batch_size: int = 16, heal_data: str | None = None, heal_tokens: int | None = None,
-          save_dtype: str = "source", quantize: str | None = None, device: str | None = None,
+          heal_seqlen: int | None = None, save_dtype: str = "source", quantize: str | None = None, device: str | None = None,
           dtype: str = "auto", progress: bool = False):
     """Choose ``remove`` layers (:func:`choose`), heal and remove them (:func:`heal_layers`, ``heal="none"``: only
     remove), and with ``out`` write the checkpoint (:func:`save`). Returns ``(model, record)``: the pruned model
@@ -187,7 +187,7 @@ def prune(model, tokenizer=None, *, remove: int | None = None, ratio: float | No
                seqlen=seqlen, max_windows=max_windows, store=store, batch_size=batch_size, progress=progress,
                source=source)
     model, record = heal_layers(model, tokenizer, c.record, heal, windows=c.windows, data=heal_data, tokens=heal_tokens,
-                          progress=progress)
+                                seqlen=heal_seqlen, progress=progress)
     if quantize:
         record.quantization = {"scheme": quantize, "chosen_on_quantized_model": False}
     if record.choice is not None:
