@@ -34,8 +34,8 @@ def main() -> None:
     import ray
     import torch
 
-    from shapprune.engine.distributed import RayBackend, WorkerSpec
     from shapprune.game.core import ModelGame, PerplexityEvaluator
+    from shapprune.game.distributed import RayBackend, WorkerSpec
     from shapprune.game.sampling import stratified_masks
     from shapprune.game.store import EvaluationStore
 

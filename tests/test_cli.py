@@ -58,7 +58,8 @@ def test_prune_manual_round_trip(ckpt, data, tmp_path, capsys):
     assert code == 0
     meta = json.loads((out / "pruning.json").read_text())
     saved = meta.pop("saved")
-    assert meta == {"source": ckpt, "num_layers": 5, "removed": [1, 3], "kept": [0, 2, 4], "method": "manual"}
+    assert meta == {"schema": 1, "source": ckpt, "num_layers": 5, "removed": [1, 3], "kept": [0, 2, 4],
+                    "method": "manual"}
     assert saved["dtype"] == "float32" and saved["bytes"] == (out / "model.safetensors").stat().st_size
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
         p.name for p in out.iterdir()}

@@ -193,8 +193,8 @@ def test_offline_hub_dataset_is_one_line_in_seconds(ckpt, tmp_path):
 
 # ------------------------------------------------------------------------------------------- 5. Ray address
 def test_unreachable_ray_address_fails_fast():
-    from shapprune.engine.distributed import check_reachable
     from shapprune.errors import UserError
+    from shapprune.game.distributed import check_reachable
 
     port = _free_port()
     t0 = time.time()

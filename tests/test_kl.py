@@ -76,4 +76,4 @@ def test_default_method_runs_on_the_kl_utility():
     ev = KLEvaluator(win, batch_size=4, k=16)
     res = choose_layers(model, None, win, source="tiny", method="shapprune", remove=2, budget=None, seed=0,
                         options={}, store_path=None, progress=False, evaluator=ev)
-    assert len(res.record["removed"]) == 2
+    assert len(res.record.removed) == 2

@@ -106,16 +106,17 @@ def test_screen_windows_takes_a_share():
 
 
 def test_the_cost_line_names_a_screen_only_where_there_was_one():
-    from shapprune.cli.prune_cmd import cost_line
     from shapprune.outputs.report import render_report
+    from shapprune.outputs.summary import cost_sentence as cost_line
 
     base = {"full": 82, "search_full_equivalents": 82.0, "report": 4, "per_window_recomputed": 0,
             "total_full_equivalents": 86.0, "sleb_full_evaluations": 165}
     plain = {**base, "screened": 0, "screen_share": 1.0}
     line = cost_line(plain)
-    assert line.startswith("cost: 82 evaluations, all on all windows (no screen) = 82.0 ") and "screened" not in line
+    assert line.startswith("cost: 82 evaluations, all on all windows (no screen): 82.0 ") and "screened" not in line
     screened = {**base, "full": 18, "screened": 18, "screen_share": 0.4, "search_full_equivalents": 25.2}
-    assert cost_line(screened).startswith("cost: 18 full + 18 screened evaluations (a screened one costs 0.4 of a full")
+    assert cost_line(screened).startswith("cost: 18 full and 18 screened evaluations (a screened one costs 0.4 of a "
+                                          "full")
     for cost, want in ((plain, "82 evaluations, all on all windows (no screen)"), (screened, "18 full and 18 screened")):
         md = render_report({"source": "tiny", "method": "shapprune", "removed": [1], "kept": [0, 2, 3],
                             "num_layers": 4, "cost": cost, "calibration_ppl": {"full": 1.0, "pruned": 2.0},
@@ -132,7 +133,7 @@ def test_default_method_prunes_a_tiny_model(tmp_path):
     win = Windows(tiny_inputs(n=8, t=16), "tiny", 16, False)
     res = choose_layers(model, None, win, source="tiny", method="shapprune", remove=2, budget=None, seed=0,
                         options={}, store_path=None, progress=False)
-    rec = res.record
+    rec = res.record.to_json()
     assert rec["method"] == "shapprune" and len(rec["removed"]) == 2
     extra = res.selection.extra
     assert extra["cost_full_equivalents"] <= 0.5 * sleb_cost(5, 2)  # the search, within its budget
@@ -363,10 +364,11 @@ def test_removed_layers_values_are_their_measured_costs():
 
 def test_a_wrong_surrogate_is_reported(tmp_path):
     """A game far from quadratic in the removed layers (a strong three-way term): the surrogate's held-out fit
-    is poor, and the warning reaches the run's result, the summary and report.md."""
-    from shapprune.cli.prune_cmd import surrogate_lines
+    is poor, and the warning reaches the run's result and report.md; not the terminal summary, where the user
+    could do nothing about it (the removed layers' values, and the choice, were measured)."""
     from shapprune.methods.multifidelity import surrogate_warning
     from shapprune.outputs.report import render_report
+    from shapprune.outputs.summary import summary_lines
 
     rng = np.random.default_rng(0)
     L, n = 12, 4
@@ -378,12 +380,12 @@ def test_a_wrong_surrogate_is_reported(tmp_path):
     sur = {"kind": "quadratic", "on_removed_layers": res["surrogate_on_removed"], "warning": warning,
            **{k: res["heldout"][k] for k in ("heldout_r2", "heldout_spearman", "heldout_kendall", "heldout_masks",
                                              "heldout_scope")}}
-    assert any(line.startswith("warning:") for line in surrogate_lines(sur))
     record = {"source": "game", "method": "shapprune", "num_layers": L, "removed": [], "kept": [],
               "values": [float(v) for v in res["values"]], "stderr": res["stderr"], "surrogate": sur,
               "evidence": {"value_sources": res["value_sources"], "noise": res["noise"]}}
     text = render_report(record, {}, False)
     assert f"**Warning:** {warning}." in text and "| measured |" in text and "| surrogate |" in text
+    assert not any("warning" in line.lower() for line in summary_lines(record, "out", "out/report.md"))
 
 
 def test_gate_se_is_robust_to_a_critical_candidate_and_consistent_under_equal_noise():
@@ -546,6 +548,6 @@ def test_every_evaluation_runs_on_the_backend(tmp_path, monkeypatch):
         else:
             assert screen == [] and res.game.new == 0 and detail["per_window_recomputed"] > 0
             assert len(full) == detail["per_window_recomputed"]  # evaluated again, by the backend
-        assert res.record["removed"] == serial.record["removed"] and res.record["values"] == serial.record["values"]
+        assert res.record.removed == serial.record.removed and res.record.choice.values == serial.record.choice.values
         assert extra["evidence"]["noise"] == serial.selection.extra["evidence"]["noise"]
         assert detail == serial.selection.extra["cost_detail"]

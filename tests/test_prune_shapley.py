@@ -8,7 +8,7 @@ import torch
 from conftest import WIKI_VALID, need
 from shapprune.cli import main
 
-KEYS = ["source", "num_layers", "removed", "kept", "method", "estimator", "values", "stderr", "calibration",
+KEYS = ["schema", "source", "num_layers", "removed", "kept", "method", "estimator", "values", "stderr", "calibration",
         "budget", "evaluations", "surrogate", "cost", "evidence", "calibration_ppl", "seed", "versions", "seconds", "saved"]
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs. ") * 40
@@ -163,7 +163,8 @@ def test_layers_to_remove():
 
 def test_default_method_is_shapprune(tiny, tmp_path, capsys):
     """``prune --remove N`` without --method runs shapprune's own method, within half of SLEB's tokens, and
-    says what it cost against SLEB's path in the summary, pruning.json and report.md."""
+    says what it cost against SLEB's path in pruning.json and report.md; the terminal summary says what was
+    removed, the perplexities, where it wrote and where that evidence is, and warns of nothing."""
     out = tmp_path / "out"
     assert main(["prune", "tiny", "--remove", "2", *tiny, "--out", str(out)]) == 0
     rec = json.loads((out / "pruning.json").read_text())
@@ -173,9 +174,14 @@ def test_default_method_is_shapprune(tiny, tmp_path, capsys):
     cost = rec["cost"]
     assert 0 < cost["full_evaluations"] <= 0.5 * cost["sleb_full_evaluations"] + 1e-9
     stdout = capsys.readouterr().out
-    assert "held-out R² n/a" not in stdout and "evaluated on all calibration windows" in stdout
-    assert f"SLEB's greedy path: {cost['sleb_full_evaluations']}" in stdout
-    assert "SLEB's greedy path" in (out / "report.md").read_text()
+    lines = stdout.strip().splitlines()
+    assert lines[0] == f"removed layers {rec['removed']} of 5 by shapprune (multi-fidelity search)"
+    assert lines[1].startswith(f"calibration perplexity: full {rec['calibration_ppl']['full']:.4f} -> pruned ")
+    assert lines[-2] == f"wrote {out}" and lines[-1].endswith(str(out / "report.md"))
+    assert len(lines) <= 6 and "warning" not in stdout.lower() and "SLEB" not in stdout
+    report = (out / "report.md").read_text()
+    assert f"SLEB's greedy path: {cost['sleb_full_evaluations']}" in report
+    assert "held-out R² n/a" not in report and "evaluated on all calibration windows" in report
     assert rec["calibration"]["layout"] == "in order"  # --max-windows: in order; the default samples
 
 

@@ -9,10 +9,10 @@ import pytest
 
 from shapprune import load_model
 from shapprune.cli import main
-from shapprune.engine import distributed
-from shapprune.engine.distributed import RayBackend, WorkerSpec, parse_workers
 from shapprune.errors import UserError
+from shapprune.game import distributed
 from shapprune.game.core import ModelGame, PerplexityEvaluator
+from shapprune.game.distributed import RayBackend, WorkerSpec, parse_workers
 from shapprune.game.store import EvaluationStore
 from shapprune.models.data import Windows
 from shapprune.pipeline import choose_layers
@@ -56,9 +56,9 @@ def test_workers_match_serial(cluster, tiny, method, budget):
         assert all(w["masks"] > 0 for w in backend.summary()["workers"].values())  # both actors worked
     finally:
         backend.close()
-    assert dist.record["removed"] == serial.record["removed"]
-    assert dist.record["values"] == serial.record["values"]  # bit-identical
-    assert dist.record["calibration_ppl"] == serial.record["calibration_ppl"]
+    assert dist.record.removed == serial.record.removed
+    assert dist.record.choice.values == serial.record.choice.values  # bit-identical
+    assert dist.record.calibration_ppl == serial.record.calibration_ppl
     assert dist.game.counts() == serial.game.counts()
 
 
@@ -78,8 +78,8 @@ def test_default_method_screens_on_the_workers(cluster, tiny):
         assert backend.summary()["masks"] == dist.game.new + extra["screen_evaluations"] + 1
     finally:
         backend.close()
-    assert dist.record["removed"] == serial.record["removed"]
-    assert dist.record["values"] == serial.record["values"]
+    assert dist.record.removed == serial.record.removed
+    assert dist.record.choice.values == serial.record.choice.values
     assert dist.selection.extra["evidence"] == serial.selection.extra["evidence"]
     assert dist.selection.extra["cost_detail"] == serial.selection.extra["cost_detail"]
 

@@ -12,15 +12,21 @@ __version__ = "0.1.0"
 
 #: public name -> module that defines it (a lazy registry: the module is imported on first access)
 _EXPORTS = {
+    "Chosen": "shapprune.api",
     "LayerStack": "shapprune.models.layers",
+    "PruningRecord": "shapprune.record",
     "UserError": "shapprune.errors",
+    "choose": "shapprune.api",
     "Windows": "shapprune.models.data",
     "find_layer_stack": "shapprune.models.layers",
+    "heal_layers": "shapprune.api",
     "keep_layers": "shapprune.models.layers",
     "load_model": "shapprune.models.loading",
     "make_windows": "shapprune.models.data",
     "perplexity": "shapprune.engine.ppl",
+    "prune": "shapprune.api",
     "remove_layers": "shapprune.models.layers",
+    "save": "shapprune.api",
     "save_checkpoint": "shapprune.outputs.save",
     "sequence_nll": "shapprune.engine.ppl",
 }

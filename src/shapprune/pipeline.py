@@ -15,6 +15,7 @@ from shapprune.game.core import ModelGame, PerplexityEvaluator
 from shapprune.game.store import EvaluationStore
 from shapprune.methods import Selection, SelectionContext, check_selection, select
 from shapprune.models.layers import find_layer_stack
+from shapprune.record import Choice, PruningRecord
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,10 @@ def layers_to_remove(num_layers: int, remove: int | None, ratio: float | None) -
 
 @dataclass
 class SelectionResult:
-    """A method's selection and the ``pruning.json`` record describing it."""
+    """A method's selection and the record describing it (``pruning.json``: ``record.to_json()``)."""
 
     selection: Selection
-    record: dict
+    record: PruningRecord
     game: ModelGame
 
 
@@ -62,7 +63,7 @@ def choose_layers(model, tokenizer, windows, *, source: str, method: str, remove
 
     ``workers``: ``None`` evaluates masks here; ``"ray"`` (a local Ray cluster), ``"ray:auto"`` or
     ``"ray:HOST:PORT"`` (join one) evaluates them on Ray actors (``num_workers`` of them; default one per GPU,
-    else per CPU), each loading the same model (:mod:`shapprune.engine.distributed`); or a ready backend object with
+    else per CPU), each loading the same model (:mod:`shapprune.game.distributed`); or a ready backend object with
     ``evaluate(keys)`` (and ``first(k)``, a backend for the first ``k`` windows, where a method screens on them).
     Results are the same either way."""
     t0 = time.time()
@@ -72,7 +73,7 @@ def choose_layers(model, tokenizer, windows, *, source: str, method: str, remove
         evaluator = PerplexityEvaluator(windows, batch_size=batch_size)
     backend = owned = None
     if workers is not None:
-        from shapprune.engine.distributed import make_backend
+        from shapprune.game.distributed import make_backend
 
         backend = make_backend(workers, model, evaluator, progress=progress, reuse_prefix=reuse_prefix,
                                num_workers=num_workers)
@@ -106,27 +107,23 @@ def _choose(model, tokenizer, windows, store, evaluator, backend, t0, *, source,
         pruned_ppl = float(game.evaluate(mask, desc="pruned model")[0].perplexity)
     desc = game.evaluator.describe()
     extra = sel.extra or {}
-    record = {
-        "source": source,
-        "num_layers": L,
-        "removed": removed,
-        "kept": kept,
-        "method": method,
-        "estimator": extra.get("estimator"),
-        "values": sel.values,
-        "stderr": sel.stderr,
-        "calibration": {k: desc.get(k) for k in ("data", "seqlen", "windows", "tokens", "layout")},
-        "budget": extra.get("budget", budget),
-        "evaluations": game.counts(),
-        "surrogate": extra.get("surrogate"),
-        "cost": ({"full_evaluations": extra["cost_full_equivalents"], "sleb_full_evaluations": extra.get("sleb_cost"),
-                  **(extra.get("cost_detail") or {})}
-                 if "cost_full_equivalents" in extra else None),
-        "evidence": extra.get("evidence"),
-        "calibration_ppl": {"full": float(game.full_perplexity), "pruned": pruned_ppl},
-        "seed": seed,
-        "versions": versions(),
-        "seconds": round(time.time() - t0, 3),
-    }
+    choice = Choice(
+        estimator=extra.get("estimator"),
+        values=sel.values,
+        stderr=sel.stderr,
+        calibration={k: desc.get(k) for k in ("data", "seqlen", "windows", "tokens", "layout")},
+        budget=extra.get("budget", budget),
+        evaluations=game.counts(),
+        surrogate=extra.get("surrogate"),
+        cost=({"full_evaluations": extra["cost_full_equivalents"], "sleb_full_evaluations": extra.get("sleb_cost"),
+               **(extra.get("cost_detail") or {})}
+              if "cost_full_equivalents" in extra else None),
+        evidence=extra.get("evidence"),
+        calibration_ppl={"full": float(game.full_perplexity), "pruned": pruned_ppl},
+        seed=seed,
+        versions=versions(),
+        seconds=round(time.time() - t0, 3),
+    )
+    record = PruningRecord(source=source, num_layers=L, removed=removed, kept=kept, method=method, choice=choice)
     store.close()
     return SelectionResult(sel, record, game)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from shapprune.api import CALIBRATION_SAMPLES, CALIBRATION_SEQLEN, PAPER_SEQLEN, PAPER_WINDOWS  # the defaults
 from shapprune.errors import UserError
 from shapprune.methods import registry
 
@@ -75,14 +76,6 @@ def early_model_checks(args) -> int | None:
             if isinstance(text, str):
                 check_layer_list(text, num_layers, f"--{opt}")
     return num_layers
-
-
-#: the calibration of ``prune``, ``shapley`` and ``compare`` when none is given, chosen by measurement
-#: (``bench/results/quality.md``: at the paper's cost in tokens, 5 windows of 256 at random offsets of the
-#: calibration text chose layers that did best on held-out text)
-CALIBRATION_SEQLEN, CALIBRATION_SAMPLES = 256, 5
-#: the paper's calibration (``--paper-calibration``): the first 10 windows of 128 tokens
-PAPER_SEQLEN, PAPER_WINDOWS = 128, 10
 
 
 def add_data_args(p: argparse.ArgumentParser, data: str, seqlen: int | None, max_windows: int | None,
@@ -366,7 +359,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
 def workers_from_args(args):
     """The parsed ``--workers`` value (``None`` without it); a one-line :class:`UserError` on a bad value or
     when Ray is not installed. Call before loading the model."""
-    from shapprune.engine.distributed import check_reachable, parse_workers, require_ray
+    from shapprune.game.distributed import check_reachable, parse_workers, require_ray
 
     opt = parse_workers(getattr(args, "workers", None))
     if opt is None:

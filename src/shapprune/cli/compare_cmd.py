@@ -119,7 +119,7 @@ def run(args) -> int:
     test_eval = PerplexityEvaluator(test, max(1, args.batch_size // 8))
     backend = None
     if workers is not None:  # one pool of Ray actors for both games (Ray's exit handler ends it on an error)
-        from shapprune.engine.distributed import make_backend
+        from shapprune.game.distributed import make_backend
 
         backend = make_backend(workers, model, calib_eval, reuse_prefix=not args.no_prefix_reuse,
                                num_workers=args.num_workers)

@@ -33,12 +33,14 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from shapprune.cli.prune_cmd import check_heal_args, default_out, heal_from_args, heal_line, saved_line
+    from shapprune.api import save
+    from shapprune.cli.prune_cmd import check_heal_args, default_out, heal_from_args
     from shapprune.errors import UserError
     from shapprune.models.loading import load_model
-    from shapprune.outputs.atomic import atomic_dir, check_out_dir
-    from shapprune.outputs.quantize import save_pruned
-    from shapprune.outputs.save import save_dtype
+    from shapprune.outputs.atomic import check_out_dir
+    from shapprune.outputs.heal_text import heal_lines
+    from shapprune.outputs.summary import saved_sentence
+    from shapprune.record import PruningRecord
 
     src = Path(args.model).expanduser()
     meta_path = src / "pruning.json"
@@ -46,20 +48,20 @@ def run(args) -> int:
         raise UserError(f"{args.model} is not a checkpoint written by shapprune prune (needs config.json and "
                         "pruning.json); give such a directory, or prune with --heal directly")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = PruningRecord.from_json(json.loads(meta_path.read_text(encoding="utf-8")))
     except (OSError, ValueError) as exc:
         raise UserError(f"{meta_path} cannot be read as JSON ({exc}); give a directory written by shapprune prune"
                         ) from None
-    args.data = args.data or (meta.get("calibration") or {}).get("data")
+    args.data = args.data or ((meta.choice.calibration or {}).get("data") if meta.choice is not None else None)
     methods = check_heal_args(args)
-    earlier = meta.get("heal") if (meta.get("heal") or {}).get("method") not in (None, "none") else None
+    earlier = meta.heal if (meta.heal or {}).get("method") not in (None, "none") else None
     if earlier:  # say what was done and what happens now
         what = ("trains the healed checkpoint further (the earlier repair stays)" if methods == ["lora"] else
                 "starts again from the unpruned source model and replaces the earlier repair")
         print(f"{args.model} was already healed ({earlier['method']}: held-out perplexity "
               f"{earlier['ppl_before']['heldout']:.4f} -> {earlier['ppl_after']['heldout']:.4f}); "
               f"--heal {','.join(methods)} {what}")
-        meta["heal_earlier"] = earlier
+        meta.extra["heal_earlier"] = earlier
     if not methods:
         raise UserError("--heal none heals nothing; choose lora, linear or distill")
     if args.data is None and args.heal_data is None:
@@ -70,15 +72,15 @@ def run(args) -> int:
         model, tokenizer = load_model(str(src), device=args.device, dtype=args.dtype, progress=show_progress(args))
         removed: list[int] = []
     else:
-        source = args.source or meta.get("source")
-        removed = list(meta.get("removed") or [])
+        source = args.source or meta.source
+        removed = list(meta.removed or [])
         if not source or not removed:
             raise UserError(f"{' and '.join(methods)} need the unpruned model; {meta_path} names no source and "
                             "removed layers: pass --source MODEL")
         model, tokenizer = load_model(source, device=args.device, dtype=args.dtype, progress=show_progress(args))
-    model, meta["heal"] = heal_from_args(args, model, tokenizer, removed, None, methods, out)
-    with atomic_dir(out) as tmp:
-        save_pruned(model, tokenizer, tmp, meta, None, dtype=save_dtype(model, "source"))
-    print(heal_line(meta["heal"]))
-    print(f"{saved_line(meta)}; wrote {out}")
+    model, meta.heal = heal_from_args(args, model, tokenizer, removed, None, methods, out)
+    save(model, tokenizer, meta, out, dtype="source", report=False)
+    for line in heal_lines(meta.heal):
+        print(line)
+    print(f"{saved_sentence(meta)}; wrote {out}")
     return 0

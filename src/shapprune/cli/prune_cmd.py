@@ -223,12 +223,13 @@ def run_manual(args) -> int:
     methods = check_heal_args(args)
     if args.out_format == "gguf" and not methods:
         return run_manual_gguf(args)
+    from shapprune.api import save
     from shapprune.cli.quantize_cmd import check_quantize_args
     from shapprune.models.layers import find_layer_stack, parse_layer_list, remove_layers
     from shapprune.outputs.atomic import atomic_dir, check_out_dir, write_json
     from shapprune.outputs.gguf import GGUF_NAME, changed_tensors, gguf_source, write_pruned_gguf
-    from shapprune.outputs.quantize import save_pruned
-    from shapprune.outputs.save import save_dtype
+    from shapprune.outputs.summary import manual_summary_lines
+    from shapprune.record import PruningRecord
 
     out = Path(args.out) if args.out else default_out(args.model, "manual")
     check_out_dir(out)
@@ -242,27 +243,22 @@ def run_manual(args) -> int:
     num_layers = stack.num_layers
     if len(drop) == num_layers:
         raise UserError(f"that would drop all {num_layers} layers; keep at least one")
-    meta = {"source": args.model, "num_layers": num_layers, "removed": drop,
-            "kept": [i for i in range(num_layers) if i not in set(drop)], "method": "manual"}
+    record = PruningRecord(source=args.model, num_layers=num_layers, removed=drop,
+                           kept=[i for i in range(num_layers) if i not in set(drop)], method="manual")
     if methods:
         win = windows(args, tokenizer, model, split="calibration")
-        model, meta["heal"] = heal_from_args(args, model, tokenizer, drop, win, methods, out)
+        model, record.heal = heal_from_args(args, model, tokenizer, drop, win, methods, out)
     else:
         remove_layers(model, drop)
-    with atomic_dir(out) as tmp:
-        if gguf_src is not None:
-            meta["gguf"] = write_pruned_gguf(gguf_src, tmp / GGUF_NAME, drop, changed=changed_tensors(model, meta))
-            write_json(tmp / "pruning.json", meta)
-        else:
-            save_pruned(model, tokenizer, tmp, meta, args.quantize, dtype=save_dtype(model, args.save_dtype))
-    if meta.get("heal"):
-        print(heal_line(meta["heal"]))
     if gguf_src is not None:
-        print(f"removed layers {drop} of {num_layers}; wrote {out / GGUF_NAME} ({_size_note(meta['gguf'])})")
-        if meta["gguf"].get("changed_tensors"):
-            print(gguf_changed_line(meta["gguf"]))
+        with atomic_dir(out) as tmp:
+            record.gguf = write_pruned_gguf(gguf_src, tmp / GGUF_NAME, drop,
+                                            changed=changed_tensors(model, record.to_json()))
+            write_json(tmp / "pruning.json", record.to_json())
     else:
-        print(f"removed layers {drop} of {num_layers}; {saved_line(meta)}; wrote {out}")
+        save(model, tokenizer, record, out, quantize=args.quantize, dtype=args.save_dtype)
+    for line in manual_summary_lines(record, out / GGUF_NAME if gguf_src is not None else out):
+        print(line)
     return 0
 
 
@@ -271,53 +267,50 @@ def run_manual_gguf(args) -> int:
     from shapprune.models.layers import kept_from, parse_layer_list
     from shapprune.outputs.atomic import atomic_dir, check_out_dir, write_json
     from shapprune.outputs.gguf import GGUF_NAME, gguf_source, inspect_gguf, write_pruned_gguf
+    from shapprune.outputs.summary import manual_summary_lines
+    from shapprune.record import PruningRecord
 
     out = Path(args.out) if args.out else default_out(args.model, "manual")
     check_out_dir(out)
     src = gguf_source(args.model)
     _, num_layers = inspect_gguf(src)
     drop = parse_layer_list(args.drop, num_layers, "--drop")
-    kept = kept_from(num_layers, drop=drop)
-    meta = {"source": args.model, "num_layers": num_layers, "removed": drop, "kept": kept, "method": "manual"}
+    record = PruningRecord(source=args.model, num_layers=num_layers, removed=drop,
+                           kept=kept_from(num_layers, drop=drop), method="manual")
     with atomic_dir(out) as tmp:
-        meta["gguf"] = write_pruned_gguf(src, tmp / GGUF_NAME, drop)
-        write_json(tmp / "pruning.json", meta)
-    print(f"removed layers {drop} of {num_layers}; wrote {out / GGUF_NAME} ({_size_note(meta['gguf'])})")
+        record.gguf = write_pruned_gguf(src, tmp / GGUF_NAME, drop)
+        write_json(tmp / "pruning.json", record.to_json())
+    for line in manual_summary_lines(record, out / GGUF_NAME):
+        print(line)
     return 0
 
 
-def _size_note(summary: dict) -> str:
-    b = summary["bytes"]
-    return f"{b['pruned'] / 1e6:.1f} MB, {100 * b['ratio']:.1f}% of the source's {b['source'] / 1e6:.1f} MB"
-
-
 def choose_from_args(args):
-    """Load the model, cut the calibration windows and run the selection: ``(model, tokenizer, result)``."""
+    """Load the model, cut the calibration windows and run the selection: ``(model, tokenizer, chosen)``
+    (:class:`shapprune.api.Chosen`)."""
+    from shapprune.api import choose
+    from shapprune.cli.quantize_cmd import game_model
     from shapprune.models.layers import find_layer_stack
-    from shapprune.pipeline import choose_layers, layers_to_remove
+    from shapprune.pipeline import layers_to_remove
 
     workers = workers_from_args(args)
     model, tokenizer = load(args)
     n = layers_to_remove(find_layer_stack(model).num_layers, args.remove, args.ratio)
     win = windows(args, tokenizer, model, split="calibration")
-    from shapprune.cli.quantize_cmd import game_model
-
-    res = choose_layers(game_model(model, args), tokenizer, win, source=args.model, method=args.method, remove=n, budget=args.budget,
-                        seed=args.seed, options=selection_options(args), store_path=store_path(args),
-                        batch_size=args.batch_size, progress=show_progress(args),
-                        reuse_prefix=not args.no_prefix_reuse, workers=workers,
-                        num_workers=getattr(args, "num_workers", None),
-                        evaluator=utility_evaluator(args, tokenizer, win, args.batch_size))
-    return model, tokenizer, res
+    chosen = choose(game_model(model, args), tokenizer, remove=n, windows=win, source=args.model, method=args.method,
+                    budget=args.budget, seed=args.seed, options=selection_options(args), store=store_path(args),
+                    batch_size=args.batch_size, progress=show_progress(args), reuse_prefix=not args.no_prefix_reuse,
+                    workers=workers, num_workers=getattr(args, "num_workers", None),
+                    evaluator=utility_evaluator(args, tokenizer, win, args.batch_size))
+    return model, tokenizer, chosen
 
 
 def run_method(args) -> int:
+    from shapprune.api import save
     from shapprune.cli.quantize_cmd import check_quantize_args
     from shapprune.models.layers import remove_layers
-    from shapprune.outputs.atomic import atomic_dir, check_out_dir
-    from shapprune.outputs.quantize import save_pruned
-    from shapprune.outputs.report import write_outputs
-    from shapprune.outputs.save import save_dtype
+    from shapprune.outputs.atomic import check_out_dir
+    from shapprune.outputs.summary import REPORT_NAME, summary_lines
 
     t0 = time.time()
     check_choice_args(args)
@@ -333,129 +326,41 @@ def run_method(args) -> int:
 
         gguf_src = gguf_source(args.model)
         gguf_num_layers = inspect_gguf(gguf_src)[1]
-    model, tokenizer, res = choose_from_args(args)
-    record = res.record
+    model, tokenizer, chosen = choose_from_args(args)
+    record = chosen.record
     if methods:
-        calib = getattr(res.game.evaluator, "windows", None)
-        model, record["heal"] = heal_from_args(args, model, tokenizer, record["removed"], calib, methods, out)
+        model, record.heal = heal_from_args(args, model, tokenizer, record.removed, chosen.windows, methods, out)
     if gguf_src is not None:
-        return write_method_gguf(args, out, gguf_src, gguf_num_layers, record, res, t0, model)
+        return write_method_gguf(args, out, gguf_src, gguf_num_layers, chosen, t0, model)
     if args.quantize:
-        record["quantization"] = {"scheme": args.quantize, "chosen_on_quantized_model": args.quantize_before_choosing}
+        record.quantization = {"scheme": args.quantize, "chosen_on_quantized_model": args.quantize_before_choosing}
     if not methods:
-        remove_layers(model, record["removed"])
-    with atomic_dir(out) as tmp:
-        record["seconds"] = round(time.time() - t0, 3)
-        save_pruned(model, tokenizer, tmp, record, args.quantize, dtype=save_dtype(model, args.save_dtype))
-        write_outputs(tmp, record, (res.selection.extra or {}).get("info"))
-    print_summary(record)
-    print(f"wrote {out}")
+        remove_layers(model, record.removed)
+    record.choice.seconds = round(time.time() - t0, 3)
+    save(model, tokenizer, record, out, quantize=args.quantize, dtype=args.save_dtype, info=chosen.info)
+    for line in summary_lines(record, out, out / REPORT_NAME):
+        print(line)
     return 0
 
 
-def print_summary(record: dict) -> None:
-    cp, ev = record["calibration_ppl"], record["evaluations"]
-    est = f" ({record['estimator']})" if record.get("estimator") else ""
-    if record.get("removed") is not None:
-        print(f"removed layers {record['removed']} of {record['num_layers']} by {record['method']}{est}")
-        print(f"calibration perplexity: full {cp['full']:.4f} -> pruned {cp['pruned']:.4f}")
-    sur = record.get("surrogate")
-    if sur:
-        for line in surrogate_lines(sur):
-            print(line)
-    cost = record.get("cost")
-    if cost:
-        print(cost_line(cost))
-    nz = (record.get("evidence") or {}).get("noise")
-    if nz:
-        print(noise_line(nz, (record.get("evidence") or {}).get("screen")))
-    print(f"store: {ev['new']} new, {ev['reused']} reused evaluations on all windows; {record['seconds']:.1f} s")
-    if record.get("heal"):
-        print(heal_line(record["heal"]))
-    if record.get("saved"):
-        print(saved_line(record))
-
-
-def heal_line(h: dict) -> str:
-    """What healing did (:func:`shapprune.outputs.heal_text.heal_lines`), one line each."""
-    from shapprune.outputs.heal_text import heal_lines
-
-    return "\n".join(heal_lines(h))
-
-
-def gguf_changed_line(g: dict) -> str:
-    types = ", ".join(f"{n} {t}" for t, n in g["changed_tensor_types"].items())
-    return f"healed tensors written: {types}" + (" (the source's type could not be written: F16 instead)"
-                                                 if g.get("changed_fallback") else "")
-
-
-def _num(x, spec: str = ".2f") -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
-def surrogate_lines(sur: dict) -> list[str]:
-    """The summary's lines on a selection's surrogate: its held-out fit, what it was used for, its warning."""
-    on = f" on {sur['heldout_masks']} masks" if sur.get("heldout_masks") else ""
-    fit = (f"held-out R² {_num(sur.get('heldout_r2'))}, Spearman {_num(sur.get('heldout_spearman'))}{on}"
-           if sur.get("heldout_r2") is not None else "too few evaluations to hold any out")
-    if "on_removed_layers" in sur:  # the default's: it ranks candidates, the answer is measured
-        lines = [f"surrogate {sur['kind']}: {fit}; it chose which candidates to evaluate, and the answer was "
-                 "evaluated on all calibration windows"]
-    else:
-        lines = [f"surrogate {sur['kind']}: {fit}"]
-    if sur.get("warning"):
-        lines.append(f"warning: {sur['warning']}")
-    return lines
-
-
-def cost_line(cost: dict) -> str:
-    """Evaluations made, screened and full apart, in full-evaluation equivalents, against SLEB's path."""
-    if "screened" in cost:
-        from shapprune.outputs.report import evaluations_made
-
-        extra = cost.get("report", 0) + cost.get("per_window_recomputed", 0)
-        return (f"cost: {evaluations_made(cost, '+')} = {cost['search_full_equivalents']:.1f} full-evaluation "
-                f"equivalents for the search, {cost['total_full_equivalents']:.1f} with {extra} for the report; "
-                f"SLEB's greedy path: {cost['sleb_full_evaluations']}")
-    return (f"cost: {cost['full_evaluations']:.1f} evaluations' worth of calibration tokens (SLEB's greedy path: "
-            f"{cost['sleb_full_evaluations']})")
-
-
-def noise_line(nz: dict, screen: dict | None) -> str:
-    """The calibration noise the run measured (or the default it fell back to) and the screen's agreement."""
-    src = (f"measured from {nz['pairs']} paired per-window differences" if nz.get("source") == "measured"
-           else "default: no per-window NLLs to measure it from")
-    line = (f"noise: one paired standard error {nz['standard_error']:.4f} log PPL ({src}); sets within "
-            f"{nz['gate_log_ppl']:.4f} of the greedy path's keep it")
-    if screen:
-        line += (f"; screen vs all windows on {screen['masks']} masks: Spearman {_num(screen.get('spearman'))}, "
-                 f"bias {_num(screen.get('bias_log_ppl'), '+.4f')}")
-    return line
-
-
-def saved_line(record: dict) -> str:
-    saved = record["saved"]
-    return f"saved {saved['dtype']} weights, {saved['bytes'] / 1e6:.1f} MB"
-
-
-def write_method_gguf(args, out: Path, src: Path, num_layers: int, record: dict, res, t0: float, model=None) -> int:
+def write_method_gguf(args, out: Path, src: Path, num_layers: int, chosen, t0: float, model=None) -> int:
     """The chosen layers removed from the source GGUF: ``model.gguf``, ``pruning.json`` and ``report.md``."""
     from shapprune.errors import UserError
     from shapprune.outputs.atomic import atomic_dir, write_json
     from shapprune.outputs.gguf import GGUF_NAME, changed_tensors, write_pruned_gguf
     from shapprune.outputs.report import write_outputs
+    from shapprune.outputs.summary import REPORT_NAME, summary_lines
 
-    if record["num_layers"] != num_layers:
-        raise UserError(f"the loaded model has {record['num_layers']} layers but {src.name} has {num_layers} blocks; "
+    record = chosen.record
+    if record.num_layers != num_layers:
+        raise UserError(f"the loaded model has {record.num_layers} layers but {src.name} has {num_layers} blocks; "
                         "drop --out-format gguf to write a transformers checkpoint")
     with atomic_dir(out) as tmp:
-        changed = changed_tensors(model, record) if record.get("heal") else None
-        record["gguf"] = write_pruned_gguf(src, tmp / GGUF_NAME, record["removed"], changed=changed)
-        record["seconds"] = round(time.time() - t0, 3)
-        write_json(tmp / "pruning.json", record)
-        write_outputs(tmp, record, (res.selection.extra or {}).get("info"))
-    print_summary(record)
-    print(f"wrote {out / GGUF_NAME} ({_size_note(record['gguf'])})")
-    if record["gguf"].get("changed_tensors"):
-        print(gguf_changed_line(record["gguf"]))
+        changed = changed_tensors(model, record.to_json()) if record.heal else None
+        record.gguf = write_pruned_gguf(src, tmp / GGUF_NAME, record.removed, changed=changed)
+        record.choice.seconds = round(time.time() - t0, 3)
+        write_json(tmp / "pruning.json", record.to_json())
+        write_outputs(tmp, record, chosen.info)
+    for line in summary_lines(record, out / GGUF_NAME, out / REPORT_NAME):
+        print(line)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from shapprune.cli.common import (
     add_json_arg,
@@ -14,7 +15,7 @@ from shapprune.cli.common import (
     workers_from_args,
     write_json_arg,
 )
-from shapprune.cli.prune_cmd import add_choice_args, check_choice_args, choose_from_args, print_summary
+from shapprune.cli.prune_cmd import add_choice_args, check_choice_args, choose_from_args
 
 HELP = "estimate per-layer Shapley values (and, with --remove N, which layers to remove) without saving a model"
 log = logging.getLogger("shapprune")
@@ -34,6 +35,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from shapprune.outputs.atomic import atomic_dir, check_out_dir
     from shapprune.outputs.report import write_outputs
+    from shapprune.outputs.summary import REPORT_NAME, summary_lines
 
     t0 = time.time()
     check_choice_args(args)
@@ -42,16 +44,19 @@ def run(args) -> int:
     workers_from_args(args)
     if args.report:
         check_out_dir(args.report)
-    _, _, res = choose_from_args(args)
-    record = res.record
-    num_layers = record["num_layers"]
-    record["seconds"] = round(time.time() - t0, 3)
-    if record.get("values"):
-        order = sorted(range(num_layers), key=lambda i: (record["values"][i], i))
+    _, _, chosen = choose_from_args(args)
+    record = chosen.record
+    values = record.choice.values
+    record.choice.seconds = round(time.time() - t0, 3)
+    if values:
+        order = sorted(range(record.num_layers), key=lambda i: (values[i], i))
         print("layers from least to most important: " + ",".join(map(str, order)))
-    print_summary(record)
-    write_json_arg(args, record)
+    report = None
     if args.report:
         with atomic_dir(args.report) as tmp:
-            write_outputs(tmp, record, (res.selection.extra or {}).get("info"))
+            write_outputs(tmp, record, chosen.info)
+        report = Path(args.report) / REPORT_NAME
+    for line in summary_lines(record, report=report):
+        print(line)
+    write_json_arg(args, record.to_json())
     return 0

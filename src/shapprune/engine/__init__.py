@@ -1,6 +1,6 @@
 """Stage 2, the engine: one runner for every forward pass (batching, out-of-memory back-off, the LM head,
-prefix reuse between masks); ``ppl`` for plain perplexity, ``distributed`` for mask evaluation scaled out over
-Ray workers. (The dtype that fits the hardware is chosen when the model loads: :mod:`shapprune.models.hardware`.)"""
+prefix reuse between masks); ``ppl`` for plain perplexity. (Mask evaluation scaled out over Ray workers is the
+game's backend: :mod:`shapprune.game.distributed`.) (The dtype that fits the hardware is chosen when the model loads: :mod:`shapprune.models.hardware`.)"""
 
 from shapprune.engine.head import head_logits, head_nll, logits_nll
 from shapprune.engine.prefix import PrefixCache, common_prefix, layer_forwards, trie_order

@@ -8,6 +8,10 @@ import os
 from pathlib import Path
 
 from shapprune.methods import registry
+from shapprune.outputs import summary as S
+from shapprune.outputs.heal_text import heal_lines
+from shapprune.outputs.summary import fmt as _fmt
+from shapprune.record import PruningRecord
 
 log = logging.getLogger(__name__)
 
@@ -17,14 +21,6 @@ def value_plot(method: str) -> tuple[str, str]:
     :attr:`~shapprune.methods.registry.MethodSpec.plot`; else ``<method>_values.png``)."""
     spec = registry.find(method)
     return spec.value_plot() if spec is not None else (f"{method}_values.png", f"{method} score per layer")
-
-
-def _fmt(x, digits: int = 4) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}"
-    return str(x)
 
 
 def _plt():
@@ -162,7 +158,7 @@ def plot_surrogate(path: str | os.PathLike, measured: list[float], predicted: li
 def heal_section(h: dict | None) -> list[str]:
     """report.md's lines on healing: the summary's sentences (:mod:`shapprune.outputs.heal_text`), perplexity
     before and after, every repair's held-out check, what each linear run got, the training's course."""
-    from shapprune.outputs.heal_text import check_line, heal_lines
+    from shapprune.outputs.heal_text import check_line
 
     if not h:
         return []
@@ -201,136 +197,87 @@ def heal_section(h: dict | None) -> list[str]:
     return lines
 
 
-def write_outputs(directory: str | os.PathLike, record: dict, info: dict | None) -> list[Path]:
+def write_outputs(directory: str | os.PathLike, record: PruningRecord | dict, info: dict | None) -> list[Path]:
     """Write ``report.md``, the value plot of :func:`value_plot` (when there are values) and ``surrogate.png``
     (when there is a surrogate with held-out points) into ``directory``."""
     directory = Path(directory)
+    r = S.as_record(record)
+    c = r.choice
     written = []
     info = info or {}
-    values, stderr, removed = record.get("values"), record.get("stderr"), record.get("removed")
-    title = f"{record['source']}: {record['method']}" + (f" / {record['estimator']}" if record.get("estimator") else "")
+    values, stderr = (c.values, c.stderr) if c is not None else (None, None)
+    estimator = c.estimator if c is not None else None
+    sur = c.surrogate if c is not None else None
+    title = f"{r.source}: {r.method}" + (f" / {estimator}" if estimator else "")
     if values:
-        name, ylabel = value_plot(record["method"])
+        name, ylabel = value_plot(r.method)
         note = None
-        if stderr is not None and record.get("surrogate") and record.get("estimator") == "surrogate":
+        if stderr is not None and sur and estimator == "surrogate":
             note = ("error bars: Monte Carlo error of Stage 2 only; the surrogate's own error is not included "
-                    f"(held-out R² {_fmt(record['surrogate'].get('heldout_r2'))})")
-        sources = (record.get("evidence") or {}).get("value_sources")
+                    f"(held-out R² {_fmt(sur.get('heldout_r2'))})")
+        sources = (c.evidence or {}).get("value_sources")
         if sources and not note:
             note = "removed layers: measured marginal cost at the chosen set; kept layers: surrogate predictions"
-        written.append(plot_values(directory / name, values, stderr, removed, title, ylabel, note, sources))
+        written.append(plot_values(directory / name, values, stderr, r.removed, title, ylabel, note, sources))
     held = info.get("heldout") or {}
-    sur = record.get("surrogate")
     has_sur_plot = bool(sur and held.get("measured"))
     if has_sur_plot:
         written.append(plot_surrogate(directory / "surrogate.png", held["measured"], held["predicted"],
                                       held["strata"], f"{sur['kind']} surrogate, held-out masks"))
-    (directory / "report.md").write_text(render_report(record, info, has_sur_plot), encoding="utf-8")
-    written.append(directory / "report.md")
+    (directory / S.REPORT_NAME).write_text(render_report(r, info, has_sur_plot), encoding="utf-8")
+    written.append(directory / S.REPORT_NAME)
     return written
 
 
-def evaluations_made(cost: dict, conjunction: str) -> str:
-    """A selection's evaluations, full and screened apart (``conjunction`` joins the two), or that there was no
-    screen: the words the summary and ``report.md`` share."""
-    if not cost["screened"]:
-        return f"{cost['full']} evaluations, all on all windows (no screen)"
-    return (f"{cost['full']} full {conjunction} {cost['screened']} screened evaluations (a screened one costs "
-            f"{cost['screen_share']:.3g} of a full one)")
-
-
-def render_report(record: dict, info: dict, has_sur_plot: bool) -> str:
-    """The Markdown report of one selection."""
-    r = record
-    lines = [f"# shapprune: {r['source']}", ""]
-    lines.append(f"- method: `{r['method']}`" + (f", estimator `{r['estimator']}`" if r.get("estimator") else ""))
-    if r.get("removed") is not None:
-        lines.append(f"- removed layers ({len(r['removed'])} of {r['num_layers']}): {r['removed']}")
-        lines.append(f"- kept layers: {r['kept']}")
-    g = r.get("gguf")
+def render_report(record: PruningRecord | dict, info: dict, has_sur_plot: bool) -> str:
+    """The Markdown report of one selection: the summary's sentences, then the evidence in detail."""
+    r = S.as_record(record)
+    c = r.choice
+    lines = [f"# shapprune: {r.source}", ""]
+    lines += [f"- {s}" for s in (S.removed_sentence(r),) if s]
+    if r.removed is not None:
+        lines.append(f"- kept layers: {r.kept}")
+    else:
+        est = f", estimator `{c.estimator}`" if c is not None and c.estimator else ""
+        lines.append(f"- method: `{r.method}`{est}")
+    g = r.gguf
     if g:
         b = g["bytes"]
         types = ", ".join(f"{k} ×{v}" for k, v in g["tensor_types"].items())
         lines.append(f"- output: `{g['file']}` ({g['architecture']}, {g['block_count']['pruned']} blocks), "
                      f"{b['pruned']:,} bytes = {100 * b['ratio']:.1f}% of the source's {b['source']:,}; tensors {types}")
-    c = r.get("calibration") or {}
-    layout = f", {c['layout']}" if c.get("layout") else ""
-    lines.append(f"- calibration: {c.get('windows')} windows × {c.get('seqlen')} tokens of `{c.get('data')}`{layout} "
-                 f"({c.get('tokens')} predicted tokens)")
-    cp = r.get("calibration_ppl") or {}
-    lines.append(f"- calibration perplexity: full {_fmt(cp.get('full'))}, pruned {_fmt(cp.get('pruned'))}")
-    ev = r.get("evaluations") or {}
-    budget = f"budget {r['budget']}; " if r.get("budget") is not None else ""
-    lines.append(f"- {budget}evaluations on all windows: {ev.get('new')} new, {ev.get('reused')} reused from the store")
-    cost = r.get("cost")
-    if cost and "screened" in cost:
-        lines.append(f"- cost: {evaluations_made(cost, 'and')}: {cost['search_full_equivalents']} "
-                     f"full-evaluation equivalents for the search, + {cost['report']} for the measured values "
-                     f"below and {cost['per_window_recomputed']} to recover per-window NLLs, "
-                     f"{cost['total_full_equivalents']} in all; SLEB's greedy path: {cost['sleb_full_evaluations']}")
-    elif cost:
-        lines.append(f"- cost: {cost['full_evaluations']} evaluations' worth of calibration tokens (a screened mask "
-                     f"counts its share of the windows); SLEB's greedy path: {cost['sleb_full_evaluations']}")
-    evidence = r.get("evidence") or {}
-    nz = evidence.get("noise")
-    if nz:
-        src = (f"measured from {nz['pairs']} paired per-window differences" if nz.get("source") == "measured"
-               else "a default: no per-window NLLs to measure it from")
-        lines.append(f"- calibration noise: one paired standard error {_fmt(nz['standard_error'])} log PPL ({src}); "
-                     f"a set must beat the greedy path's by {_fmt(nz['gate_log_ppl'])} to replace it")
-    sc = evidence.get("screen")
-    if sc:
-        lines.append(f"- screen against all windows on {sc['masks']} masks: Spearman {_fmt(sc.get('spearman'))}, "
-                     f"bias {_fmt(sc.get('bias_log_ppl'))} log PPL, RMS after the bias {_fmt(sc.get('rms_after_bias'))}")
-    seed = f"seed {r['seed']}; " if r.get("seed") is not None else ""
-    lines.append(f"- {seed}{_fmt(r.get('seconds'))} s")
+    if c is not None:
+        lines.append(f"- {S.calibration_sentence(c.calibration or {})}")
+    lines += [f"- {s}" for s in (S.perplexity_sentence(r), S.saved_sentence(r)) if s]
+    if c is not None:
+        lines.append(f"- {S.store_sentence(c)}")
+        if c.cost:
+            lines.append(f"- {S.cost_sentence(c.cost)}")
+        evidence = c.evidence or {}
+        if evidence.get("noise"):
+            lines.append(f"- {S.noise_sentence(evidence['noise'])}")
+        if evidence.get("screen"):
+            lines.append(f"- {S.screen_sentence(evidence['screen'])}")
+        seed = f"seed {c.seed}; " if c.seed is not None else ""
+        lines.append(f"- {seed}{_fmt(c.seconds)} s")
     if info.get("strata"):
         lines.append(f"- strata (kept layers): {info['strata']}")
-    lines += heal_section(r.get("heal"))
-    sur = r.get("surrogate")
-    lines.append("")
-    lines.append("## Surrogate")
-    lines.append("")
-    if sur and "on_removed_layers" in sur:
-        orl = sur.get("on_removed_layers") or {}
-        lines.append(f"`{sur['kind']}`. It only chose which candidates were evaluated; every set compared, and the "
-                     "answer, was evaluated on all calibration windows. Held out (5-fold over the masks evaluated "
-                     f"on all windows, {sur.get('heldout_scope')}): R² {_fmt(sur.get('heldout_r2'))}, Spearman "
-                     f"{_fmt(sur.get('heldout_spearman'))}, Kendall τ {_fmt(sur.get('heldout_kendall'))} on "
-                     f"{sur.get('heldout_masks')} masks. The removed layers' values below are measured marginals; "
-                     "the kept layers' are the surrogate's predictions (at the removed layers it gets "
-                     f"{_fmt(orl.get('sign_agreement'))} of the signs right, RMS error {_fmt(orl.get('rmse'))}).")
-        lines.append("")
-        lines.append("![held-out predictions](surrogate.png)" if has_sur_plot else "(too few held-out masks to plot)")
-        if sur.get("warning"):
-            lines += ["", f"**Warning:** {sur['warning']}."]
-    elif sur and sur.get("heldout_r2") is None:
-        lines.append(f"`{sur['kind']}`, fitted on every evaluation made. It only chose which candidates were "
-                     "evaluated; every set compared, and the answer, was evaluated on all calibration windows, so "
-                     "no held-out score is reported. The per-layer values below are its predictions.")
-    elif sur:
-        lines.append(f"`{sur['kind']}`, on held-out masks (split stratified by stratum): R² {_fmt(sur['heldout_r2'])}, "
-                     f"Spearman {_fmt(sur['heldout_spearman'])}, Kendall τ {_fmt(sur['heldout_kendall'])}.")
-        lines.append("")
-        lines.append("![held-out predictions](surrogate.png)" if has_sur_plot else "(too few held-out masks to plot)")
-        if sur.get("warning"):
-            lines += ["", f"**Warning:** {sur['warning']}."]
-    else:
-        lines.append("No surrogate: this estimator used the real utility only (no `surrogate.png`).")
+    lines += heal_section(r.heal)
+    lines += ["", "## Surrogate", "", *S.surrogate_paragraph(c.surrogate if c is not None else None, has_sur_plot)]
     if info.get("stderr_note"):
         lines += ["", f"Standard errors: {info['stderr_note']}."]
-    if r.get("values"):
-        name, ylabel = value_plot(r["method"])
+    if c is not None and c.values:
+        name, ylabel = value_plot(r.method)
         lines += ["", f"## Per-layer values: {ylabel}", "", f"![{ylabel}]({name})", "",
                   "| layer | value | std. error | rank (1 = least important) | removed | source |",
                   "|---:|---:|---:|---:|:---:|:---|"]
-        order = sorted(range(len(r["values"])), key=lambda i: (r["values"][i], i))
+        order = sorted(range(len(c.values)), key=lambda i: (c.values[i], i))
         rank = {i: k + 1 for k, i in enumerate(order)}
-        removed = set(r.get("removed") or [])
-        sources = (r.get("evidence") or {}).get("value_sources")
-        for i, v in enumerate(r["values"]):
-            se = r["stderr"][i] if r.get("stderr") else None
-            src = sources[i] if sources else r["method"]
+        removed = set(r.removed or [])
+        sources = (c.evidence or {}).get("value_sources")
+        for i, v in enumerate(c.values):
+            se = c.stderr[i] if c.stderr else None
+            src = sources[i] if sources else r.method
             lines.append(f"| {i} | {v:.6g} | {_fmt(se)} | {rank[i]} | {'✗' if i in removed else ''} | {src} |")
     lines.append("")
     return "\n".join(lines)
