@@ -17,7 +17,7 @@ from dataclasses import dataclass
 #: tokens per held-out window (or the model's context, if shorter): the length test perplexity is measured at
 HELDOUT_SEQLEN = 2048
 #: held-out windows (see bench/results/healing.md for the standard errors this gives)
-HELDOUT_WINDOWS = 16
+HELDOUT_WINDOWS = 8
 #: a repair is kept when its held-out log-perplexity drop exceeds this many paired standard errors
 KEEP_SE = 1.0
 
