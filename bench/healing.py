@@ -20,7 +20,7 @@ from pathlib import Path
 
 import common
 
-VARIANTS = {"none": "none", "linear": "linear", "lora": "lora", "distill": "distill",
+VARIANTS = {"none": "none", "linear": "linear", "lora": "lora", "distill": "distill", "linear+lora": "linear,lora",
             "linear+distill": "linear,distill"}
 
 
@@ -101,14 +101,25 @@ def main() -> None:
                    "heal_seconds": heal.get("seconds"), "heldout_before": (heal.get("ppl_before") or {}).get("heldout"),
                    "heldout_after": (heal.get("ppl_after") or {}).get("heldout"),
                    "linear_maps": [r.get("map", "skipped") for r in (heal.get("linear") or {}).get("runs", [])],
+                   "kept": heal.get("kept"), "reverted": heal.get("reverted"),
+                   "heldout_seqlen": heal.get("heldout_seqlen"), "heldout_windows": heal.get("heldout_windows"),
                    **measure(str(out), a.dtype, test, not a.no_tasks, a.task_limit)}
             if v == "none":
                 row["seconds_selection"] = row.pop("seconds")
                 row["peak_mb"] = None
             rows.append(row)
             print(json.dumps(row), flush=True)
-    cmds = [f"{common.command()}"]
-    write(a, rows, cmds, test.num_windows)
+            write(a, rows, [common.command()], test.num_windows)  # each row as it finishes
+    write(a, rows, [common.command()], test.num_windows)
+
+
+def _checks(r: dict) -> str:
+    """``linear map for layers 3-6, ...`` kept, and reverted ones, from the healing record's checks."""
+    kept, rev = r.get("kept") or [], r.get("reverted") or []
+    if not kept and not rev:
+        return ""
+    return "; ".join(x for x in ("kept: " + ", ".join(kept) if kept else "",
+                                 "reverted: " + ", ".join(rev) if rev else "") if x)
 
 
 def write(a, rows: list[dict], commands: list[str], test_windows: int | None = None,
@@ -130,7 +141,7 @@ def write(a, rows: list[dict], commands: list[str], test_windows: int | None = N
                      r.get("heal_tokens") or "", r.get("heal_steps") or "",
                      "" if r.get("heal_seconds") is None else f"{r['heal_seconds']:.0f}",
                      "" if r.get("seconds") is None else f"{r['seconds']:.0f}",
-                     r.get("peak_mb") or "", ", ".join(r.get("linear_maps") or [])])
+                     r.get("peak_mb") or "", ", ".join(r.get("linear_maps") or []), _checks(r)])
     items = next((r["items"] for r in rows if r.get("items")), None)
     text = [f"Test perplexity on {test_windows or 'all'} windows of 2,048 tokens of `test.raw.txt`; zero-shot "
             + (f"on {', '.join(f'{k} ({v} items)' for k, v in items.items())}" if items else "not run")
@@ -140,7 +151,7 @@ def write(a, rows: list[dict], commands: list[str], test_windows: int | None = N
             "diagonal (folded into a post-MLP norm) or skipped.", "",
             common.table(["model", "N", "healing", "test PPL", "gap closed", "zero-shot mean",
                           *common.ZEROSHOT.split(","), "heal tokens", "steps", "heal s", "run s", "peak MB",
-                          "linear maps"], body)]
+                          "linear maps", "repairs kept / reverted"], body)]
     if len(commands) > 1:
         text += ["", "Made by:", "", *[f"- `{c}`" for c in commands]]
     text += [f"\nNote on `{command}`: {note}." for command, note in notes or []]

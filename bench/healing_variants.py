@@ -41,7 +41,7 @@ def main() -> None:
     from shapprune.engine.ppl import sequence_nll
     from shapprune.heal import heal_windows
     from shapprune.heal.check import decide, window_log_ppl
-    from shapprune.heal.linear import (Stats, apply_map, collect_stats, fit_map, run_targets, runs_of)
+    from shapprune.heal.linear import Stats, apply_map, collect_stats, fit_map, run_targets, runs_of
     from shapprune.models.layers import find_layer_stack, keep_layers
 
     removed = common.ints(a.drop)

@@ -54,7 +54,7 @@ def test_eval_json(ckpt, data, tmp_path, capsys):
 
 def test_prune_manual_round_trip(ckpt, data, tmp_path, capsys):
     out = tmp_path / "pruned"
-    code, _, _ = run(["prune", ckpt, "--drop", "1,3", "--out", str(out)], capsys)
+    code, _, _ = run(["prune", "--heal", "none", ckpt, "--drop", "1,3", "--out", str(out)], capsys)
     assert code == 0
     meta = json.loads((out / "pruning.json").read_text())
     saved = meta.pop("saved")
@@ -97,26 +97,26 @@ def bad_cases(ckpt, data, tmp_path):
         "duplicated": (["eval", ckpt, "--drop", "1,1", "--data", data, "--seqlen", "32"], "more than once"),
         "not a number": (["eval", ckpt, "--drop", "x", "--data", data], "comma-separated"),
         "all layers": (["eval", ckpt, "--drop", "0,1,2,3,4", "--data", data, "--seqlen", "32"], "all 5 layers"),
-        "prune all": (["prune", ckpt, "--drop", "0,1,2,3,4", "--out", str(tmp_path / "o1")], "all 5 layers"),
+        "prune all": (["prune", "--heal", "none", ckpt, "--drop", "0,1,2,3,4", "--out", str(tmp_path / "o1")], "all 5 layers"),
         "missing data": (["eval", ckpt, "--data", str(tmp_path / "nope.txt")], "does not exist"),
         "empty data": (["eval", ckpt, "--data", str(empty)], "is empty"),
         "short data": (["eval", ckpt, "--data", str(short), "--seqlen", "64"], "fewer than one window"),
-        "non-empty out": (["prune", ckpt, "--drop", "1", "--out", str(full)], "not empty"),
+        "non-empty out": (["prune", "--heal", "none", ckpt, "--drop", "1", "--out", str(full)], "not empty"),
         "missing model": (["layers", str(tmp_path / "no-model")], "does not exist"),
         "bad seqlen": (["eval", ckpt, "--seqlen", "0"], "positive integer"),
         # issue 10: overwrites (2), compare's hidden errors (3), options checked early (4), budgets (6), paths (8)
         "json exists": (["eval", ckpt, *sel[:6], "--json", str(mine)], "--force"),
         "shapley json exists": (["shapley", ckpt, *sel, "--json", str(mine)], "--force"),
-        "unknown method": (["prune", ckpt, "--remove", "1", "--method", "nope", *sel], "unknown method 'nope'"),
+        "unknown method": (["prune", "--heal", "none", ckpt, "--remove", "1", "--method", "nope", *sel], "unknown method 'nope'"),
         "unknown estimator": (["shapley", ckpt, "--estimator", "surogate", *sel], "unknown estimator 'surogate'"),
-        "unknown surrogate": (["prune", ckpt, "--remove", "1", "--surrogate", "svm", *sel], "unknown surrogate"),
+        "unknown surrogate": (["prune", "--heal", "none", ckpt, "--remove", "1", "--surrogate", "svm", *sel], "unknown surrogate"),
         "bad strata": (["shapley", ckpt, "--strata", "a", *sel], "comma-separated integers"),
-        "ignored estimator": (["prune", ckpt, "--remove", "1", "--method", "sleb", "--estimator", "kernel", *sel],
+        "ignored estimator": (["prune", "--heal", "none", ckpt, "--remove", "1", "--method", "sleb", "--estimator", "kernel", *sel],
                               "--estimator would be ignored by sleb"),
         "ignored budget": (["shapley", ckpt, "--method", "shortgpt", "--budget", "9", *sel], "--budget would be ignored"),
         "ignored strata": (["shapley", ckpt, "--estimator", "kernel", "--strata", "2,3", *sel],
                            "--strata would be ignored by --estimator kernel"),
-        "ignored with drop": (["prune", ckpt, "--drop", "1", "--estimator", "kernel"], "would be ignored"),
+        "ignored with drop": (["prune", "--heal", "none", ckpt, "--drop", "1", "--estimator", "kernel"], "would be ignored"),
         "compare estimator": ([*cmp, "--methods", "shapley", "--estimator", "surogate"], "unknown estimator"),
         "compare strata": ([*cmp, "--methods", "shapley", "--strata", "a"], "comma-separated integers"),
         "compare surrogate": ([*cmp, "--methods", "shapley", "--surrogate", "svm"], "unknown surrogate"),
@@ -130,11 +130,11 @@ def bad_cases(ckpt, data, tmp_path):
         "kernel budget": (["shapley", ckpt, "--estimator", "kernel", "--budget", "11", *sel], "give at least 12"),
         "surrogate budget": (["shapley", ckpt, "--strata", "2,3,4", "--budget", "14", *sel], "give at least 15"),
         "exact budget": (["shapley", ckpt, "--estimator", "exact", "--budget", "31", *sel], "give at least 32"),
-        "exhaustive budget": (["prune", ckpt, "--remove", "2", "--method", "exhaustive", "--budget", "9", *sel],
+        "exhaustive budget": (["prune", "--heal", "none", ckpt, "--remove", "2", "--method", "exhaustive", "--budget", "9", *sel],
                               "needs 10 evaluations"),
-        "out under a file": (["prune", ckpt, "--drop", "1", "--out", str(mine / "x")], "is a file"),
+        "out under a file": (["prune", "--heal", "none", ckpt, "--drop", "1", "--out", str(mine / "x")], "is a file"),
         "json under a file": (["eval", ckpt, *sel[:6], "--json", str(mine / "x.json")], "is a file"),
-        "paper calibration and seqlen": (["prune", ckpt, "--remove", "1", "--paper-calibration", "--seqlen", "64",
+        "paper calibration and seqlen": (["prune", "--heal", "none", ckpt, "--remove", "1", "--paper-calibration", "--seqlen", "64",
                                           "--data", data], "--paper-calibration sets --seqlen"),
         "both window options": (["shapley", ckpt, "--max-windows", "2", "--sample-windows", "2", "--data", data],
                                 "exclude each other"),
@@ -233,7 +233,7 @@ def test_outputs_follow_the_umask(ckpt, data, tmp_path, capsys):
     old = os.umask(0o022)
     try:
         out = tmp_path / "pruned"
-        assert run(["prune", ckpt, "--drop", "1", "--out", str(out)], capsys)[0] == 0
+        assert run(["prune", "--heal", "none", ckpt, "--drop", "1", "--out", str(out)], capsys)[0] == 0
         e = tmp_path / "e.json"
         assert run(["eval", ckpt, "--data", data, "--seqlen", "32", "--max-windows", "1", "--json", str(e)],
                    capsys)[0] == 0
@@ -283,7 +283,7 @@ RUNTIME = {
                             _oom, "--seqlen"),
     "OutOfMemory": (["eval", "{ckpt}", "--data", "{data}", "--seqlen", "32"], "shapprune.engine.ppl.sequence_nll",
                     _out_of_memory, "--device-map"),
-    "disk full": (["prune", "{ckpt}", "--drop", "1", "--out", "{tmp}/o"], "shapprune.outputs.save.save_checkpoint",
+    "disk full": (["prune", "--heal", "none", "{ckpt}", "--drop", "1", "--out", "{tmp}/o"], "shapprune.outputs.save.save_checkpoint",
                   _disk_full, "No space left on device"),
     "permission denied": (["eval", "{ckpt}", "--data", "{data}", "--seqlen", "32", "--max-windows", "1",
                            "--no-progress", "--json", "{tmp}/e.json"],
@@ -389,7 +389,7 @@ def test_saved_in_the_source_dtype(tmp_path, capsys):
     tiny_tokenizer().save_pretrained(src)
     for extra, dtype in (([], torch.bfloat16), (["--save-dtype", "float32"], torch.float32)):
         out = tmp_path / f"out{len(extra)}"
-        code, text, _ = run(["prune", str(src), "--drop", "1", "--device", "cpu", "--out", str(out), *extra], capsys)
+        code, text, _ = run(["prune", "--heal", "none", str(src), "--drop", "1", "--device", "cpu", "--out", str(out), *extra], capsys)
         assert code == 0
         with safe_open(out / "model.safetensors", "pt") as f:
             assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype}
@@ -480,7 +480,7 @@ def test_calibration_defaults(extra, expected):
     from shapprune.cli import build_parser
     from shapprune.cli.common import window_options
 
-    for argv in (["prune", "m", "--remove", "1"], ["shapley", "m"], ["compare", "m", "--remove", "1", "--out", "o"]):
+    for argv in (["prune", "--heal", "none", "m", "--remove", "1"], ["shapley", "m"], ["compare", "m", "--remove", "1", "--out", "o"]):
         args = build_parser().parse_args([*argv, *extra])
         assert window_options(args) == expected
     args = build_parser().parse_args(["eval", "m"])  # eval keeps its own: every 2,048-token window

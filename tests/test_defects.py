@@ -79,9 +79,9 @@ def test_truncated_gguf_is_one_line_everywhere(gguf_file, tmp_path, size, capsys
     raw = gguf_file.read_bytes()
     bad.write_bytes(raw[: len(raw) // 2 if size == "half" else size])
     for argv in (["layers", str(bad)], ["eval", str(bad), "--data", data],
-                 ["prune", str(bad), "--drop", "3", "--out", str(tmp_path / "o1")],
-                 ["prune", str(bad), "--drop", "1", "--out-format", "gguf", "--out", str(tmp_path / "o2")],
-                 ["prune", str(bad), "--remove", "1", "--out-format", "gguf", "--data", data,
+                 ["prune", "--heal", "none", str(bad), "--drop", "3", "--out", str(tmp_path / "o1")],
+                 ["prune", "--heal", "none", str(bad), "--drop", "1", "--out-format", "gguf", "--out", str(tmp_path / "o2")],
+                 ["prune", "--heal", "none", str(bad), "--remove", "1", "--out-format", "gguf", "--data", data,
                   "--out", str(tmp_path / "o3")],
                  ["shapley", str(bad), "--data", data],
                  ["bench", str(bad), "--drop", "1"]):
@@ -98,7 +98,7 @@ def test_non_utf8_data_before_load(ckpt, tmp_path, payload, capsys, no_load):
     assert "byte" in line
     bad_jsonl = tmp_path / "latin.jsonl"
     bad_jsonl.write_bytes(b'{"text": "' + payload[:40].replace(b'"', b"") + b'"}\n')
-    one_line_error(["prune", ckpt, "--remove", "1", "--data", str(bad_jsonl), "--out", str(tmp_path / "o")],
+    one_line_error(["prune", "--heal", "none", ckpt, "--remove", "1", "--data", str(bad_jsonl), "--out", str(tmp_path / "o")],
                    capsys, str(bad_jsonl), "UTF-8")
 
 
@@ -207,7 +207,7 @@ def test_unreachable_ray_address_cli(ckpt, data, tmp_path, capsys, no_load):
     pytest.importorskip("ray")
     port = _free_port()
     t0 = time.time()
-    one_line_error(["prune", ckpt, "--remove", "1", "--data", data, "--workers", f"ray:127.0.0.1:{port}",
+    one_line_error(["prune", "--heal", "none", ckpt, "--remove", "1", "--data", data, "--workers", f"ray:127.0.0.1:{port}",
                     "--out", str(tmp_path / "o")], capsys, f"127.0.0.1:{port}")
     assert time.time() - t0 < 15
 
@@ -279,7 +279,7 @@ def test_outputs_follow_the_umask(tmp_path):
 def test_model_gguf_follows_the_umask(gguf_file, tmp_path, capsys):
     old = os.umask(0o022)
     try:
-        code = main(["prune", str(gguf_file), "--drop", "1", "--out-format", "gguf", "--out", str(tmp_path / "g")])
+        code = main(["prune", "--heal", "none", str(gguf_file), "--drop", "1", "--out-format", "gguf", "--out", str(tmp_path / "g")])
     finally:
         os.umask(old)
     capsys.readouterr()
@@ -289,7 +289,7 @@ def test_model_gguf_follows_the_umask(gguf_file, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------ 8. ignored options
 def test_task_limit_without_task_utility(ckpt, data, tmp_path, capsys, no_load):
-    one_line_error(["prune", ckpt, "--remove", "1", "--data", data, "--task-limit", "3", "--out", str(tmp_path / "o")],
+    one_line_error(["prune", "--heal", "none", ckpt, "--remove", "1", "--data", data, "--task-limit", "3", "--out", str(tmp_path / "o")],
                    capsys, "--task-limit")
     one_line_error(["shapley", ckpt, "--remove", "1", "--data", data, "--task-limit", "3"], capsys, "--task-limit")
 
@@ -310,14 +310,14 @@ def test_store_prune_of_an_unknown_fingerprint(tmp_path, capsys):
 # ------------------------------------------------------------------------------------ 9. checks before load
 @pytest.mark.parametrize("drop", ["abc", "", "1-3", "3,3", "-1", "5"])
 def test_bad_drop_before_load(ckpt, data, tmp_path, drop, capsys, no_load):
-    one_line_error(["prune", ckpt, f"--drop={drop}", "--out", str(tmp_path / "o")], capsys, "--drop")
+    one_line_error(["prune", "--heal", "none", ckpt, f"--drop={drop}", "--out", str(tmp_path / "o")], capsys, "--drop")
     one_line_error(["eval", ckpt, f"--drop={drop}", "--data", data], capsys, "--drop")
     one_line_error(["eval", ckpt, f"--keep={drop}", "--data", data], capsys, "--keep")
     one_line_error(["bench", ckpt, f"--drop={drop}"], capsys, "--drop")
 
 
 def test_bad_drop_before_load_gguf(gguf_file, tmp_path, capsys, no_load):
-    one_line_error(["prune", str(gguf_file), "--drop", "9", "--out", str(tmp_path / "o")], capsys, "--drop",
+    one_line_error(["prune", "--heal", "none", str(gguf_file), "--drop", "9", "--out", str(tmp_path / "o")], capsys, "--drop",
                    "0..")
 
 
@@ -338,11 +338,11 @@ def test_other_inputs_before_load(ckpt, data, tmp_path, capsys, no_load):
     csv.write_text("a,b\n1,2\n")
     one_line_error(["eval", ckpt, "--data", str(csv)], capsys, ".csv", ".txt")
     one_line_error(["eval", ckpt, "--data", data, "--seqlen", "1"], capsys, "--seqlen")
-    one_line_error(["prune", ckpt, "--remove", "1", "--data", data, "--seqlen", "1", "--out", str(tmp_path / "o")],
+    one_line_error(["prune", "--heal", "none", ckpt, "--remove", "1", "--data", data, "--seqlen", "1", "--out", str(tmp_path / "o")],
                    capsys, "--seqlen")
     corrupt = tmp_path / "bad.sqlite"
     corrupt.write_bytes(b"not a database" * 100)
-    one_line_error(["prune", ckpt, "--remove", "1", "--data", data, "--store", str(corrupt),
+    one_line_error(["prune", "--heal", "none", ckpt, "--remove", "1", "--data", data, "--store", str(corrupt),
                     "--out", str(tmp_path / "o")], capsys, str(corrupt))
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -351,9 +351,9 @@ def test_other_inputs_before_load(ckpt, data, tmp_path, capsys, no_load):
 
 
 def test_budget_too_small_before_load(ckpt, data, tmp_path, capsys, no_load):
-    one_line_error(["prune", ckpt, "--remove", "2", "--method", "shapley", "--budget", "1", "--data", data,
+    one_line_error(["prune", "--heal", "none", ckpt, "--remove", "2", "--method", "shapley", "--budget", "1", "--data", data,
                     "--out", str(tmp_path / "o")], capsys, "budget")
-    one_line_error(["prune", ckpt, "--remove", "9", "--data", data, "--out", str(tmp_path / "o")], capsys, "--remove")
+    one_line_error(["prune", "--heal", "none", ckpt, "--remove", "9", "--data", data, "--out", str(tmp_path / "o")], capsys, "--remove")
 
 
 # ---------------------------------------------------------------------------------------- 10. bench memory
@@ -425,7 +425,7 @@ def test_directory_as_data_and_file_as_out(ckpt, tmp_path, capsys, no_load):
     one_line_error(["eval", ckpt, "--data", str(tmp_path)], capsys, "is a directory")
     f = tmp_path / "file"
     f.write_text("x")
-    one_line_error(["prune", ckpt, "--drop", "1", "--out", str(f)], capsys, "is a file")
+    one_line_error(["prune", "--heal", "none", ckpt, "--drop", "1", "--out", str(f)], capsys, "is a file")
 
 
 # ------------------------------------------------------------------------------------------------ 12. plots

@@ -204,7 +204,7 @@ def llama_gguf(tmp_path_factory):
 
 def test_cli_drop_writes_gguf_without_loading(llama_gguf, tmp_path, capsys):
     out = tmp_path / "out"
-    code, stdout, _ = run(["prune", str(llama_gguf), "--drop", "1,3", "--out-format", "gguf", "--out", str(out)],
+    code, stdout, _ = run(["prune", "--heal", "none", str(llama_gguf), "--drop", "1,3", "--out-format", "gguf", "--out", str(out)],
                           capsys)
     assert code == 0 and "model.gguf" in stdout
     assert {p.name for p in out.iterdir()} == {GGUF_NAME, "pruning.json"}
@@ -220,7 +220,7 @@ def test_cli_remove_writes_gguf_report_and_record(llama_gguf, tmp_path, capsys):
     data = tmp_path / "text.txt"
     data.write_text(TEXT)
     out = tmp_path / "out"
-    code, stdout, err = run(["prune", str(llama_gguf), "--remove", "2", "--method", "last", "--data", str(data),
+    code, stdout, err = run(["prune", "--heal", "none", str(llama_gguf), "--remove", "2", "--method", "last", "--data", str(data),
                              "--seqlen", "16", "--max-windows", "2", "--store", str(tmp_path / "s.sqlite"),
                              "--no-progress", "--out-format", "gguf", "--out", str(out)], capsys)
     assert code == 0, err
@@ -243,12 +243,12 @@ def bad_cases(llama_gguf, tmp_path):
     (full / "keep.txt").write_text("mine")
     g = ["--out-format", "gguf", "--out", str(tmp_path / "o")]
     return {
-        "not a gguf": (["prune", ckpt, "--drop", "1", *g], "needs a GGUF source"),
-        "gemma pattern": (["prune", str(gemma), "--drop", "2", *g], "would compute differently"),
-        "split": (["prune", str(part), "--drop", "1", *g], "llama-gguf-split --merge"),
-        "out of range": (["prune", str(llama_gguf), "--drop", "9", *g], "out of range"),
-        "all layers": (["prune", str(llama_gguf), "--drop", "0,1,2,3,4", *g], "all 5 layers"),
-        "non-empty out": (["prune", str(llama_gguf), "--drop", "1", "--out-format", "gguf", "--out", str(full)],
+        "not a gguf": (["prune", "--heal", "none", ckpt, "--drop", "1", *g], "needs a GGUF source"),
+        "gemma pattern": (["prune", "--heal", "none", str(gemma), "--drop", "2", *g], "would compute differently"),
+        "split": (["prune", "--heal", "none", str(part), "--drop", "1", *g], "llama-gguf-split --merge"),
+        "out of range": (["prune", "--heal", "none", str(llama_gguf), "--drop", "9", *g], "out of range"),
+        "all layers": (["prune", "--heal", "none", str(llama_gguf), "--drop", "0,1,2,3,4", *g], "all 5 layers"),
+        "non-empty out": (["prune", "--heal", "none", str(llama_gguf), "--drop", "1", "--out-format", "gguf", "--out", str(full)],
                           "not empty"),
     }
 

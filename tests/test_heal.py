@@ -284,8 +284,8 @@ def test_smollm2_linear_heal_gguf_reloads_with_the_healed_logits(smollm2, tmp_pa
     common = ["smollm2-135m", "--drop", "3,4", "--heal", "linear", "--heal-tokens", "16384", "--heal-seqlen", "512",
               "--heal-heldout", "2", "--data", str(need(WIKI_VALID)), "--no-progress", "--dtype", "float32"]
     hf, gg = tmp_path / "hf", tmp_path / "gg"
-    assert main(["prune", *common, "--out", str(hf), "--save-dtype", "float32"]) == 0
-    assert main(["prune", *common, "--out-format", "gguf", "--out", str(gg)]) == 0
+    assert main(["prune", "--heal", "none", *common, "--out", str(hf), "--save-dtype", "float32"]) == 0
+    assert main(["prune", "--heal", "none", *common, "--out-format", "gguf", "--out", str(gg)]) == 0
     rec = json.loads((gg / "pruning.json").read_text())
     assert rec["gguf"]["changed_tensor_types"] == {"Q4_1": 1}
     assert rec["heal"]["changed"] == ["model.layers.2.mlp.down_proj.weight"]
@@ -317,7 +317,7 @@ def test_heal_command_on_a_pruned_checkpoint(tmp_path, monkeypatch, capsys):
     data.write_text(TEXT * 3)
     common = ["--no-progress", "--dtype", "float32", "--heal-seqlen", "64", "--data", str(data)]
     pruned = tmp_path / "pruned"
-    assert main(["prune", str(src), "--drop", "2,3", "--seqlen", "32", "--max-windows", "4", *common[:3],
+    assert main(["prune", "--heal", "none", str(src), "--drop", "2,3", "--seqlen", "32", "--max-windows", "4", *common[:3],
                  "--out", str(pruned)]) == 0
     assert "heal" not in json.loads((pruned / "pruning.json").read_text())
     lora, lin = tmp_path / "lora", tmp_path / "linear"
@@ -329,12 +329,18 @@ def test_heal_command_on_a_pruned_checkpoint(tmp_path, monkeypatch, capsys):
     assert main(["heal", str(pruned), "--heal", "linear", *common, "--out", str(lin)]) == 0
     rec = json.loads((lin / "pruning.json").read_text())
     assert rec["heal"]["method"] == "linear" and rec["heal"]["linear"]["runs"][0]["layers"] == [2, 3]
-    # an already-healed checkpoint and a directory without pruning.json are refused in one line
+    # an already-healed checkpoint: it says so and what it will do (lora trains it further, keeping the repair)
     capsys.readouterr()
-    assert main(["heal", str(lin), "--heal", "lora", "--out", str(tmp_path / "x")]) == 2
+    assert main(["heal", str(lin), "--heal", "lora", "--heal-steps", "2", "--heal-tokens", "512", *common,
+                 "--out", str(tmp_path / "x")]) == 0
+    said = capsys.readouterr().out
+    assert "was already healed (linear" in said and "trains the healed checkpoint further" in said
+    rec = json.loads((tmp_path / "x" / "pruning.json").read_text())
+    assert rec["heal"]["method"] == "lora" and rec["heal_earlier"]["method"] == "linear"
+    # a directory without pruning.json is refused in one line
     assert main(["heal", str(src), "--heal", "lora", "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "already healed" in err[0] and "pruning.json" in err[1]
+    assert len(err) == 1 and "pruning.json" in err[0]
 
 
 def test_heal_then_quantize(tiny_cli, tmp_path):
@@ -352,3 +358,84 @@ def test_heal_then_quantize(tiny_cli, tmp_path):
     assert model.config.num_hidden_layers == 3
     ids = torch.tensor([[5, 6, 7, 8]])
     assert torch.isfinite(_logits(model, ids)).all()
+
+
+def _trained_tiny(tok, steps: int = 80):
+    """A tiny Llama taught the repetitive test text for a few steps, so that perplexity means something."""
+    from test_prune_shapley import TEXT, tiny_llama
+
+    model = tiny_llama(len(tok)).double()
+    ids = torch.tensor(tok(TEXT, add_special_tokens=False).input_ids[:32 * 64]).view(32, 64)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        rows = ids[torch.randint(0, 32, (8,), generator=g)]
+        loss = model(input_ids=rows, labels=rows).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def test_a_map_that_lowers_squared_error_but_raises_perplexity_is_reverted(tmp_path):
+    """The removed block is exactly linear in the previous MLP output but destructive (the full model is worse
+    than the model without it): the least-squares map reproduces it (its squared error falls to ~0), which raises
+    held-out perplexity, so the check reverts it and the weights are exactly as before."""
+    from test_prune_shapley import TEXT, byte_tokenizer
+
+    tok = byte_tokenizer()
+    model = _trained_tiny(tok)
+    stack = find_layer_stack(model)
+    target = output_projection(model, stack.layers[1])
+    d = model.config.hidden_size
+    stack.layers[2] = Injected(stack.layers[2], target.module, -6 * torch.eye(d, dtype=torch.float64))
+    before = target.module.weight.detach().clone()
+    data = tmp_path / "heal.txt"
+    data.write_text(TEXT * 3)
+    healed, rec = heal_and_remove(model, tok, [2], ["linear"], data=str(data), seqlen=64, tokens=2048, heldout=8)
+    (run,) = rec["linear"]["runs"]
+    assert run["fit_error"]["repaired"] < 1e-6 * run["fit_error"]["identity"]  # squared error: down to ~0
+    (check,) = rec["checks"]
+    assert not check["kept"] and check["heldout_after"] > check["heldout_before"]  # perplexity: up
+    assert run["reverted"] and rec["reverted"] == [check["what"]] and rec["kept"] == [] and rec["changed"] == []
+    assert torch.equal(find_layer_stack(healed).layers[1].mlp.down_proj.weight, before)
+    assert rec["ppl_after"]["heldout"] == pytest.approx(rec["ppl_before"]["heldout"])
+    from shapprune.outputs.heal_text import heal_lines
+
+    said = "\n".join(heal_lines(rec))
+    assert "reverted: linear map for layers 2-2" in said and "saved unrepaired" in said
+
+
+def test_a_helpful_map_is_kept_with_its_effect_and_standard_error(tmp_path):
+    from test_prune_shapley import TEXT, byte_tokenizer
+
+    tok = byte_tokenizer()
+    model = _trained_tiny(tok)
+    data = tmp_path / "heal.txt"
+    data.write_text(TEXT * 3)
+    healed, rec = heal_and_remove(model, tok, [2, 3], ["linear"], data=str(data), seqlen=64, tokens=2048)
+    (check,) = rec["checks"]
+    assert check["kept"] and check["log_ppl_drop"] > check["standard_error"] > 0
+    assert rec["heldout_seqlen"] == 128 and rec["heldout_windows"] == 8  # the model's context; the default count
+    assert rec["ppl_after"]["heldout"] < rec["ppl_before"]["heldout"]
+
+
+def test_training_keeps_its_best_held_out_state_and_stops_early():
+    """Held-out checks every 2 steps: the best (step 4) is kept, training stops after two worse checks, and a
+    run that never beats the model before it is dropped (the weights come back unchanged)."""
+    model = tiny_model("llama")
+    ids = tiny_inputs(8, 16, seed=5)
+    scores = iter([[1.0], [0.5], [0.7], [0.9], [0.95]])
+    merged, info = lora_finetune(model, ids, None, steps=20, lr=1e-2, rank=2, batch_size=2, eval_every=2,
+                                 evaluate=lambda: next(scores), baseline=[2.0], accept=lambda after: True)
+    assert info["best_step"] == 4 and info["steps"] == 8 and info["kept"] and "stopped_early" in info
+    assert [s for s, _ in info["heldout_log_ppl"]] == [2, 4, 6, 8]
+    fresh = tiny_model("llama")
+    state = {k: v.clone() for k, v in fresh.state_dict().items()}
+    merged, info = lora_finetune(fresh, ids, None, steps=6, lr=1e-2, rank=2, batch_size=2, eval_every=2,
+                                 evaluate=lambda: [3.0], baseline=[2.0], accept=lambda after: False)
+    assert not info["kept"] and info["changed_params"] == []
+    for k, v in merged.state_dict().items():
+        assert torch.equal(v, state[k]), k

@@ -90,7 +90,7 @@ def test_gguf_out_keeps_the_pattern_and_reloads_with_masked_logits(gemma3, tmp_p
 
     model, tok = gemma3
     out = tmp_path / "g"
-    assert main(["prune", "gemma3-270m", "--drop", "6,7,8,9,10,11", "--out-format", "gguf", "--out", str(out),
+    assert main(["prune", "--heal", "none", "gemma3-270m", "--drop", "6,7,8,9,10,11", "--out-format", "gguf", "--out", str(out),
                  "--no-progress"]) == 0
     capsys.readouterr()
     assert json.loads((out / "pruning.json").read_text())["gguf"]["block_count"]["pruned"] == 12
@@ -105,7 +105,7 @@ def test_gguf_out_keeps_the_pattern_and_reloads_with_masked_logits(gemma3, tmp_p
 
 
 def test_gguf_out_refuses_a_broken_pattern_in_one_line(tmp_path, capsys):
-    code = main(["prune", "gemma3-270m", "--drop", "3", "--out-format", "gguf", "--out", str(tmp_path / "g")])
+    code = main(["prune", "--heal", "none", "gemma3-270m", "--drop", "3", "--out-format", "gguf", "--out", str(tmp_path / "g")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "gemma3" in err and "Traceback" not in err
     assert not (tmp_path / "g").exists()
@@ -116,7 +116,7 @@ def test_quantized_prune_reloads(gemma3, tmp_path, capsys):
     from shapprune.models.quantized import scheme_of
 
     out = tmp_path / "q"
-    assert main(["prune", "gemma3-270m", "--drop", "4,8", "--quantize", "int8-weight-only", "--out", str(out),
+    assert main(["prune", "--heal", "none", "gemma3-270m", "--drop", "4,8", "--quantize", "int8-weight-only", "--out", str(out),
                  "--device", "cpu", "--no-progress"]) == 0
     capsys.readouterr()
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -137,8 +137,8 @@ def test_linear_heal_into_gguf_reloads_with_the_healed_logits(tmp_path, capsys, 
               str(need(WIKI_VALID)), "--no-progress", "--dtype", "float32", "--seqlen", "128", "--max-windows", "2",
               "--heal-seqlen", "256", "--heal-heldout", "3"]
     hf, gg = tmp_path / "hf", tmp_path / "gg"
-    assert main(["prune", *common, "--out", str(hf), "--save-dtype", "float32"]) == 0
-    assert main(["prune", *common, "--out-format", "gguf", "--out", str(gg)]) == 0
+    assert main(["prune", "--heal", "none", *common, "--out", str(hf), "--save-dtype", "float32"]) == 0
+    assert main(["prune", "--heal", "none", *common, "--out-format", "gguf", "--out", str(gg)]) == 0
     capsys.readouterr()
     rec = json.loads((gg / "pruning.json").read_text())
     assert rec["heal"]["linear"]["runs"][0]["map"] == "diagonal"

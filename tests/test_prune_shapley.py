@@ -70,7 +70,7 @@ def test_prune_tiny_end_to_end(tiny, tmp_path, extra):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    assert main(["prune", "tiny", "--remove", "2", "--method", "shapley", *tiny, *extra, "--out", str(out)]) == 0
+    assert main(["prune", "--heal", "none", "tiny", "--remove", "2", "--method", "shapley", *tiny, *extra, "--out", str(out)]) == 0
     rec = json.loads((out / "pruning.json").read_text())
     assert list(rec) == KEYS
     assert len(rec["removed"]) == 2 and len(rec["kept"]) == 3 and rec["method"] == "shapley"
@@ -91,7 +91,7 @@ def test_prune_tiny_end_to_end(tiny, tmp_path, extra):
 
 def test_rerun_reuses_store_and_shapley_command(tiny, tmp_path):
     args = ["--budget", "20", "--strata", "2,3,4", "--surrogate", "quadratic"]
-    assert main(["prune", "tiny", "--remove", "1", "--method", "shapley", *tiny, *args, "--out", str(tmp_path / "a")]) == 0
+    assert main(["prune", "--heal", "none", "tiny", "--remove", "1", "--method", "shapley", *tiny, *args, "--out", str(tmp_path / "a")]) == 0
     assert main(["shapley", "tiny", "--remove", "1", *tiny, *args, "--json", str(tmp_path / "s.json")]) == 0
     a = json.loads((tmp_path / "a" / "pruning.json").read_text())
     s = json.loads((tmp_path / "s.json").read_text())
@@ -118,7 +118,7 @@ def test_rerun_reuses_store_and_shapley_command(tiny, tmp_path):
 ])
 def test_bad_input(tiny, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
-    assert main(["prune", "tiny", *tiny, *extra, "--out", str(out)]) == 2
+    assert main(["prune", "--heal", "none", "tiny", *tiny, *extra, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
     assert not out.exists()
@@ -137,7 +137,7 @@ def test_smollm2_prune(tmp_path, monkeypatch, smollm2):
     model, tokenizer = smollm2
     monkeypatch.setattr(prune_cmd, "load", lambda args: (copy.deepcopy(model), tokenizer))
     out = tmp_path / "out"
-    code = main(["prune", "smollm2-135m", "--remove", "6", "--method", "shapley", "--data", str(data), "--seqlen",
+    code = main(["prune", "--heal", "none", "smollm2-135m", "--remove", "6", "--method", "shapley", "--data", str(data), "--seqlen",
                  "64", "--max-windows", "2", "--budget", "10", "--strata", "28,26", "--store", str(tmp_path / "s.sqlite"), "--out", str(out),
                  "--no-progress"])
     assert code == 0
@@ -166,7 +166,7 @@ def test_default_method_is_shapprune(tiny, tmp_path, capsys):
     says what it cost against SLEB's path in pruning.json and report.md; the terminal summary says what was
     removed, the perplexities, where it wrote and where that evidence is, and warns of nothing."""
     out = tmp_path / "out"
-    assert main(["prune", "tiny", "--remove", "2", *tiny, "--out", str(out)]) == 0
+    assert main(["prune", "--heal", "none", "tiny", "--remove", "2", *tiny, "--out", str(out)]) == 0
     rec = json.loads((out / "pruning.json").read_text())
     assert rec["method"] == "shapprune" and len(rec["removed"]) == 2
     assert rec["estimator"] == "multi-fidelity search"
@@ -189,7 +189,7 @@ def test_default_calibration_is_recorded(tiny, tmp_path):
     """Without window options the calibration is sampled at random offsets, and the record says so."""
     out = tmp_path / "out"
     args = [a for a in tiny if a not in ("--max-windows", "4")]
-    assert main(["prune", "tiny", "--remove", "1", *args, "--seqlen", "16", "--out", str(out)]) == 0
+    assert main(["prune", "--heal", "none", "tiny", "--remove", "1", *args, "--seqlen", "16", "--out", str(out)]) == 0
     rec = json.loads((out / "pruning.json").read_text())
     assert rec["calibration"]["layout"] == "random offsets, seed 0" and rec["calibration"]["windows"] == 5
     assert "random offsets, seed 0" in (out / "report.md").read_text()

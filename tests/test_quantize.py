@@ -41,7 +41,7 @@ def is_quantized(linear) -> bool:
 def test_pruned_quantized_round_trip_identical_logits(ckpt, tmp_path, capsys, scheme):
     """prune --drop --quantize writes a checkpoint that plain from_pretrained loads, with identical logits."""
     out = tmp_path / "pq"
-    assert main(["prune", ckpt, "--drop", "1,3", "--quantize", scheme, "--out", str(out)]) == 0
+    assert main(["prune", "--heal", "none", ckpt, "--drop", "1,3", "--quantize", scheme, "--out", str(out)]) == 0
     capsys.readouterr()
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "pruning.json", "quantization.json"} <= names
@@ -60,7 +60,7 @@ def test_pruned_quantized_round_trip_identical_logits(ckpt, tmp_path, capsys, sc
 
     # the same pruned model quantized in memory, the way transformers does it, computes exactly the same
     dense = tmp_path / "dense"
-    assert main(["prune", ckpt, "--drop", "1,3", "--out", str(dense)]) == 0
+    assert main(["prune", "--heal", "none", ckpt, "--drop", "1,3", "--out", str(dense)]) == 0
     ref = AutoModelForCausalLM.from_pretrained(dense, quantization_config=TorchAoConfig(torchao_config(scheme))).eval()
     assert torch.equal(logits(loaded), logits(ref))
     mine = quantize_in_memory(AutoModelForCausalLM.from_pretrained(dense).eval(), scheme)
@@ -95,7 +95,7 @@ def test_quantize_command_and_shapprune_loading(ckpt, tmp_path, capsys):
     assert main(["quantize", ckpt, "--scheme", "int8-dynamic", "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
     # pruning a quantized checkpoint is refused (transformers cannot re-save a loaded torchao checkpoint)
-    assert main(["prune", str(out), "--drop", "1", "--out", str(tmp_path / "p")]) == 2
+    assert main(["prune", "--heal", "none", str(out), "--drop", "1", "--out", str(tmp_path / "p")]) == 2
     assert "dense checkpoint" in capsys.readouterr().err and not (tmp_path / "p").exists()
 
 
@@ -114,7 +114,7 @@ def test_quantize_errors(ckpt, tmp_path, capsys, monkeypatch):
     assert main(["quantize", str(tmp_path), "--scheme", "int8-dynamic", "--out", str(tmp_path / "b")]) == 2
     assert "config.json" in capsys.readouterr().err
     # --quantize-before-choosing needs --quantize
-    assert main(["prune", ckpt, "--drop", "1", "--quantize-before-choosing", "--out", str(tmp_path / "c")]) == 2
+    assert main(["prune", "--heal", "none", ckpt, "--drop", "1", "--quantize-before-choosing", "--out", str(tmp_path / "c")]) == 2
     assert "--quantize SCHEME" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
@@ -165,8 +165,8 @@ def test_quantize_before_choosing(monkeypatch, tmp_path, capsys):
     data.write_text(TEXT)
     common = ["--remove", "1", "--method", "ppl", "--data", str(data), "--seqlen", "32", "--max-windows", "2",
               "--no-progress", "--quantize", "int8-weight-only"]
-    assert main(["prune", "tiny", *common, "--out", str(tmp_path / "a")]) == 0
-    assert main(["prune", "tiny", *common, "--quantize-before-choosing", "--out", str(tmp_path / "b")]) == 0
+    assert main(["prune", "--heal", "none", "tiny", *common, "--out", str(tmp_path / "a")]) == 0
+    assert main(["prune", "--heal", "none", "tiny", *common, "--quantize-before-choosing", "--out", str(tmp_path / "b")]) == 0
     capsys.readouterr()
     assert seen == [False, True]
     a = json.loads((tmp_path / "a" / "pruning.json").read_text())

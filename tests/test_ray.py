@@ -171,7 +171,7 @@ def test_cli_bad_workers_is_one_line(tiny, tmp_path, capsys, value, msg):
 
 def test_cli_without_ray_installed(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
-    code = main(["prune", tiny[0], "--remove", "1", "--workers", "ray", "--store", str(tmp_path / "s.sqlite"),
+    code = main(["prune", "--heal", "none", tiny[0], "--remove", "1", "--workers", "ray", "--store", str(tmp_path / "s.sqlite"),
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "pip install -e '.[ray]'" in err and len(err.strip().splitlines()) == 1

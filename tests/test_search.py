@@ -93,7 +93,7 @@ def test_prune_with_search_end_to_end(tmp_path, capsys):
     text = tmp_path / "cal.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 30)
     out = tmp_path / "out"
-    code = main(["-q", "prune", ck, "--remove", "2", "--method", "search", "--budget", "12", "--data", str(text),
+    code = main(["-q", "prune", "--heal", "none", ck, "--remove", "2", "--method", "search", "--budget", "12", "--data", str(text),
                  "--seqlen", "32", "--max-windows", "3", "--store", str(tmp_path / "s.sqlite"), "--out", str(out),
                  "--no-progress"])
     assert code == 0, capsys.readouterr().err
