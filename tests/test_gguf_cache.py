@@ -97,7 +97,7 @@ def test_cached_tokenizer_is_built_directly_only_when_it_agrees(src, cache, monk
     large vocabularies) only when that build was checked, at writing, to tokenize as AutoTokenizer does."""
     import transformers
 
-    from shapprune.models import loading
+    from shapprune.models import gguf_cache, loading
 
     _, tok = load_model(str(src), device="cpu", dtype="float32", progress=False)
     (folder,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
@@ -116,5 +116,5 @@ def test_cached_tokenizer_is_built_directly_only_when_it_agrees(src, cache, monk
     assert second(text).input_ids == tok(text).input_ids
     monkeypatch.undo()
     # a build that disagrees leaves no mark, and the folder is loaded by AutoTokenizer
-    monkeypatch.setattr(loading, "_build_direct_tokenizer", lambda folder: None)
+    monkeypatch.setattr(gguf_cache, "_build_direct_tokenizer", lambda folder: None)  # where it is looked up
     assert not loading._direct_tokenizer_agrees(auto, folder)

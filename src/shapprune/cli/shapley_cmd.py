@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from shapprune.cli.common import (
 from shapprune.cli.prune_cmd import add_choice_args, check_choice_args, choose_from_args
 
 HELP = "estimate per-layer Shapley values (and, with --remove N, which layers to remove) without saving a model"
-log = logging.getLogger("shapprune")
 
 
 def add_arguments(p) -> None:
