@@ -282,7 +282,7 @@ def test_smollm2_linear_heal_gguf_reloads_with_the_healed_logits(smollm2, tmp_pa
 
     monkeypatch.setenv("SHAPPRUNE_STORE", str(tmp_path / "store.sqlite"))
     common = ["smollm2-135m", "--drop", "3,4", "--heal", "linear", "--heal-tokens", "16384", "--heal-seqlen", "512",
-              "--heal-heldout", "2", "--data", str(need(WIKI_VALID)), "--no-progress", "--dtype", "float32"]
+              "--heal-heldout", "4x512", "--data", str(need(WIKI_VALID)), "--no-progress", "--dtype", "float32"]
     hf, gg = tmp_path / "hf", tmp_path / "gg"
     assert main(["prune", "--heal", "none", *common, "--out", str(hf), "--save-dtype", "float32"]) == 0
     assert main(["prune", "--heal", "none", *common, "--out-format", "gguf", "--out", str(gg)]) == 0

@@ -135,7 +135,7 @@ def test_linear_heal_into_gguf_reloads_with_the_healed_logits(tmp_path, capsys, 
     monkeypatch.setenv("SHAPPRUNE_STORE", str(tmp_path / "store.sqlite"))
     common = ["gemma3-270m", "--drop", "6,7,8,9,10,11", "--heal", "linear", "--heal-tokens", "8192", "--data",
               str(need(WIKI_VALID)), "--no-progress", "--dtype", "float32", "--seqlen", "128", "--max-windows", "2",
-              "--heal-seqlen", "256", "--heal-heldout", "3"]
+              "--heal-seqlen", "256", "--heal-heldout", "4x256"]
     hf, gg = tmp_path / "hf", tmp_path / "gg"
     assert main(["prune", "--heal", "none", *common, "--out", str(hf), "--save-dtype", "float32"]) == 0
     assert main(["prune", "--heal", "none", *common, "--out-format", "gguf", "--out", str(gg)]) == 0

@@ -143,7 +143,8 @@ def run(args) -> int:
 
         heal = {"methods": heal_methods, "data": args.heal_data, "seqlen": args.heal_seqlen, "tokens": args.heal_tokens,
                 "steps": args.heal_steps or H.HEAL_STEPS, "rank": args.heal_rank or H.HEAL_RANK,
-                "lr": args.heal_lr or H.HEAL_LR, "heldout": args.heal_heldout,
+                "lr": args.heal_lr or H.HEAL_LR, "heldout": (args.heal_heldout or (None, None))[0],
+                "heldout_seqlen": (args.heal_heldout or (None, None))[1],
                 "time_limit": args.heal_time_limit, "seed": args.seed}
     cmp = run_comparison(model, tokenizer, calib, calib_game, test_game, methods=methods, counts=counts,
                          seed=args.seed, budget=args.budget, options=options, batch_size=args.batch_size,

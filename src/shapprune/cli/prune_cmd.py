@@ -86,9 +86,23 @@ def add_heal_args(p, default: str | None = None) -> None:
                    help="stop lora/distill training after this many seconds (the best state so far is kept)")
     p.add_argument("--heal-seqlen", type=positive_int, default=None, metavar="T",
                    help="tokens per healing window (default: as long as the held-out windows)")
-    p.add_argument("--heal-heldout", type=positive_int, default=None, metavar="N",
-                   help=f"held-out windows that check every repair (default: {C.HELDOUT_WINDOWS} of "
-                        f"{C.HELDOUT_SEQLEN} tokens, or the model's context)")
+    p.add_argument("--heal-heldout", type=heldout_spec, default=None, metavar="N[xT]",
+                   help=f"held-out windows that check every repair, N of them (of T tokens) (default: "
+                        f"{C.HELDOUT_WINDOWS}x{C.HELDOUT_SEQLEN}, or the model's context if shorter)")
+
+
+def heldout_spec(text: str) -> tuple[int, int | None]:
+    """``--heal-heldout N`` or ``NxT``: ``(windows, tokens per window or None)``."""
+    import argparse
+
+    n, _, t = text.lower().partition("x")
+    try:
+        out = (int(n), int(t) if t else None)
+    except ValueError:
+        out = (0, None)
+    if out[0] < 2 or (out[1] is not None and out[1] < 2):
+        raise argparse.ArgumentTypeError(f"{text!r}: give N (at least 2 windows) or NxT, e.g. 8 or 8x2048")
+    return out
 
 
 #: options that only training repairs read
@@ -144,7 +158,8 @@ def heal_from_args(args, model, tokenizer, removed, calibration, methods: list[s
     data = args.heal_data or (None if calibration is not None else getattr(args, "data", None))
     kw = dict(data=data, seqlen=args.heal_seqlen, tokens=args.heal_tokens,
               steps=args.heal_steps or H.HEAL_STEPS, rank=args.heal_rank or H.HEAL_RANK,
-              lr=args.heal_lr or H.HEAL_LR, time_limit=args.heal_time_limit, heldout=args.heal_heldout,
+              lr=args.heal_lr or H.HEAL_LR, time_limit=args.heal_time_limit,
+              heldout=(args.heal_heldout or (None, None))[0], heldout_seqlen=(args.heal_heldout or (None, None))[1],
               checkpoint_dir=str(ckpt), progress=show_progress(args), strict=args.heal_tokens is not None)
     if heal_explicit(args):
         return heal_and_remove(model, tokenizer, removed, methods, calibration, **kw)
@@ -153,10 +168,9 @@ def heal_from_args(args, model, tokenizer, removed, calibration, methods: list[s
     except UserError as exc:
         from shapprune.models.layers import remove_layers
 
-        log.warning("not healed (the default --heal %s): %s", ",".join(methods), exc)
         if removed:
             remove_layers(model, removed)
-        return model, {"method": "none", "skipped": str(exc), "default": ",".join(methods), "changed": []}
+        return model, default_heal_skipped(methods, exc)
 
 
 def check_choice_args(args) -> None:
@@ -221,8 +235,17 @@ def run_manual(args) -> int:
     from shapprune.errors import UserError
 
     methods = check_heal_args(args)
+    skipped = None
+    if methods:
+        try:
+            check_data_early(args)
+        except UserError as exc:
+            if heal_explicit(args):
+                raise
+            skipped = default_heal_skipped(methods, exc)
+            methods = []
     if args.out_format == "gguf" and not methods:
-        return run_manual_gguf(args)
+        return run_manual_gguf(args, skipped)
     from shapprune.api import save
     from shapprune.cli.quantize_cmd import check_quantize_args
     from shapprune.models.layers import find_layer_stack, parse_layer_list, remove_layers
@@ -234,8 +257,6 @@ def run_manual(args) -> int:
     out = Path(args.out) if args.out else default_out(args.model, "manual")
     check_out_dir(out)
     check_quantize_args(args)
-    if methods:
-        check_data_early(args)
     gguf_src = gguf_source(args.model) if args.out_format == "gguf" else None
     model, tokenizer = load(args)
     stack = find_layer_stack(model)
@@ -246,10 +267,17 @@ def run_manual(args) -> int:
     record = PruningRecord(source=args.model, num_layers=num_layers, removed=drop,
                            kept=[i for i in range(num_layers) if i not in set(drop)], method="manual")
     if methods:
-        win = windows(args, tokenizer, model, split="calibration")
+        try:
+            win = windows(args, tokenizer, model, split="calibration")
+        except UserError as exc:
+            if heal_explicit(args):
+                raise
+            skipped, methods = default_heal_skipped(methods, exc), []
+    if methods:
         model, record.heal = heal_from_args(args, model, tokenizer, drop, win, methods, out)
     else:
         remove_layers(model, drop)
+        record.heal = skipped
     if gguf_src is not None:
         with atomic_dir(out) as tmp:
             record.gguf = write_pruned_gguf(gguf_src, tmp / GGUF_NAME, drop,
@@ -262,7 +290,13 @@ def run_manual(args) -> int:
     return 0
 
 
-def run_manual_gguf(args) -> int:
+def default_heal_skipped(methods: list[str], exc: Exception) -> dict:
+    """The record of a default repair that could not run (its text could not be read), warned about once."""
+    log.warning("not healed (the default --heal %s): %s", ",".join(methods), exc)
+    return {"method": "none", "skipped": str(exc), "default": ",".join(methods), "changed": []}
+
+
+def run_manual_gguf(args, skipped: dict | None = None) -> int:
     """``--drop`` into a GGUF: read the block count from the file; no model is loaded."""
     from shapprune.models.layers import kept_from, parse_layer_list
     from shapprune.outputs.atomic import atomic_dir, check_out_dir, write_json
@@ -279,6 +313,7 @@ def run_manual_gguf(args) -> int:
                            kept=kept_from(num_layers, drop=drop), method="manual")
     with atomic_dir(out) as tmp:
         record.gguf = write_pruned_gguf(src, tmp / GGUF_NAME, drop)
+        record.heal = skipped
         write_json(tmp / "pruning.json", record.to_json())
     for line in manual_summary_lines(record, out / GGUF_NAME):
         print(line)
