@@ -439,3 +439,20 @@ def test_training_keeps_its_best_held_out_state_and_stops_early():
     assert not info["kept"] and info["changed_params"] == []
     for k, v in merged.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_one_pass_of_the_unpruned_model_serves_every_run():
+    """The statistics of every run come from one pass (one forward per batch), and equal each run's own pass."""
+    from shapprune.heal.linear import collect_stats
+
+    model = tiny_model("llama").double()
+    ids = tiny_inputs(8, 16, seed=2)
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    both = collect_stats(model, [(1, 1), (3, 3)], ids, batch_size=4)
+    assert len(calls) == 2  # 8 windows in batches of 4: one pass
+    for run in ((1, 1), (3, 3)):
+        alone = collect_stats(model, [run], ids, batch_size=4)[run]
+        for f_both, f_alone in zip(both[run], alone, strict=True):
+            assert torch.allclose(f_both.A, f_alone.A) and torch.allclose(f_both.B, f_alone.B)
+            assert f_both.tokens == f_alone.tokens == 2 * 15  # two windows a fold, first position left out
