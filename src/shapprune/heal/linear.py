@@ -15,8 +15,8 @@ Rules (measurements in ``bench/results/healing.md``):
   windows the run is left as it is.
 - Every run's map is fitted from **one pass of the unpruned model** (as ReplaceMe's least squares does): the
   statistics ``MᵀM``, ``MᵀR`` of every run come from the same activations, so a map does not depend on which
-  other maps were kept, and the same statistics score any candidate set after repair. (Fitting each run on the
-  model as already repaired, one pass per run, measured no better: bench/results/healing-linear-variants.md.)
+  other maps were kept, and the same statistics score any candidate set after repair. (The variants measured
+  against it, in bench/results/healing-linear-variants-*.md, all fit from this one pass.)
 - The first position of each window (an attention sink with a huge norm in many models) is left out of the fit.
 - Each map is checked after it is folded in (:mod:`shapprune.heal.check`): it stays only if it measurably
   lowers held-out perplexity, and is otherwise undone exactly.
