@@ -41,6 +41,8 @@ def removed_sentence(record: PruningRecord) -> str | None:
         return None
     est = f" ({r.choice.estimator})" if r.choice is not None and r.choice.estimator else ""
     by = f" by {r.method}{est}" if r.choice is not None else ""
+    if r.gguf_constraint:
+        by += " within the GGUF's layer rule"
     return f"removed layers {r.removed} of {r.num_layers}{by}"
 
 
