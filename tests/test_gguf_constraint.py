@@ -145,17 +145,25 @@ def test_a_representable_choice_is_kept_unchanged(gemma3_gguf, tmp_path, capsys)
     assert "GGUF layer rule" not in stdout
 
 
-def test_an_n_without_representable_sets_fails_before_loading(tmp_path, capsys, monkeypatch):
-    import shapprune.models.loading
+@pytest.fixture(scope="module")
+def gemma3_27b_like(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "gemma3-27b-like.gguf"
+    write_tiny_gguf(path, "gemma3", model=tiny_gemma3(layers=62, head_dim=16))  # 32 / 4 heads != 16: the 27B scale
+    return path
 
-    src = tmp_path / "gemma3-27b-like.gguf"
-    write_tiny_gguf(src, "gemma3", model=tiny_gemma3(layers=62, head_dim=16))  # 32 / 4 heads != 16: the 27B scale
+
+@pytest.mark.parametrize("size", [["--remove", "3"], ["--ratio", "0.05"]])  # round(0.05 * 62) = 3
+def test_an_n_without_representable_sets_fails_before_loading(size, gemma3_27b_like, tmp_path, capsys, monkeypatch):
+    import shapprune.models.loading
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the GGUF rule was checked")
 
     monkeypatch.setattr(shapprune.models.loading, "load_model", no_loading)
-    code, _, err = run(prune_args(src, tmp_path, 3, tmp_path / "out"), capsys)
+    argv = prune_args(gemma3_27b_like, tmp_path, 3, tmp_path / "out")
+    i = argv.index("--remove")
+    argv[i:i + 2] = size
+    code, _, err = run(argv, capsys)
     assert code == 2
     lines = [ln for ln in err.splitlines() if ln.strip() and "INFO" not in ln]
     assert len(lines) == 1, err
