@@ -29,6 +29,23 @@ def tiny_lfm2(seed: int = 0):
     return model.eval()
 
 
+def tiny_gemma3(layers: int = 12, head_dim: int = 8, seed: int = 0):
+    """A Gemma 3 text model with llama.cpp's pattern (every 6th layer global attention, the others a window of 4
+    tokens, shorter than the test inputs); ``head_dim`` other than 8 (hidden 32 / 4 heads) makes it scale
+    attention as llama.cpp's 27B does at 62 layers."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, sliding_window=4,
+                              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
 def _permute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
@@ -52,7 +69,8 @@ def write_tiny_gguf(path, name: str = "llama", *, qtype: str = "F32", alignment:
     import gguf
     from gguf.quants import quantize
 
-    model = model if model is not None else (tiny_lfm2() if name == "lfm2" else tiny_model(name))
+    if model is None:
+        model = {"lfm2": tiny_lfm2, "gemma3": tiny_gemma3}.get(name, lambda: tiny_model(name))()
     cfg = model.config
     n = cfg.num_hidden_layers
     arch = next(a for a, s in gguf.MODEL_ARCH_NAMES.items() if s == name)
@@ -77,8 +95,9 @@ def write_tiny_gguf(path, name: str = "llama", *, qtype: str = "F32", alignment:
         w.add_rope_dimension_count(head_dim)
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    if name == "gemma2":
+    rope = cfg.rope_parameters
+    w.add_rope_freq_base(float((rope["full_attention"] if "full_attention" in rope else rope)["rope_theta"]))
+    if name in ("gemma2", "gemma3"):
         w.add_sliding_window(cfg.sliding_window)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)

@@ -37,7 +37,7 @@ class Choice:
 
 CHOICE_KEYS = tuple(f.name for f in fields(Choice))
 #: parts that later stages add, in the order they appear in ``pruning.json``
-ADDED_KEYS = ("heal", "quantization", "gguf", "saved")
+ADDED_KEYS = ("heal", "quantization", "gguf_constraint", "gguf", "saved")
 
 
 @dataclass
@@ -53,6 +53,9 @@ class PruningRecord:
     choice: Choice | None = None
     heal: dict | None = None  # healing's own record (:mod:`shapprune.heal`)
     quantization: dict | None = None  # scheme, chosen_on_quantized_model
+    # what the GGUF's positional layer rule changed: rule, unconstrained and chosen sets with their calibration
+    # perplexity, candidates evaluated (:func:`shapprune.cli.prune_cmd.constrain_to_gguf`)
+    gguf_constraint: dict | None = None
     gguf: dict | None = None  # the written GGUF's summary (:func:`shapprune.outputs.gguf.write_pruned_gguf`)
     saved: dict | None = None  # dtype and bytes of the saved weights
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they were read

@@ -355,14 +355,20 @@ def run_method(args) -> int:
     workers_from_args(args)
     out = Path(args.out) if args.out else default_out(args.model, args.method)
     check_out_dir(out)
-    gguf_src = gguf_num_layers = None
-    if args.out_format == "gguf":  # refuse an unusable source before the selection runs
-        from shapprune.outputs.gguf import gguf_source, inspect_gguf
+    gguf_src = gguf_num_layers = rule = None
+    if args.out_format == "gguf":  # refuse an unusable source, or an N no GGUF can hold, before the selection runs
+        from shapprune.outputs.gguf import gguf_source, inspect_gguf, layer_rule_of
+        from shapprune.outputs.gguf_layers import check_size
+        from shapprune.pipeline import layers_to_remove
 
         gguf_src = gguf_source(args.model)
         gguf_num_layers = inspect_gguf(gguf_src)[1]
+        rule = layer_rule_of(gguf_src)
+        check_size(rule, layers_to_remove(gguf_num_layers, args.remove, args.ratio))
     model, tokenizer, chosen = choose_from_args(args)
     record = chosen.record
+    if rule is not None and rule.positional and record.num_layers == rule.num_layers:
+        constrain_to_gguf(args, chosen, rule)  # before healing: healing repairs the set that is written
     if methods:
         model, record.heal = heal_from_args(args, model, tokenizer, record.removed, chosen.windows, methods, out)
     if gguf_src is not None:
@@ -376,6 +382,47 @@ def run_method(args) -> int:
     for line in summary_lines(record, out, out / REPORT_NAME):
         print(line)
     return 0
+
+
+def constrain_to_gguf(args, chosen, rule) -> None:
+    """Where the unconstrained choice cannot be written as a GGUF under ``rule`` (llama.cpp's positional layer
+    patterns), replace it by the representable set of the same size with the lowest calibration perplexity on
+    the same game (every such set up to :data:`~shapprune.outputs.gguf_layers.EXHAUSTIVE_LIMIT`, else a
+    constrained greedy path; the store makes repeated masks free), and record both in ``record.gguf_constraint``."""
+    import numpy as np
+
+    from shapprune.game.store import EvaluationStore
+    from shapprune.outputs.gguf_layers import choose_representable, representable
+
+    record = chosen.record
+    if representable(rule, record.removed):
+        return
+    game = chosen.result.game
+    L = game.n_players
+
+    def score(sets: list[list[int]]) -> list[float]:
+        masks = np.ones((len(sets), L), dtype=bool)
+        for k, s in enumerate(sets):
+            masks[k, s] = False
+        return [e.perplexity for e in game.evaluate(masks, desc="sets a GGUF can hold")]
+
+    log.info("the chosen layers %s cannot be written as a GGUF (%s); choosing among the sets it can hold",
+             record.removed, rule.what)
+    game.store = EvaluationStore(store_path(args))  # the selection closed its store
+    try:
+        best = choose_representable(rule, len(record.removed), score)
+    finally:
+        game.store.close()
+    unconstrained = {"removed": list(record.removed), "calibration_ppl": record.calibration_ppl.get("pruned")}
+    record.removed = list(best.removed)
+    record.kept = [i for i in range(L) if i not in set(best.removed)]
+    if record.choice is not None:
+        record.choice.calibration_ppl = dict(record.choice.calibration_ppl or {}, pruned=best.score)
+        record.choice.evaluations = game.counts()
+    record.gguf_constraint = {"rule": rule.what, "unconstrained": unconstrained,
+                              "chosen": {"removed": list(best.removed), "calibration_ppl": best.score},
+                              "candidates_evaluated": best.candidates, "search": best.search,
+                              "representable_sets": best.total}
 
 
 def write_method_gguf(args, out: Path, src: Path, num_layers: int, chosen, t0: float, model=None) -> int:

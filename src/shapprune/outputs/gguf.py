@@ -66,6 +66,13 @@ def inspect_gguf(path: str | os.PathLike) -> tuple[str, int]:
     return source_info(read_metadata(reader), [t.name for t in reader.tensors], path)
 
 
+def layer_rule_of(path: str | os.PathLike):
+    """The :class:`~shapprune.outputs.gguf_layers.LayerRule` of a GGUF file: which removal sets it can hold."""
+    from shapprune.outputs.gguf_layers import layer_rule
+
+    return layer_rule(read_metadata(_reader(path)))
+
+
 #: transformers' GGUF tensor processors whose load-time transform :func:`to_gguf_layout` inverts
 _INVERTIBLE = ("TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor")
 

@@ -41,6 +41,8 @@ def removed_sentence(record: PruningRecord) -> str | None:
         return None
     est = f" ({r.choice.estimator})" if r.choice is not None and r.choice.estimator else ""
     by = f" by {r.method}{est}" if r.choice is not None else ""
+    if r.gguf_constraint:
+        by += " within the GGUF's layer rule"
     return f"removed layers {r.removed} of {r.num_layers}{by}"
 
 
@@ -51,6 +53,24 @@ def perplexity_sentence(record: PruningRecord) -> str | None:
         return None
     pruned = f" -> pruned {cp['pruned']:.4f}" if cp.get("pruned") is not None else ""
     return f"calibration perplexity: full {cp['full']:.4f}{pruned}"
+
+
+def gguf_constraint_sentence(record: PruningRecord) -> str | None:
+    """What the GGUF's positional layer rule cost: the constrained set's calibration perplexity against the
+    unconstrained choice's, and how to get the other (``None`` when the rule changed nothing)."""
+    g = record.gguf_constraint
+    if not g:
+        return None
+    u, c = g["unconstrained"], g["chosen"]
+    cost = ""
+    if u.get("calibration_ppl") and c.get("calibration_ppl") is not None:
+        cost = (f" (calibration perplexity {c['calibration_ppl']:.4f} instead of {u['calibration_ppl']:.4f}, "
+                f"{100 * (c['calibration_ppl'] / u['calibration_ppl'] - 1):+.1f}%)")
+    how = (f"the best of all {g['candidates_evaluated']} sets the GGUF can hold" if g.get("search") == "exhaustive"
+           else f"a constrained greedy path, {g['candidates_evaluated']} sets evaluated")
+    return (f"GGUF layer rule: the unconstrained choice {u['removed']} cannot be written as a GGUF ({g['rule']}); "
+            f"removed {c['removed']} instead, {how}{cost}; --out-format hf writes a checkpoint with the "
+            "unconstrained choice")
 
 
 def saved_sentence(record: PruningRecord) -> str | None:
@@ -89,7 +109,7 @@ def summary_lines(record: PruningRecord | dict, written: str | Path | None = Non
     warning only where the user can act on it, the saved size, ``wrote WRITTEN`` and where the evidence is
     (``report``, a ``report.md``)."""
     r = as_record(record)
-    lines = [s for s in (removed_sentence(r), perplexity_sentence(r)) if s]
+    lines = [s for s in (removed_sentence(r), perplexity_sentence(r), gguf_constraint_sentence(r)) if s]
     if r.heal:
         lines += heal_lines(r.heal)
     warning = actionable_warning(r)
