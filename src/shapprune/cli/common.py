@@ -359,7 +359,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
 def workers_from_args(args):
     """The parsed ``--workers`` value (``None`` without it); a one-line :class:`UserError` on a bad value or
     when Ray is not installed. Call before loading the model."""
-    from shapprune.game.distributed import check_reachable, parse_workers, require_ray
+    from shapprune.game.workers import check_reachable, parse_workers, require_ray
 
     opt = parse_workers(getattr(args, "workers", None))
     if opt is None:
