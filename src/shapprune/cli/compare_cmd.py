@@ -49,7 +49,7 @@ def add_arguments(p) -> None:
     p.add_argument("--slicegpt-match", choices=("with-shortcuts", "without-shortcuts"), default="with-shortcuts",
                    help="slicegpt column: match the N-layers-removed parameter count counting its shortcut "
                         "matrices (default) or not (the paper-era convention)")
-    from shapprune.cli.prune_cmd import add_heal_args
+    from shapprune.cli.heal_args import add_heal_args
 
     add_heal_args(p, default="none")
     p.add_argument("--no-table1", action="store_true", help="skip the N=2 static/greedy/exhaustive analysis")
@@ -83,7 +83,7 @@ def run(args) -> int:
     out = Path(args.out)
     check_out_dir(out)
     check_data_early(args)
-    from shapprune.cli.prune_cmd import check_heal_args
+    from shapprune.cli.heal_args import check_heal_args
 
     heal_methods = check_heal_args(args)
     workers = workers_from_args(args)

@@ -17,7 +17,7 @@ log = logging.getLogger("shapprune")
 
 
 def add_arguments(p) -> None:
-    from shapprune.cli.prune_cmd import add_heal_args
+    from shapprune.cli.heal_args import add_heal_args
 
     p.add_argument("model", metavar="DIR", help="a checkpoint directory written by shapprune prune (with pruning.json)")
     p.add_argument("--source", default=None, metavar="MODEL",
@@ -34,7 +34,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from shapprune.api import save
-    from shapprune.cli.prune_cmd import check_heal_args, default_out, heal_from_args
+    from shapprune.cli.common import default_out
+    from shapprune.cli.heal_args import check_heal_args, heal_from_args
     from shapprune.errors import UserError
     from shapprune.models.loading import load_model
     from shapprune.outputs.atomic import check_out_dir
