@@ -262,8 +262,12 @@ def test_heal_options_are_checked_before_the_model_loads(monkeypatch, tmp_path, 
     monkeypatch.setattr(prune_cmd, "load", boom)
     test = tmp_path / "test.raw.txt"
     test.write_text("some test text\n" * 20)
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
     cases = [["--heal", "magic"], ["--heal", "linear", "--heal-data", str(test)],
-             ["--heal-data", str(test)], ["--heal", "linear", "--heal-lr", "-1"]]
+             ["--heal-data", str(test)], ["--heal", "linear", "--heal-lr", "-1"],
+             ["--heal", "linear", "--heal-data", str(binary)], ["--heal", "linear", "--heal-steps", "5"],
+             ["--heal", "none", "--heal-tokens", "100"]]
     for extra in cases:
         assert main(["prune", "tiny", "--drop", "1", *extra, "--out", str(tmp_path / "o")]) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()

@@ -70,6 +70,9 @@ def check_heal_data(spec: str) -> None:
         return
     if not path.is_file():
         raise UserError(f"--heal-data {spec} does not exist; give an existing .txt or .jsonl file")
+    from shapprune.models.data import check_data_file
+
+    check_data_file(spec)  # empty, binary, not UTF-8, a suffix that is not read: one line
     if path.name.startswith(TEST_FILE_PREFIXES):
         raise UserError(f"--heal-data {spec} is test text; heal on calibration or training text "
                         "(e.g. wikitext-2's valid.tokens.txt), never on the text perplexity is measured on")
