@@ -143,7 +143,9 @@ def write(a, rows: list[dict], commands: list[str], test_windows: int | None = N
                      "" if r.get("seconds") is None else f"{r['seconds']:.0f}",
                      r.get("peak_mb") or "", ", ".join(r.get("linear_maps") or []), _checks(r)])
     items = next((r["items"] for r in rows if r.get("items")), None)
-    text = [f"Test perplexity on {test_windows or 'all'} windows of 2,048 tokens of `test.raw.txt`; zero-shot "
+    where = (f"{test_windows or 'all'} windows" if len(commands) == 1 else
+             "the windows each command below names (all of them where it gives no --test-windows)")
+    text = [f"Test perplexity on {where} of 2,048 tokens of `test.raw.txt`; zero-shot "
             + (f"on {', '.join(f'{k} ({v} items)' for k, v in items.items())}" if items else "not run")
             + ". Heal s: the healing itself as `pruning.json` records it (measuring perplexity before and after "
             "included); run s and peak MB: the whole `shapprune prune --drop SET --heal V` process (loading the "
