@@ -87,9 +87,11 @@ def _masked(variant: Variant):
 
 @dataclass
 class BenchSettings:
-    prompt_lengths: tuple[int, ...] = (128, 512, 1024)
+    """How a bench run measures: decoding (prompt and new tokens), prefill lengths, repeats and warm-up."""
+
     decode_prompt: int = 128
     decode_tokens: int = 64
+    prompt_lengths: tuple[int, ...] = (128, 512, 1024)
     repeats: int = 5
     warmup: int = 1
     batch_size: int = 1
