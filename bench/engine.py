@@ -353,7 +353,7 @@ def main() -> None:
     p = add("dtype", dtype, "fp32 against bf16: same choices? how fast?", out="bench/results/dtype.md", dtype=False)
     p.add_argument("--n", type=int, default=6)
     p = add("agreement", agreement, "shapprune eval against plain transformers", model=False, dtype=False)
-    p.add_argument("--json", required=True, help="output of shapprune eval --json")
+    p.add_argument("--json", required=True, help="output of shapprune eval --json-out")
     p.add_argument("--data", default=str(common.TEST))
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--windows", type=int, default=8)

@@ -42,7 +42,7 @@ def main() -> None:
         if not (work / f"{name}.json").exists():
             subprocess.run([sys.executable, "-m", "shapprune", "shapley", a.model, "--method", "shapley",
                             "--paper-calibration", "--data", str(common.VALID), "--store", str(work / "store.sqlite"),
-                            "--no-progress", "--json", str(work / f"{name}.json"), *opts], check=True)
+                            "--no-progress", "--json-out", str(work / f"{name}.json"), *opts], check=True)
 
     from shapprune import keep_layers, sequence_nll
 

@@ -79,11 +79,11 @@ def run(a, w: Path) -> None:
         for m, _ in MODELS:
             if not (w / f"{prefix}-{m}.json").is_file():
                 shapprune("eval", str(w / m), "--data", str(common.TEST), "--seqlen", "2048", *opts,
-                          "--json", str(w / f"{prefix}-{m}.json"))
+                          "--json-out", str(w / f"{prefix}-{m}.json"))
     for m, _ in MODELS:
         if not (w / f"zs-{m}.json").is_file():
             shapprune("eval", str(w / m), "--tasks", common.ZEROSHOT, "--task-dir", str(common.TASKS),
-                      "--limit", str(a.zs_limit), "--json", str(w / f"zs-{m}.json"))
+                      "--task-limit", str(a.zs_limit), "--json-out", str(w / f"zs-{m}.json"))
 
 
 def report(w: Path) -> str:

@@ -42,13 +42,13 @@ def test_layers(ckpt, capsys):
 def test_eval_json(ckpt, data, tmp_path, capsys):
     out_json = tmp_path / "e.json"
     code, out, _ = run(["eval", ckpt, "--drop", "1,3", "--data", data, "--seqlen", "32", "--max-windows", "3",
-                        "--json", str(out_json)], capsys)
+                        "--json-out", str(out_json)], capsys)
     assert code == 0 and "perplexity" in out
     res = json.loads(out_json.read_text())
     assert res["removed"] == [1, 3] and res["num_layers"] == 5 and res["windows"] == 3
     assert res["tokens"] == 3 * 31 and res["seqlen"] == 32 and res["bos"] is False and res["perplexity"] > 1
     code, _, _ = run(["eval", ckpt, "--keep", "0,2,4", "--data", data, "--seqlen", "32", "--max-windows", "3",
-                      "--json", str(tmp_path / "k.json")], capsys)
+                      "--json-out", str(tmp_path / "k.json")], capsys)
     assert json.loads((tmp_path / "k.json").read_text())["perplexity"] == res["perplexity"]
 
 
@@ -69,8 +69,8 @@ def test_prune_manual_round_trip(ckpt, data, tmp_path, capsys):
     # the pruned checkpoint evaluates exactly like the masked original
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     common = ["--data", data, "--seqlen", "32", "--max-windows", "2", "--device", "cpu"]
-    run(["eval", str(out), *common, "--json", str(a)], capsys)
-    run(["eval", ckpt, "--drop", "1,3", *common, "--json", str(b)], capsys)
+    run(["eval", str(out), *common, "--json-out", str(a)], capsys)
+    run(["eval", ckpt, "--drop", "1,3", *common, "--json-out", str(b)], capsys)
     pa, pb = json.loads(a.read_text())["perplexity"], json.loads(b.read_text())["perplexity"]
     assert abs(pa - pb) / pb < 1e-5
     with torch.no_grad():
@@ -105,8 +105,8 @@ def bad_cases(ckpt, data, tmp_path):
         "missing model": (["layers", str(tmp_path / "no-model")], "does not exist"),
         "bad seqlen": (["eval", ckpt, "--seqlen", "0"], "positive integer"),
         # issue 10: overwrites (2), compare's hidden errors (3), options checked early (4), budgets (6), paths (8)
-        "json exists": (["eval", ckpt, *sel[:6], "--json", str(mine)], "--force"),
-        "shapley json exists": (["shapley", ckpt, *sel, "--json", str(mine)], "--force"),
+        "json exists": (["eval", ckpt, *sel[:6], "--json-out", str(mine)], "--force"),
+        "shapley json exists": (["shapley", ckpt, *sel, "--json-out", str(mine)], "--force"),
         "unknown method": (["prune", "--heal", "none", ckpt, "--remove", "1", "--method", "nope", *sel], "unknown method 'nope'"),
         "unknown estimator": (["shapley", ckpt, "--estimator", "surogate", *sel], "unknown estimator 'surogate'"),
         "unknown surrogate": (["prune", "--heal", "none", ckpt, "--remove", "1", "--surrogate", "svm", *sel], "unknown surrogate"),
@@ -133,7 +133,7 @@ def bad_cases(ckpt, data, tmp_path):
         "exhaustive budget": (["prune", "--heal", "none", ckpt, "--remove", "2", "--method", "exhaustive", "--budget", "9", *sel],
                               "needs 10 evaluations"),
         "out under a file": (["prune", "--heal", "none", ckpt, "--drop", "1", "--out", str(mine / "x")], "is a file"),
-        "json under a file": (["eval", ckpt, *sel[:6], "--json", str(mine / "x.json")], "is a file"),
+        "json under a file": (["eval", ckpt, *sel[:6], "--json-out", str(mine / "x.json")], "is a file"),
         "paper calibration and seqlen": (["prune", "--heal", "none", ckpt, "--remove", "1", "--paper-calibration", "--seqlen", "64",
                                           "--data", data], "--paper-calibration sets --seqlen"),
         "both window options": (["shapley", ckpt, "--max-windows", "2", "--sample-windows", "2", "--data", data],
@@ -235,7 +235,7 @@ def test_outputs_follow_the_umask(ckpt, data, tmp_path, capsys):
         out = tmp_path / "pruned"
         assert run(["prune", "--heal", "none", ckpt, "--drop", "1", "--out", str(out)], capsys)[0] == 0
         e = tmp_path / "e.json"
-        assert run(["eval", ckpt, "--data", data, "--seqlen", "32", "--max-windows", "1", "--json", str(e)],
+        assert run(["eval", ckpt, "--data", data, "--seqlen", "32", "--max-windows", "1", "--json-out", str(e)],
                    capsys)[0] == 0
     finally:
         os.umask(old)
@@ -248,7 +248,7 @@ def test_outputs_follow_the_umask(ckpt, data, tmp_path, capsys):
 def test_json_is_never_overwritten_without_force(ckpt, data, tmp_path, capsys):
     mine = tmp_path / "mine.json"
     mine.write_text("mine")
-    argv = ["eval", ckpt, "--data", data, "--seqlen", "32", "--max-windows", "1", "--json", str(mine)]
+    argv = ["eval", ckpt, "--data", data, "--seqlen", "32", "--max-windows", "1", "--json-out", str(mine)]
     code, _, err = run(argv, capsys)
     assert code == 2 and "--force" in err and mine.read_text() == "mine"
     code, _, _ = run([*argv, "--force"], capsys)
@@ -286,7 +286,7 @@ RUNTIME = {
     "disk full": (["prune", "--heal", "none", "{ckpt}", "--drop", "1", "--out", "{tmp}/o"], "shapprune.outputs.save.save_checkpoint",
                   _disk_full, "No space left on device"),
     "permission denied": (["eval", "{ckpt}", "--data", "{data}", "--seqlen", "32", "--max-windows", "1",
-                           "--no-progress", "--json", "{tmp}/e.json"],
+                           "--no-progress", "--json-out", "{tmp}/e.json"],
                           "shapprune.outputs.atomic.write_json", _denied, "Permission denied on"),
 }
 
@@ -504,3 +504,38 @@ def test_layers_of_a_gguf_reads_the_header_without_torch(tmp_path):
     assert flags == [0, False, False]
     assert json.loads(info) == {"model": str(path), "model_type": "llama", "path": "model.layers", "num_layers": 5,
                                 "block_class": "LlamaDecoderLayer"}
+
+
+def test_deprecated_spellings_still_work_and_warn(tmp_path, capsys, caplog):
+    """``--limit`` (now ``--task-limit``) and the file-writing ``--json PATH`` (now ``--json-out``) still parse to
+    the same options, and each logs one deprecation warning; the canonical names log none."""
+    import logging
+
+    from shapprune.cli import build_parser
+    from shapprune.cli.common import deprecated_used
+
+    parser = build_parser()
+    for cmd in (["eval", "m"], ["compare", "m", "--remove", "2", "--out", "o"]):
+        old, new = parser.parse_args([*cmd, "--limit", "3"]), parser.parse_args([*cmd, "--task-limit", "3"])
+        assert old.task_limit == new.task_limit == 3
+        assert deprecated_used(old) == [("--limit", "--task-limit")] and deprecated_used(new) == []
+    for cmd in (["eval", "m"], ["shapley", "m"]):
+        old, new = parser.parse_args([*cmd, "--json", "x.json"]), parser.parse_args([*cmd, "--json-out", "x.json"])
+        assert old.json_out == new.json_out == "x.json"
+        assert deprecated_used(old) == [("--json", "--json-out")] and deprecated_used(new) == []
+    assert parser.parse_args(["layers", "m", "--json"]).json is True  # the printing flag keeps its name
+
+    # through main: the warning comes first, then the command runs with the value (both fail here on purpose)
+    caplog.set_level(logging.WARNING, logger="shapprune")
+    assert main(["eval", "m", "--limit", "5"]) == 2
+    assert "--task-dir and --task-limit only apply with --tasks" in capsys.readouterr().err
+    existing = tmp_path / "e.json"
+    existing.write_text("{}")
+    assert main(["eval", "m", "--json", str(existing)]) == 2
+    err = capsys.readouterr().err
+    assert "--json-out" in err and "already exists" in err
+    warned = [r.getMessage() for r in caplog.records if r.name == "shapprune" and r.levelno == logging.WARNING]
+    assert warned == ["--limit is deprecated; use --task-limit", "--json is deprecated; use --json-out"]
+    caplog.clear()
+    assert main(["eval", "m", "--task-limit", "5"]) == 2
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]

@@ -152,7 +152,7 @@ def test_bench_passes_no_progress_to_the_load(ckpt, monkeypatch, capsys):
 def test_piped_run_has_no_carriage_returns(ckpt, data, tmp_path):
     out = tmp_path / "e.json"
     res = subprocess.run([sys.executable, "-m", "shapprune", "eval", ckpt, "--data", data, "--seqlen", "32",
-                          "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+                          "--json-out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "\r" not in res.stderr and "\x1b[" not in res.stderr
 

@@ -33,8 +33,8 @@ def test_layers_and_eval_sharded(ckpt, tmp_path, capsys):
     data.write_text("It was the best of times, it was the worst of times. " * 40)
     common = ["eval", ckpt, "--drop", "1,3", "--data", str(data), "--seqlen", "24", "--max-windows", "3",
               "--batch-size", "2"]
-    assert main([*common, "--json", str(tmp_path / "one.json"), "--device", "cpu", "--dtype", "float32"]) == 0
-    assert main([*common, "--json", str(tmp_path / "sharded.json"), *SHARD]) == 0
+    assert main([*common, "--json-out", str(tmp_path / "one.json"), "--device", "cpu", "--dtype", "float32"]) == 0
+    assert main([*common, "--json-out", str(tmp_path / "sharded.json"), *SHARD]) == 0
     one, sharded = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "sharded"))
     assert sharded["removed"] == [1, 3] and sharded["tokens"] == one["tokens"]
     # the model's own head (offloaded) instead of shapprune's chunked head: equal up to float rounding

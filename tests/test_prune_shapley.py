@@ -92,12 +92,12 @@ def test_prune_tiny_end_to_end(tiny, tmp_path, extra):
 def test_rerun_reuses_store_and_shapley_command(tiny, tmp_path):
     args = ["--budget", "20", "--strata", "2,3,4", "--surrogate", "quadratic"]
     assert main(["prune", "--heal", "none", "tiny", "--remove", "1", "--method", "shapley", *tiny, *args, "--out", str(tmp_path / "a")]) == 0
-    assert main(["shapley", "tiny", "--remove", "1", *tiny, *args, "--json", str(tmp_path / "s.json")]) == 0
+    assert main(["shapley", "tiny", "--remove", "1", *tiny, *args, "--json-out", str(tmp_path / "s.json")]) == 0
     a = json.loads((tmp_path / "a" / "pruning.json").read_text())
     s = json.loads((tmp_path / "s.json").read_text())
     assert list(s) == KEYS[:-1] and s["evaluations"]["new"] == 0 and s["values"] == a["values"]  # no "saved"
     assert s["removed"] == a["removed"]
-    assert main(["shapley", "tiny", *tiny, *args, "--json", str(tmp_path / "t.json")]) == 0
+    assert main(["shapley", "tiny", *tiny, *args, "--json-out", str(tmp_path / "t.json")]) == 0
     t = json.loads((tmp_path / "t.json").read_text())
     assert t["removed"] is None and t["kept"] is None and t["values"] == a["values"]
 

@@ -87,7 +87,7 @@ def test_quantize_command_and_shapprune_loading(ckpt, tmp_path, capsys):
     for extra in ([], ["--drop", "1"]):
         j = tmp_path / f"e{len(extra)}.json"
         assert main(["eval", str(out), "--data", str(data), "--seqlen", "32", "--max-windows", "2",
-                     "--json", str(j), *extra]) == 0
+                     "--json-out", str(j), *extra]) == 0
         assert json.loads(j.read_text())["perplexity"] > 1
     # quantizing twice is refused; so is a non-empty --out
     assert main(["quantize", str(out), "--scheme", "int8-dynamic", "--out", str(tmp_path / "qq")]) == 2

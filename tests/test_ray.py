@@ -136,8 +136,8 @@ def test_cli_workers_match_serial(cluster, tiny, tmp_path, capsys):
     data.write_text("It was the best of times, it was the worst of times. " * 40)
     base = ["shapley", path, "--method", "sleb", "--remove", "2", "--data", str(data), "--seqlen", "16",
             "--max-windows", "4", "--batch-size", "2", "--no-progress", "--device", "cpu", "--dtype", "float32"]
-    assert main([*base, "--store", str(tmp_path / "a.sqlite"), "--json", str(tmp_path / "a.json")]) == 0
-    assert main([*base, "--store", str(tmp_path / "b.sqlite"), "--json", str(tmp_path / "b.json"),
+    assert main([*base, "--store", str(tmp_path / "a.sqlite"), "--json-out", str(tmp_path / "a.json")]) == 0
+    assert main([*base, "--store", str(tmp_path / "b.sqlite"), "--json-out", str(tmp_path / "b.json"),
                  "--workers", "ray", "--num-workers", "2"]) == 0
     a, b = (json.loads((tmp_path / f"{x}.json").read_text()) for x in "ab")
     assert a["removed"] == b["removed"] and a["values"] == b["values"]

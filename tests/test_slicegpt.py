@@ -215,9 +215,9 @@ def test_cli_eval_slice(tmp_path, capsys):
     data.write_text("It was the best of times, it was the worst of times. " * 40)
     common = ["--data", str(data), "--seqlen", "32", "--max-windows", "3", "--slice-data", str(data),
               "--slice-seqlen", "32", "--slice-windows", "4", "--no-progress"]
-    assert main(["eval", ckpt, *common, "--json", str(tmp_path / "d.json")]) == 0
-    assert main(["eval", ckpt, *common, "--slice", "0", "--json", str(tmp_path / "s0.json")]) == 0
-    assert main(["eval", ckpt, *common, "--slice", "0.25", "--json", str(tmp_path / "s.json")]) == 0
+    assert main(["eval", ckpt, *common, "--json-out", str(tmp_path / "d.json")]) == 0
+    assert main(["eval", ckpt, *common, "--slice", "0", "--json-out", str(tmp_path / "s0.json")]) == 0
+    assert main(["eval", ckpt, *common, "--slice", "0.25", "--json-out", str(tmp_path / "s.json")]) == 0
     out = capsys.readouterr().out
     assert "not saved" in out
     dense, s0, s = (json.loads((tmp_path / f).read_text()) for f in ("d.json", "s0.json", "s.json"))

@@ -304,7 +304,7 @@ def test_limit_and_mask(model, tok, task_dir):
     for key in ("acc", "acc_norm"):
         assert res["tasks"]["piqa"][key] == manual["tasks"]["piqa"][key]
     assert full["tasks"]["piqa"]["n"] == 2
-    with pytest.raises(UserError, match="--limit"):
+    with pytest.raises(UserError, match="--task-limit"):
         evaluate_tasks(model, tok, ["piqa"], task_dir=task_dir, limit=0, progress=False)
 
 
@@ -366,9 +366,9 @@ def _cli(argv, capsys):
         (["--tasks", ""], "--tasks needs at least one task"),
         (["--tasks", "piqa", "--task-dir", "/nonexistent/zeroshot"], "task directory /nonexistent/zeroshot does not exist"),
         (["--tasks", "piqa", "--task-dir", "{tmp}"], "piqa.jsonl is missing"),
-        (["--tasks", "piqa", "--task-dir", "{tmp}", "--limit", "0"], "expected a positive integer"),
-        (["--tasks", "piqa", "--task-dir", "{tmp}", "--limit", "x"], "expected a positive integer"),
-        (["--limit", "5"], "--task-dir and --limit only apply with --tasks"),
+        (["--tasks", "piqa", "--task-dir", "{tmp}", "--task-limit", "0"], "expected a positive integer"),
+        (["--tasks", "piqa", "--task-dir", "{tmp}", "--task-limit", "x"], "expected a positive integer"),
+        (["--task-limit", "5"], "--task-dir and --task-limit only apply with --tasks"),
     ],
 )
 def test_cli_bad_inputs(extra, message, tmp_path, capsys):
@@ -394,7 +394,7 @@ def test_cli_tasks_json(tmp_path, task_dir, capsys, monkeypatch):
     from shapprune.cli import main
 
     code = main(["eval", "tiny", "--tasks", "piqa,lambada_openai", "--task-dir", str(task_dir), "--drop", "1",
-                 "--limit", "2", "--json", str(out)])
+                 "--task-limit", "2", "--json-out", str(out)])
     assert code == 0
     text = capsys.readouterr().out
     assert "piqa" in text and "mean of headline metrics" in text
@@ -548,7 +548,7 @@ def test_shapley_with_task_utility(task_dir, tmp_path, capsys):
     out = tmp_path / "s.json"
     code = main(["-q", "shapley", ck, "--utility", "task:piqa,boolq", "--task-dir", str(task_dir), "--data", str(text),
                  "--seqlen", "32", "--max-windows", "2", "--estimator", "exact", "--store", str(tmp_path / "st.sqlite"),
-                 "--json", str(out), "--no-progress"])
+                 "--json-out", str(out), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     rec = json.loads(out.read_text())
     assert rec["calibration"]["data"] == "task:piqa,boolq" and rec["calibration"]["tokens"] > 0

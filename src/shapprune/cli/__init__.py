@@ -90,11 +90,11 @@ def os_error_message(exc: OSError) -> str:
 
     where = f" on {exc.filename}" if exc.filename else ""
     what = exc.strerror or str(exc) or type(exc).__name__
-    hint = {errno.ENOSPC: "free some disk space or write elsewhere (--out/--json/--store)",
-            errno.EDQUOT: "free some quota or write elsewhere (--out/--json/--store)",
-            errno.EACCES: "choose a path you may write to (--out/--json/--store)",
-            errno.EPERM: "choose a path you may write to (--out/--json/--store)",
-            errno.EROFS: "choose a path on a writable filesystem (--out/--json/--store)"}.get(
+    hint = {errno.ENOSPC: "free some disk space or write elsewhere (--out/--json-out/--store)",
+            errno.EDQUOT: "free some quota or write elsewhere (--out/--json-out/--store)",
+            errno.EACCES: "choose a path you may write to (--out/--json-out/--store)",
+            errno.EPERM: "choose a path you may write to (--out/--json-out/--store)",
+            errno.EROFS: "choose a path on a writable filesystem (--out/--json-out/--store)"}.get(
         exc.errno, "check the path and try again")
     return f"{what}{where}; {hint}"
 
@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _setup_logging(args.verbose, args.quiet)
+    from shapprune.cli.common import warn_deprecated
+
+    warn_deprecated(args)  # --limit, --json PATH: old spellings that still work
     if not getattr(args, "_quiets_itself", False):
         quiet_libraries(args.verbose)
     try:

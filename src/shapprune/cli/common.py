@@ -19,6 +19,45 @@ def positive_int(text: str) -> int:
     return value
 
 
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of ``canonical``: stores into the same dest and notes itself for a warning after parsing.
+
+    ``main`` logs ``"<old> is deprecated; use <canonical>"`` once logging is set up (see :func:`deprecated_used`).
+    """
+
+    def __init__(self, option_strings, dest, canonical: str, **kwargs):
+        self.canonical = canonical
+        kwargs.setdefault("help", f"deprecated alias of {canonical}")
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        used = list(getattr(namespace, "_deprecated_flags", None) or [])
+        if (option_string, self.canonical) not in used:
+            used.append((option_string, self.canonical))
+        namespace._deprecated_flags = used
+
+
+def deprecated_used(args) -> list[tuple[str, str]]:
+    """``(old, canonical)`` for every deprecated alias given on the command line."""
+    return list(getattr(args, "_deprecated_flags", None) or [])
+
+
+def warn_deprecated(args) -> None:
+    """Log one warning per deprecated alias used (``--limit is deprecated; use --task-limit``)."""
+    import logging
+
+    for old, new in deprecated_used(args):
+        logging.getLogger("shapprune").warning(f"{old} is deprecated; use {new}")
+
+
+def add_task_limit_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """``--task-limit N`` (the canonical name) with ``--limit N`` kept as a deprecated alias (``eval``, ``compare``)."""
+    p.add_argument("--task-limit", type=positive_int, default=None, metavar="N", help=help)
+    p.add_argument("--limit", dest="task_limit", type=positive_int, default=None, metavar="N",
+                   action=DeprecatedAlias, canonical="--task-limit")
+
+
 def default_out(model: str, tag: str):
     """``shapprune-out/<model>-<tag>-<time>``: the output directory when ``--out`` is not given."""
     import time
@@ -110,25 +149,31 @@ def add_data_args(p: argparse.ArgumentParser, data: str, seqlen: int | None, max
 
 
 def add_json_arg(p: argparse.ArgumentParser, help: str) -> None:
-    """``--json PATH`` and ``--force``: an existing file is refused unless ``--force`` is given (every command)."""
-    p.add_argument("--json", default=None, metavar="PATH", help=f"{help}; an existing file is refused unless --force")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    """``--json-out PATH`` and ``--force``: an existing file is refused unless ``--force`` is given (every command).
+
+    ``--json PATH`` is kept as a deprecated alias (``layers``/``store info`` have a ``--json`` flag that prints).
+    """
+    p.add_argument("--json-out", default=None, metavar="PATH",
+                   help=f"{help}; an existing file is refused unless --force")
+    p.add_argument("--json", dest="json_out", default=None, metavar="PATH", action=DeprecatedAlias,
+                   canonical="--json-out")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json-out file")
 
 
 def check_json_early(args) -> None:
-    """Refuse an existing ``--json`` file (without ``--force``) before any work starts."""
+    """Refuse an existing ``--json-out`` file (without ``--force``) before any work starts."""
     from shapprune.outputs.atomic import check_new_file
 
-    if getattr(args, "json", None):
-        check_new_file(args.json, force=args.force)
+    if getattr(args, "json_out", None):
+        check_new_file(args.json_out, force=args.force)
 
 
 def write_json_arg(args, obj) -> None:
-    """Write ``--json`` (refusing a file that appeared meanwhile, unless ``--force``)."""
+    """Write ``--json-out`` (refusing a file that appeared meanwhile, unless ``--force``)."""
     from shapprune.outputs.atomic import write_json
 
-    if getattr(args, "json", None):
-        write_json(args.json, obj, force=args.force)
+    if getattr(args, "json_out", None):
+        write_json(args.json_out, obj, force=args.force)
 
 
 def check_model_args(args) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from shapprune.cli.common import (
     add_model_args,
     add_selection_args,
+    add_task_limit_arg,
     add_worker_args,
     check_data_early,
     check_selection_args,
@@ -45,7 +46,7 @@ def add_arguments(p) -> None:
             p.add_argument(spec.compare_budget_flag, type=positive_int, default=None, help=spec.compare_budget_help)
     p.add_argument("--tasks", default=None, help="also zero-shot tasks, e.g. piqa,arc_easy (with --task-dir)")
     p.add_argument("--task-dir", default=None, help="directory of local task files <name>.jsonl")
-    p.add_argument("--limit", type=positive_int, default=None, help="first N items of each task")
+    add_task_limit_arg(p, "first N items of each task")
     p.add_argument("--slicegpt-match", choices=("with-shortcuts", "without-shortcuts"), default="with-shortcuts",
                    help="slicegpt column: match the N-layers-removed parameter count counting its shortcut "
                         "matrices (default) or not (the paper-era convention)")
@@ -96,9 +97,9 @@ def run(args) -> int:
         from shapprune.zeroshot import check_limit, load_tasks, parse_tasks
 
         names = parse_tasks(args.tasks)
-        check_limit(args.limit)
+        check_limit(args.task_limit)
         if args.task_dir:
-            load_tasks(names, args.task_dir, args.limit)  # fail early on missing files
+            load_tasks(names, args.task_dir, args.task_limit)  # fail early on missing files
     model, tokenizer = load(args)
     from shapprune.methods import check_selection
     from shapprune.models.layers import find_layer_stack
@@ -132,7 +133,7 @@ def run(args) -> int:
         from shapprune.zeroshot import evaluate_tasks
 
         def task_fn(kept):
-            return evaluate_tasks(model, tokenizer, names, args.task_dir, args.limit, args.batch_size, kept=kept,
+            return evaluate_tasks(model, tokenizer, names, args.task_dir, args.task_limit, args.batch_size, kept=kept,
                                   progress=show_progress(args))
 
     options = {**selection_options(args), "exhaustive_budget": args.exhaustive_budget,

@@ -9,6 +9,7 @@ from shapprune.cli.common import (
     add_data_args,
     add_json_arg,
     add_model_args,
+    add_task_limit_arg,
     check_data_early,
     check_json_early,
     drop_or_keep,
@@ -46,8 +47,7 @@ def add_arguments(p) -> None:
                         "boolq, openbookqa, lambada_openai, anli_r1, anli_r2, anli_r3 (--batch-size default 16)")
     p.add_argument("--task-dir", default=None, metavar="DIR",
                    help="read <task>.jsonl files from DIR (offline); without it tasks come from lm-eval")
-    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
-                   help="score only the first N items of each task")
+    add_task_limit_arg(p, "score only the first N items of each task")
     add_json_arg(p, "also write the result as JSON")
 
 
@@ -61,8 +61,8 @@ def run(args) -> int:
         return run_tasks(args)
     from shapprune.errors import UserError
 
-    if args.task_dir is not None or args.limit is not None:
-        raise UserError("--task-dir and --limit only apply with --tasks, e.g. --tasks piqa --task-dir DIR")
+    if args.task_dir is not None or args.task_limit is not None:
+        raise UserError("--task-dir and --task-limit only apply with --tasks, e.g. --tasks piqa --task-dir DIR")
     if args.slice is not None:
         return run_sliced(args)
     return run_ppl(args)
@@ -149,14 +149,14 @@ def run_tasks(args) -> int:
     names = parse_tasks(args.tasks)
     # bad names, folders, files, or no way to get the tasks: fail before loading a model
     if args.task_dir is not None:
-        load_tasks(names, args.task_dir, args.limit)
+        load_tasks(names, args.task_dir, args.task_limit)
     else:
         check_lm_eval_available()
     model, tokenizer = load(args)
     stack = find_layer_stack(model)
     kept = drop_or_keep(args, stack.num_layers)
     removed = [i for i in range(stack.num_layers) if i not in kept]
-    res = evaluate_tasks(model, tokenizer, names, task_dir=args.task_dir, limit=args.limit,
+    res = evaluate_tasks(model, tokenizer, names, task_dir=args.task_dir, limit=args.task_limit,
                          batch_size=args.batch_size or DEFAULT_BATCH["tasks"], kept=kept,
                          progress=show_progress(args))
     result = {"model": args.model, "removed": removed, "tasks": res["tasks"], "mean": res["mean"]}

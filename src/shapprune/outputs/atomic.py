@@ -46,7 +46,7 @@ def check_writable(path: Path, option: str) -> None:
         raise UserError(f"{option} {path}: no permission to write in {parent}; choose a path you may write to")
 
 
-def check_new_file(path: str | os.PathLike, force: bool = False, option: str = "--json") -> Path:
+def check_new_file(path: str | os.PathLike, force: bool = False, option: str = "--json-out") -> Path:
     """Refuse an existing file (unless ``force``) before any work starts; the same rule for every command."""
     p = Path(path).expanduser()
     if p.is_dir():

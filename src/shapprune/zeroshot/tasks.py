@@ -102,7 +102,7 @@ def check_limit(limit: int | None) -> int | None:
     if limit is None:
         return None
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise UserError(f"--limit must be a positive number of items, got {limit!r}")
+        raise UserError(f"--task-limit must be a positive number of items, got {limit!r}")
     return limit
 
 
