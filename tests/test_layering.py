@@ -154,3 +154,27 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     probe.write_text("import os\n\ndef f():\n    from shapprune.outputs import y\n    import shapprune.models.x\n",
                      encoding="utf-8")
     assert imports("shapprune.models.z", probe, known) == {"shapprune.outputs.y": 4, "shapprune.models.x": 5}
+
+
+def test_no_provenance_rides_on_modules():
+    """What shapprune knows about a model (source, stored dtype, removed layers, the stack under a mask) lives in
+    :mod:`shapprune.models.provenance`, not in private attributes set on the ``nn.Module``."""
+    import torch
+
+    from shapprune.models.layers import keep_layers, remove_layers
+    from shapprune.models.provenance import clone, provenance
+    from tiny import tiny_model
+
+    offenders = [str(p) for p in SRC.rglob("*.py") if "._shapprune_" in p.read_text(encoding="utf-8")]
+    assert offenders == []
+    model = tiny_model("llama")
+    before = set(vars(model))
+    with keep_layers(model, [0, 2]):
+        assert provenance(model).full_stack is not None
+    assert provenance(model).full_stack is None
+    remove_layers(model, [1])
+    assert provenance(model).removed == [1] and provenance(model).kept == [0, 2, 3, 4]
+    assert set(vars(model)) == before  # nothing was attached to the module
+    copy = clone(model)
+    assert provenance(copy).removed == [1] and copy is not model
+    assert torch.equal(next(copy.parameters()), next(model.parameters()))

@@ -168,17 +168,16 @@ def heal_selection(model, tokenizer, calib_windows, test_game: ModelGame, remove
     """Heal a copy of ``model`` for the removal of ``removed`` (``heal``: :func:`~shapprune.heal.heal_and_remove`'s
     keyword arguments, ``methods`` included) and measure the healed model on the calibration and test windows;
     ``unhealed``: the set's test perplexity without healing. The original model is untouched."""
-    import copy
-
     import torch
 
     from shapprune.engine.ppl import sequence_nll
     from shapprune.heal import gap_closed, heal_and_remove
+    from shapprune.models.provenance import clone
 
     opts = dict(heal)
     methods = opts.pop("methods")
     t0 = time.perf_counter()
-    healed, rec = heal_and_remove(copy.deepcopy(model), tokenizer, list(removed), methods, calib_windows, **opts)
+    healed, rec = heal_and_remove(clone(model), tokenizer, list(removed), methods, calib_windows, **opts)
     with torch.inference_mode():
         calib = sequence_nll(healed, calib_windows.input_ids, batch_size=test_game.evaluator.batch_size,
                              progress=False).perplexity

@@ -38,6 +38,7 @@ from shapprune.game.workers import (  # noqa: F401 - the --workers option and th
     parse_workers,
     require_ray,
 )
+from shapprune.models.provenance import provenance
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,12 @@ class WorkerSpec:
     @classmethod
     def from_model(cls, model, evaluator, **kwargs) -> WorkerSpec:
         """The spec of a model loaded by :func:`shapprune.load_model` (it records where it came from)."""
-        source = getattr(model, "_shapprune_source", None)
+        source = provenance(model).source
         if not source:
             raise UserError("--workers needs a model loaded by shapprune.load_model (from a hub id, directory, "
                             ".gguf file or alias) so that each worker can load the same one")
         first = next(model.parameters())
-        kwargs.setdefault("trust_remote_code", bool(getattr(model, "_shapprune_trust_remote_code", False)))
+        kwargs.setdefault("trust_remote_code", bool(provenance(model).trust_remote_code))
         return cls(model=str(source), dtype=str(first.dtype).removeprefix("torch."), evaluator=evaluator, **kwargs)
 
 

@@ -21,8 +21,6 @@ Rules:
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -41,6 +39,7 @@ from shapprune.methods.slicegpt_arch import (
     sliced_param_count,
     unique_params,
 )
+from shapprune.models.provenance import clone
 
 SAVE_NOTE = ("a sliced model is not a stock transformers model (shortcut matrices, uneven widths, weightless norms "
              "dividing by the original width); shapprune evaluates it in memory and does not save it")
@@ -303,7 +302,7 @@ def calibration_batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.
 def sliced_copy(model, input_ids: torch.Tensor, width: int, batch_size: int = 16):
     """A sliced deep copy of ``model`` (the original is untouched) and :func:`slice_model`'s summary."""
     check_model(model)
-    m = copy.deepcopy(model)
+    m = clone(model)
     info = slice_model(m, calibration_batches(input_ids, batch_size), width)
     info.update(param_counts(m))
     return m, info

@@ -16,6 +16,7 @@ from torch import nn
 
 from shapprune.errors import UserError
 from shapprune.models.archs import Arch, arch_for, stack_config
+from shapprune.models.provenance import provenance
 
 
 @dataclass
@@ -65,7 +66,7 @@ def find_layer_stack(model: nn.Module) -> LayerStack:
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     arch = arch_for(str(model_type))
-    full = getattr(model, "_shapprune_full_stack", None)
+    full = provenance(model).full_stack
     if full is not None:  # inside keep_layers(): report the real stack, not the temporary subset
         return full
     path, layers = None, None
@@ -285,7 +286,7 @@ def keep_layers(model: nn.Module, kept: Sequence[int]) -> Iterator[LayerStack]:
     The dropped layers are skipped, not zeroed: the stack becomes a ``ModuleList`` of the same module objects.
     Keeping every layer leaves the model untouched. The model is restored exactly on exit.
     """
-    if getattr(model, "_shapprune_full_stack", None) is not None:
+    if provenance(model).full_stack is not None:
         raise RuntimeError("keep_layers() does not nest; leave the current mask first")
     stack = find_layer_stack(model)
     kept = sorted(int(i) for i in kept)
@@ -296,11 +297,11 @@ def keep_layers(model: nn.Module, kept: Sequence[int]) -> Iterator[LayerStack]:
         yield stack
         return
     restore = _subset(stack, kept)
-    model._shapprune_full_stack = stack
+    provenance(model).full_stack = stack
     try:
         yield stack
     finally:
-        del model._shapprune_full_stack
+        provenance(model).full_stack = None
         restore()
 
 
@@ -323,8 +324,8 @@ def remove_layers(model: nn.Module, drop: Sequence[int]) -> list[int]:
     _apply_config_overrides(stack)
     _subset(stack, kept)  # never restored
     # what was removed from the source, so that saving can take the kept tensors from the source itself
-    model._shapprune_removed = sorted(set(getattr(model, "_shapprune_removed", None) or []) | {
-        (getattr(model, "_shapprune_kept", None) or list(range(stack.num_layers)))[i] for i in set(drop)})
-    model._shapprune_kept = [(getattr(model, "_shapprune_kept", None) or list(range(stack.num_layers)))[i]
-                             for i in kept]
+    rec = provenance(model)
+    before = rec.kept or list(range(stack.num_layers))
+    rec.removed = sorted(set(rec.removed) | {before[i] for i in set(drop)})
+    rec.kept = [before[i] for i in kept]
     return kept

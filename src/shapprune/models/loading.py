@@ -20,6 +20,7 @@ from shapprune.models.gguf_cache import (  # noqa: F401 - re-exported: loading i
     gguf_cache_key,
     gguf_cache_root,
 )
+from shapprune.models.provenance import provenance
 from shapprune.models.sources import (  # noqa: F401 - re-exported: loading is where users look
     ALIASES,
     DEFAULT_MODEL,
@@ -160,7 +161,7 @@ def load_skeleton(spec: str, trust_remote_code: bool = False):
     except Exception as exc:  # noqa: BLE001 - any failure means: fall back to loading the weights
         log.debug("no meta-device skeleton for %s (%s); loading the model", spec, exc)
         return None
-    model._shapprune_source = src.name or spec
+    provenance(model).source = src.name or spec
     return model
 
 
@@ -236,9 +237,8 @@ def load_model(
     if not device_map:
         model.to(dev)
     model.eval()
-    model._shapprune_source = src.name or spec
-    model._shapprune_source_dtype = stored
-    model._shapprune_trust_remote_code = trust_remote_code  # so that Ray workers load it the same way
+    rec = provenance(model)
+    rec.source, rec.source_dtype, rec.trust_remote_code = src.name or spec, stored, trust_remote_code
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

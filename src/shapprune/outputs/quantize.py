@@ -178,6 +178,6 @@ def save_pruned(model, tokenizer, directory: str | os.PathLike, metadata: dict |
 
 def quantized_copy(model, scheme: str):
     """A deep copy of ``model`` quantized in memory (``--quantize-before-choosing``); ``model`` is untouched."""
-    import copy
+    from shapprune.models.provenance import clone
 
-    return quantize_in_memory(copy.deepcopy(model), scheme)
+    return quantize_in_memory(clone(model), scheme)

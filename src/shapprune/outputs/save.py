@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from shapprune.models.provenance import provenance
 from shapprune.outputs.atomic import write_json
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ def save_dtype(model, choice: str = "source") -> torch.dtype:
     model's current one) or one of :data:`SAVE_DTYPES`."""
     if choice != "source":
         return SAVE_DTYPES[choice]
-    return getattr(model, "_shapprune_source_dtype", None) or next(model.parameters()).dtype
+    return provenance(model).source_dtype or next(model.parameters()).dtype
 
 
 def weights_bytes(directory: str | os.PathLike) -> int:
@@ -40,8 +41,8 @@ def source_weights(model, dtype: torch.dtype):
     dtype, a GGUF or quantized source, a model not loaded by shapprune) or the source can't be read again.
     """
     first = next(model.parameters())
-    source = getattr(model, "_shapprune_source", None)
-    stored = getattr(model, "_shapprune_source_dtype", None)
+    source = provenance(model).source
+    stored = provenance(model).source_dtype
     if (first.dtype == dtype or stored != dtype or source is None or not first.dtype.is_floating_point
             or getattr(model, "hf_quantizer", None) is not None):
         return None
@@ -53,12 +54,12 @@ def source_weights(model, dtype: torch.dtype):
         if resolve_spec(source).gguf_file:
             return None
         exact, _ = load_model(source, device="cpu", dtype=dtype, progress=False,
-                              trust_remote_code=getattr(model, "_shapprune_trust_remote_code", False))
+                              trust_remote_code=provenance(model).trust_remote_code)
     except UserError as exc:
         log.warning("saving the %s weights converted from %s: the source could not be read again (%s)",
                     dtype, first.dtype, exc)
         return None
-    removed = getattr(model, "_shapprune_removed", None) or []
+    removed = provenance(model).removed or []
     if removed:
         remove_layers(exact, removed)
     ours = model.state_dict()
