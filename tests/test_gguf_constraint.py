@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 
-from shapprune.cli import main
 from shapprune.errors import UserError
 from shapprune.outputs.gguf import GGUF_NAME, layer_rule_of, plan_prune
 from shapprune.outputs.gguf_layers import (
@@ -21,7 +20,7 @@ from shapprune.outputs.gguf_layers import (
     nearest_sizes,
     representable,
 )
-from test_gguf_out import TEXT, logits_masked_and_pruned, md
+from test_gguf_out import TEXT, logits_masked_and_pruned, md, run
 from tiny_gguf import tiny_gemma3, write_tiny_gguf
 
 # --- the rule, on metadata alone ---------------------------------------------------------------------------
@@ -94,12 +93,6 @@ def test_choose_representable_exhaustive_and_greedy():
 
 
 # --- the command line ---------------------------------------------------------------------------------------
-
-
-def run(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -15,29 +15,31 @@ from tiny import VOCAB, tiny_model, tiny_tokenizer
 
 def tiny_lfm2(seed: int = 0):
     """A 6-layer LFM2: convolution blocks with attention at layers 1 and 4."""
-    from transformers import AutoModelForCausalLM, Lfm2Config
+    from transformers import Lfm2Config
 
     config = Lfm2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, block_auto_adjust_ff_dim=False,
                         num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                         layer_types=["conv", "full_attention", "conv", "conv", "full_attention", "conv"],
                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model.eval()
+    return _perturbed(config, seed)
 
 
 def tiny_gemma3(layers: int = 12, head_dim: int = 8, seed: int = 0):
     """A Gemma 3 text model with llama.cpp's pattern (every 6th layer global attention, the others a window of 4
     tokens, shorter than the test inputs); ``head_dim`` other than 8 (hidden 32 / 4 heads) makes it scale
     attention as llama.cpp's 27B does at 62 layers."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+    from transformers import Gemma3TextConfig
 
     config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, sliding_window=4,
                               max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return _perturbed(config, seed)
+
+
+def _perturbed(config, seed: int):
+    """A model built from ``config`` in fp32 with small seeded noise on every weight, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
