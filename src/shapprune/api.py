@@ -31,7 +31,7 @@ CALIBRATION_SEQLEN, CALIBRATION_SAMPLES = 256, 5
 #: the paper's calibration (``--paper-calibration``): the first 10 windows of 128 tokens
 PAPER_SEQLEN, PAPER_WINDOWS = 128, 10
 
-__all__ = ["Chosen", "choose", "heal_layers", "load", "prune", "save"]
+__all__ = ["OBJECTIVES", "Chosen", "choose", "heal_layers", "load", "prune", "save"]
 
 
 @dataclass
@@ -85,12 +85,16 @@ def choose(model, tokenizer=None, *, remove: int | None = None, ratio: float | N
            options: dict | None = None, store: str | None = None, batch_size: int = 16,
            device: str | None = None, dtype: str = "auto", progress: bool = False, workers=None,
            num_workers: int | None = None, evaluator=None, reuse_prefix: bool = True,
-           source: str | None = None) -> Chosen:
+           source: str | None = None, objective: str = "unrepaired", repair: dict | None = None) -> Chosen:
     """Choose ``remove`` layers (or ``round(ratio·L)``) of ``model`` by ``method`` (default: the default
     method, ``shapprune``) on calibration windows of ``data`` (or the given ``windows``); neither given: the
     per-layer values only (``record.removed`` is ``None``). The model is not changed. ``store``: an evaluation store file reused across runs (default: none, in memory); ``workers``:
     and ``evaluator`` (the game's utility; default: calibration perplexity) as for
-    :func:`shapprune.pipeline.choose_layers`; ``source``: the model's name in the record."""
+    :func:`shapprune.pipeline.choose_layers`; ``source``: the model's name in the record. ``objective``:
+    ``"unrepaired"`` scores each set as it is; ``"repaired"`` scores it after the linear repair it would get
+    (:mod:`shapprune.game.repaired`), fitted on the healing text that :func:`heal_layers` would use: ``repair``
+    holds :func:`shapprune.heal.repair_fit_ids`'s keywords for it (``data``, ``seqlen``, ``tokens``,
+    ``heldout``, ``heldout_seqlen``, ``methods``)."""
     from shapprune.methods import DEFAULT_METHOD
     from shapprune.models.layers import find_layer_stack
     from shapprune.pipeline import choose_layers, layers_to_remove
@@ -101,11 +105,60 @@ def choose(model, tokenizer=None, *, remove: int | None = None, ratio: float | N
         windows = calibration_windows(model, tokenizer, data, seqlen=seqlen, max_windows=max_windows, seed=seed)
     opts = {"estimator": None, "surrogate": None, "strata": None, "paper_recipe": False, "progress": progress,
             **(options or {})}
+    check_objective(objective, method, workers)
+    if objective == "repaired":
+        evaluator = repaired_evaluator(model, tokenizer, windows, evaluator, batch_size=batch_size, progress=progress,
+                                       **(repair or {}))
     res = choose_layers(model, tokenizer, windows, source=source or name, method=method or DEFAULT_METHOD, remove=n,
                         budget=budget, seed=seed, options=opts, store_path=store, batch_size=batch_size,
                         progress=progress, reuse_prefix=reuse_prefix, workers=workers, num_workers=num_workers,
                         evaluator=evaluator)
     return chosen(res)
+
+
+#: what a set is scored by before it is chosen: as it is, or after the linear repair it would get
+OBJECTIVES = ("unrepaired", "repaired")
+
+
+def check_objective(objective: str, method: str | None, workers=None) -> None:
+    """Refuse an objective the method or the set-up cannot use (before a model loads)."""
+    from shapprune.methods import DEFAULT_METHOD
+    from shapprune.methods.registry import get
+
+    if objective not in OBJECTIVES:
+        raise UserError(f"unknown objective {objective!r}; choose {' or '.join(OBJECTIVES)}")
+    if objective == "unrepaired":
+        return
+    spec = get(method or DEFAULT_METHOD)
+    if "utility" not in spec.option_names:
+        scoring = ", ".join(s.name for s in _scoring_methods())
+        raise UserError(f"--objective repaired scores sets by evaluating them; --method {spec.name} does not "
+                        f"(choose one of {scoring}, or leave --objective out)")
+    if workers is not None:
+        raise UserError("--objective repaired runs on this machine only for now; leave out --workers")
+
+
+def _scoring_methods():
+    from shapprune.methods.registry import selection_specs
+
+    return [s for s in selection_specs() if "utility" in s.option_names]
+
+
+def repaired_evaluator(model, tokenizer, windows, evaluator=None, *, batch_size: int = 16, progress: bool = False,
+                       data: str | None = None, seqlen: int | None = None, tokens: int | None = None,
+                       heldout: int | None = None, heldout_seqlen: int | None = None,
+                       methods: Sequence[str] = ("linear",)):
+    """The game's evaluator (default: calibration perplexity on ``windows``) scored after the linear repair,
+    fitted on the first windows of the healing text the repair itself would use."""
+    from shapprune.game.core import PerplexityEvaluator
+    from shapprune.game.repaired import RepairedEvaluator
+    from shapprune.heal import TRAIN_BATCH_TOKENS, repair_fit_ids
+
+    fit, fit_data = repair_fit_ids(model, tokenizer, windows, data=data, seqlen=seqlen, tokens=tokens,
+                                   heldout=heldout, heldout_seqlen=heldout_seqlen, methods=methods)
+    inner = evaluator if evaluator is not None else PerplexityEvaluator(windows, batch_size=batch_size)
+    return RepairedEvaluator(inner, fit, fit_data=fit_data, batch_size=max(1, TRAIN_BATCH_TOKENS // fit.shape[1]),
+                             progress=progress)
 
 
 def chosen(res) -> Chosen:

@@ -24,6 +24,8 @@ class Choice:
     values: list[float] | None = None
     stderr: list[float | None] | None = None
     calibration: dict = field(default_factory=dict)  # data, seqlen, windows, tokens, layout
+    # what a set was scored by: {"name": "unrepaired"} or {"name": "repaired", "fit": the repair's fitting text}
+    objective: dict | None = None
     budget: int | None = None
     evaluations: dict = field(default_factory=dict)  # new, reused (from the evaluation store)
     surrogate: dict | None = None

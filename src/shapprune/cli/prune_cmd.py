@@ -48,6 +48,10 @@ def add_choice_args(p) -> None:
                         "greedy path + surrogate-ranked swap search; shapley: the paper's Shapley ranking)")
     add_selection_args(p)
     add_utility_args(p)
+    p.add_argument("--objective", choices=("unrepaired", "repaired"), default=None,
+                   help="what each candidate set is scored by: as it is (unrepaired, the default), or after the "
+                        "linear repair it would get (repaired: the maps --heal linear fits, solved from one pass "
+                        "of the full model over the healing text); methods that evaluate sets only")
 
 
 def add_arguments(p) -> None:
@@ -101,6 +105,29 @@ def check_choice_args(args) -> None:
         check_selection(args.method or DEFAULT_METHOD, num_layers, n, args.budget, selection_options(args))
 
 
+def objective_from_args(args, heal_methods: list[str] | None) -> str:
+    """``--objective``, checked before a model loads: ``repaired`` needs a method that evaluates sets, no
+    ``--workers``, and (for ``prune``, ``heal_methods`` not ``None``) a repair that starts with ``linear``."""
+    from shapprune.api import check_objective
+    from shapprune.errors import UserError
+
+    objective = getattr(args, "objective", None) or "unrepaired"
+    check_objective(objective, args.method, getattr(args, "workers", None))
+    if objective == "repaired" and heal_methods is not None and "linear" not in heal_methods:
+        raise UserError("--objective repaired chooses the layers for the linear repair, but this run heals with "
+                        f"{','.join(heal_methods) or 'none'}; add --heal linear (or linear,lora / linear,distill) "
+                        "or leave --objective out")
+    return objective
+
+
+def repair_from_args(args, heal_methods: list[str]) -> dict:
+    """The healing options that decide the repaired objective's fitting text (as the repair will cut it)."""
+    held = getattr(args, "heal_heldout", None) or (None, None)
+    return {"data": getattr(args, "heal_data", None), "seqlen": getattr(args, "heal_seqlen", None),
+            "tokens": getattr(args, "heal_tokens", None), "heldout": held[0], "heldout_seqlen": held[1],
+            "methods": heal_methods or ["linear"]}
+
+
 def store_path(args) -> str:
     from shapprune.game.store import default_store_path
 
@@ -113,7 +140,8 @@ def run(args) -> int:
     if args.drop is not None:
         if args.remove is not None or args.ratio is not None:
             raise UserError("--drop names the layers itself; leave out --remove/--ratio")
-        ignored = [FLAGS[o] for o in given_options(args)] + (["--method"] if args.method is not None else [])
+        ignored = ([FLAGS[o] for o in given_options(args)] + (["--method"] if args.method is not None else [])
+                   + (["--objective"] if args.objective is not None else []))
         if ignored:
             raise UserError(f"--drop names the layers itself; {', '.join(ignored)} would be ignored, leave it out")
         return run_manual(args)
@@ -209,15 +237,16 @@ def run_manual_gguf(args, skipped: dict | None = None) -> int:
     return 0
 
 
-def choose_from_args(args):
+def choose_from_args(args, heal_methods: list[str] | None = None):
     """Load the model, cut the calibration windows and run the selection: ``(model, tokenizer, chosen)``
-    (:class:`shapprune.api.Chosen`)."""
+    (:class:`shapprune.api.Chosen`). ``heal_methods``: the repair that follows (``prune``), for the objective."""
     from shapprune.api import choose
     from shapprune.cli.quantize_cmd import game_model
     from shapprune.models.layers import find_layer_stack
     from shapprune.pipeline import layers_to_remove
 
     workers = workers_from_args(args)
+    objective = objective_from_args(args, heal_methods)
     model, tokenizer = load(args)
     n = layers_to_remove(find_layer_stack(model).num_layers, args.remove, args.ratio)
     win = windows(args, tokenizer, model, split="calibration")
@@ -225,7 +254,8 @@ def choose_from_args(args):
                     budget=args.budget, seed=args.seed, options=selection_options(args), store=store_path(args),
                     batch_size=args.batch_size, progress=show_progress(args), reuse_prefix=not args.no_prefix_reuse,
                     workers=workers, num_workers=getattr(args, "num_workers", None),
-                    evaluator=utility_evaluator(args, tokenizer, win, args.batch_size))
+                    evaluator=utility_evaluator(args, tokenizer, win, args.batch_size), objective=objective,
+                    repair=repair_from_args(args, heal_methods or []) if objective == "repaired" else None)
     return model, tokenizer, chosen
 
 
@@ -242,6 +272,7 @@ def run_method(args) -> int:
     check_quantize_args(args)
     methods = check_heal_args(args)
     workers_from_args(args)
+    objective_from_args(args, methods)
     out = Path(args.out) if args.out else default_out(args.model, args.method)
     check_out_dir(out)
     gguf_src = gguf_num_layers = rule = None
@@ -254,7 +285,7 @@ def run_method(args) -> int:
         gguf_num_layers = inspect_gguf(gguf_src)[1]
         rule = layer_rule_of(gguf_src)
         check_size(rule, layers_to_remove(gguf_num_layers, args.remove, args.ratio))
-    model, tokenizer, chosen = choose_from_args(args)
+    model, tokenizer, chosen = choose_from_args(args, methods)
     record = chosen.record
     if rule is not None and rule.positional and record.num_layers == rule.num_layers:
         constrain_to_gguf(args, chosen, rule)  # before healing: healing repairs the set that is written

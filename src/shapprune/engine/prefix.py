@@ -147,10 +147,14 @@ class PrefixCache:
         self.bytes += size
 
     @contextlib.contextmanager
-    def run(self, key: str, kept: Sequence[int], live: nn.ModuleList) -> Iterator[None]:
-        """Inside a ``keep_layers`` block whose live stack is ``live`` (``live[j]`` is layer ``kept[j]``)."""
+    def run(self, key: str, kept: Sequence[int], live: nn.ModuleList, lookahead: bool = False) -> Iterator[None]:
+        """Inside a ``keep_layers`` block whose live stack is ``live`` (``live[j]`` is layer ``kept[j]``).
+        ``lookahead``: a kept layer's output also depends on the layers after it up to the next kept one (a
+        repair map folded into it for the run it precedes), so it is carried only where that next kept layer
+        is inside the common prefix too."""
         p = common_prefix(self.key, key) if self.key is not None else 0
-        carried = {i: self.outputs[i] for i in kept if i < p and i in self.outputs}
+        reach = {i: (kept[j + 1] if j + 1 < len(kept) else len(key)) if lookahead else i for j, i in enumerate(kept)}
+        carried = {i: self.outputs[i] for i in kept if reach[i] < p and i in self.outputs}
         self.outputs = {}
         self.bytes = sum(nbytes(v) for rec in carried.values() for v in rec.values())
         new: dict[int, dict[Slot, object]] = dict(carried)

@@ -7,6 +7,7 @@ convention), so estimators never see a model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -39,7 +40,9 @@ class Evaluator(Protocol):
         """Summed NLL (nats) and the number of tokens it covers (a bare model is wrapped in a runner)."""
 
     # Optional: ``prepare(runner)`` is called once with the full model before any mask (e.g. to record a
-    # reference); ``first(k)`` returns the same evaluator on its first ``k`` windows (a cheaper screen);
+    # reference); ``masked(key)``, a context manager entered while the mask ``key`` is scored (e.g. the repaired
+    # utility folds in its maps), with ``lookahead = True`` where a kept layer's output then depends on the
+    # layers after it (prefix reuse carries less); ``first(k)`` returns the same evaluator on its first ``k`` windows (a cheaper screen);
     # ``windowed(runner)`` returns the runner's NLL with each window's share (``per_window``): a game scores an
     # evaluator that has it by it (``nll`` is then its sum), and keeps the shares in its records.
 
@@ -203,14 +206,15 @@ class ModelGame:
         for key in bar:
             kept = [i for i, c in enumerate(key) if c == "1"]
             t0 = time.perf_counter()
-            with keep_layers(self.model, kept) as stack:
+            masked = getattr(self.evaluator, "masked", None)  # e.g. the repaired utility's maps for this mask
+            with keep_layers(self.model, kept) as stack, (masked(key) if masked else contextlib.nullcontext()):
                 live = getattr(stack.parent, stack.attr) if len(kept) < self.n_players else None
                 if cache is None or live is None:  # all layers kept: the stack is the model's own list
                     if cache is not None:
                         cache.clear()
                     nll, tokens, per_window = self._score()
                 else:
-                    with cache.run(key, kept, live):
+                    with cache.run(key, kept, live, lookahead=getattr(self.evaluator, "lookahead", False)):
                         nll, tokens, per_window = self._score()
             yield Evaluation(key, float(nll), int(tokens), _ppl(nll, tokens), time.perf_counter() - t0, per_window)
 

@@ -196,6 +196,47 @@ def _window_log_ppl(model, ids: torch.Tensor, batch_size: int = 4) -> list[float
     return window_log_ppl(nll.per_window, int(ids.shape[1]) - 1)
 
 
+def _heal_data(model, tokenizer, calibration, data: str | None, seqlen: int | None, tokens: int | None, trains: bool,
+               heldout: int | None, heldout_seqlen: int | None, strict: bool):
+    """The healing text as :func:`heal_and_remove` cuts it: ``(HealData, data, seqlen, tokens)``."""
+    from shapprune.heal import check as C
+
+    data = data or (calibration.data if calibration is not None else None)
+    if data is None:
+        raise UserError("healing needs text: give --heal-data (a .txt or .jsonl file)")
+    check_heal_data(data)
+    bos = bool(calibration.bos) if calibration is not None else False
+    ctx = context_length(model)
+    hl = heldout_seqlen or min(C.HELDOUT_SEQLEN, ctx or C.HELDOUT_SEQLEN)
+    seqlen = seqlen or hl
+    if tokens is None:
+        tokens = TRAIN_TOKENS if trains else LINEAR_TOKENS
+    hd = heal_windows(tokenizer, data, seqlen, tokens, calibration, bos, heldout=heldout or C.HELDOUT_WINDOWS,
+                      heldout_seqlen=hl, strict=strict)
+    return hd, data, seqlen, tokens
+
+
+def linear_rows(hd: HealData, tokens: int, trains: bool) -> torch.Tensor:
+    """The healing windows the linear repair fits on (all of ``tokens``, or :data:`LINEAR_TOKENS` before training)."""
+    seqlen = int(hd.train.shape[1])
+    return hd.train[: -(-min(tokens, LINEAR_TOKENS if trains else tokens) // seqlen)]
+
+
+def repair_fit_ids(model, tokenizer, calibration=None, *, data: str | None = None, seqlen: int | None = None,
+                   tokens: int | None = None, heldout: int | None = None, heldout_seqlen: int | None = None,
+                   methods: Sequence[str] = ("linear",), limit: int | None = None) -> tuple[torch.Tensor, str]:
+    """The first windows, at most ``limit`` tokens (default: the repaired utility's
+    :data:`~shapprune.game.repaired.FIT_TOKENS`), of those :func:`heal_and_remove` would fit its linear maps on
+    with the same arguments, and the healing text's spec: what the game's repaired utility fits on."""
+    from shapprune.game.repaired import FIT_TOKENS
+
+    trains = any(m in ("lora", "distill") for m in parse_methods(list(methods)))
+    hd, data, seqlen, tokens = _heal_data(model, tokenizer, calibration, data, seqlen, tokens, trains, heldout,
+                                          heldout_seqlen, False)
+    rows = linear_rows(hd, tokens, trains)
+    return rows[: max(1, -(-(limit or FIT_TOKENS) // seqlen))], data
+
+
 def heal_and_remove(model, tokenizer, removed: Sequence[int], methods: Sequence[str], calibration=None, *,
                     data: str | None = None, seqlen: int | None = None, tokens: int | None = None,
                     steps: int = HEAL_STEPS, rank: int = HEAL_RANK, lr: float = HEAL_LR,
@@ -220,21 +261,11 @@ def heal_and_remove(model, tokenizer, removed: Sequence[int], methods: Sequence[
 
     methods = parse_methods(list(methods))
     t0 = time.time()
-    data = data or (calibration.data if calibration is not None else None)
-    if data is None:
-        raise UserError("healing needs text: give --heal-data (a .txt or .jsonl file)")
-    check_heal_data(data)
-    bos = bool(calibration.bos) if calibration is not None else False
     trains = any(m in ("lora", "distill") for m in methods)
-    ctx = context_length(model)
-    hl = heldout_seqlen or min(C.HELDOUT_SEQLEN, ctx or C.HELDOUT_SEQLEN)
-    seqlen = seqlen or hl
+    hd, data, seqlen, tokens = _heal_data(model, tokenizer, calibration, data, seqlen, tokens, trains, heldout,
+                                          heldout_seqlen, strict)
     if batch_size is None:
         batch_size = max(1, TRAIN_BATCH_TOKENS // seqlen)
-    if tokens is None:
-        tokens = TRAIN_TOKENS if trains else LINEAR_TOKENS
-    hd = heal_windows(tokenizer, data, seqlen, tokens, calibration, bos, heldout=heldout or C.HELDOUT_WINDOWS,
-                      heldout_seqlen=hl, strict=strict)
     num = find_layer_stack(model).num_layers
     kept = [i for i in range(num) if i not in set(removed)]
     keep_se = C.KEEP_SE if keep_se is None else keep_se
@@ -297,7 +328,7 @@ def heal_and_remove(model, tokenizer, removed: Sequence[int], methods: Sequence[
                 return judge(what, held())
 
         t1 = time.time()
-        rows = hd.train[: -(-min(tokens, LINEAR_TOKENS if trains else tokens) // seqlen)]
+        rows = linear_rows(hd, tokens, trains)
         rec["linear"] = linear_repair(model, removed, rows, batch_size=eval_batch, progress=progress, accept=accept)
         changed += rec["linear"].pop("changed_params", [])
         rec["linear"]["tokens"] = int(rows.numel())
@@ -333,4 +364,5 @@ def heal_and_remove(model, tokenizer, removed: Sequence[int], methods: Sequence[
     return model, rec
 
 
-__all__ = ["DEFAULT_HEAL", "METHODS", "check_heal_data", "context_length", "gap_closed", "heal_and_remove", "heal_windows", "parse_methods"]
+__all__ = ["DEFAULT_HEAL", "METHODS", "check_heal_data", "context_length", "gap_closed", "heal_and_remove", "heal_windows",
+           "linear_rows", "parse_methods", "repair_fit_ids"]

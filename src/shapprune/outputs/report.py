@@ -248,6 +248,8 @@ def render_report(record: PruningRecord | dict, info: dict, has_sur_plot: bool) 
                      f"{b['pruned']:,} bytes = {100 * b['ratio']:.1f}% of the source's {b['source']:,}; tensors {types}")
     if c is not None:
         lines.append(f"- {S.calibration_sentence(c.calibration or {})}")
+        if S.objective_sentence(c.objective):
+            lines.append(f"- {S.objective_sentence(c.objective)}")
     lines += [f"- {s}" for s in (S.perplexity_sentence(r), S.gguf_constraint_sentence(r), S.saved_sentence(r)) if s]
     if c is not None:
         lines.append(f"- {S.store_sentence(c)}")

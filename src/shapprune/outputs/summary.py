@@ -52,7 +52,10 @@ def perplexity_sentence(record: PruningRecord) -> str | None:
     if cp.get("full") is None:
         return None
     pruned = f" -> pruned {cp['pruned']:.4f}" if cp.get("pruned") is not None else ""
-    return f"calibration perplexity: full {cp['full']:.4f}{pruned}"
+    scored = ""
+    if record.choice is not None and (record.choice.objective or {}).get("name") == "repaired":
+        scored = " (sets scored after their linear repair)"
+    return f"calibration perplexity{scored}: full {cp['full']:.4f}{pruned}"
 
 
 def gguf_constraint_sentence(record: PruningRecord) -> str | None:
@@ -182,6 +185,16 @@ def calibration_sentence(c: dict) -> str:
     layout = f", {c['layout']}" if c.get("layout") else ""
     return (f"calibration: {c.get('windows')} windows × {c.get('seqlen')} tokens of `{c.get('data')}`{layout} "
             f"({c.get('tokens')} predicted tokens)")
+
+
+def objective_sentence(objective: dict | None) -> str | None:
+    """What a set was scored by, where it was not the set as it is: the repaired utility and its fitting text."""
+    if not objective or objective.get("name") != "repaired":
+        return None
+    fit = objective.get("fit") or {}
+    return (f"objective: each set scored after the linear repair it would get, its maps fitted on "
+            f"{fit.get('windows')} windows × {fit.get('seqlen')} tokens of the healing text `{fit.get('data')}` "
+            f"(one pass of the full model; {fit.get('maps_solved')} maps solved, {num(fit.get('seconds'), '.1f')} s)")
 
 
 def store_sentence(choice) -> str:

@@ -1,0 +1,151 @@
+"""The repaired utility: a mask is scored **after the training-free repair it would get**, so the game chooses
+layers for the model the user keeps, not for the unrepaired one.
+
+:class:`RepairedEvaluator` wraps any evaluator (calibration perplexity, KL, tasks). Before any mask, one pass
+of the full model over fitting windows of the healing text keeps every block's activations
+(:class:`~shapprune.game.linear_maps.Activations`); for each mask, each maximal run of removed layers gets the
+map the linear repair (``--heal linear``) fits, solved from those activations on first use and kept, folded
+into the kept block before the run while the mask is scored and undone after (:func:`apply_map`'s exact undo).
+Masks are still evaluated by skipping layers.
+
+Where it equals the real repair, and where not (measured in ``bench/results/repair-aware.md``):
+
+- the maps are fitted exactly as ``--heal linear`` fits them (one pass of the unpruned model, the same folds,
+  first position left out, ridge chosen the same way), on the first :data:`FIT_TOKENS` tokens of the same
+  healing windows (the repair itself fits on ``heal.LINEAR_TOKENS``);
+- the repair then checks each map on held-out windows and reverts one that does not help; the utility does
+  not (every map is applied).
+
+What it changes in the game: a kept block's output now depends on the run after it (its map), so prefix reuse
+carries a layer's output only where the next kept layer is inside the common prefix (:attr:`lookahead`); the
+store keys repaired evaluations apart (:meth:`fingerprint`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import tempfile
+from collections.abc import Iterator
+
+import torch
+
+from shapprune.game.linear_maps import FOLDS, RIDGE_GRID, Activations, apply_map, fit_map, runs_of
+
+log = logging.getLogger(__name__)
+
+REPAIRED_VERSION = 1
+#: healing tokens the repaired utility fits its maps on (the first windows of the repair's own); see
+#: bench/results/repair-aware.md for how well maps fitted on this many rank sets by their finally repaired
+#: perplexity
+FIT_TOKENS = 16384
+
+
+class RepairedEvaluator:
+    """``inner``'s score of a mask after the linear repair of its runs, fitted on ``fit_ids`` ``[n, T]``
+    (windows of healing text, never the windows scored). ``objective`` in :meth:`describe` is ``"repaired"``."""
+
+    #: a kept block's output depends on the layers after it (up to the next kept one): see the module docstring
+    lookahead = True
+
+    def __init__(self, inner, fit_ids: torch.Tensor, *, fit_data: str | None = None, batch_size: int = 4,
+                 grid=RIDGE_GRID, folds: int = FOLDS, progress: bool = False, _shared: dict | None = None):
+        self.inner = inner
+        self.fit_ids = fit_ids
+        self.fit_data = fit_data
+        self.fit_batch = batch_size
+        self.grid = tuple(grid)
+        self.folds = folds
+        self.progress = progress
+        self._shared = _shared if _shared is not None else {"acts": None, "maps": {}, "seconds": 0.0}
+        if hasattr(inner, "windowed"):
+            self.windowed = inner.windowed
+        if hasattr(inner, "first"):
+            self.first = self._first
+
+    @property
+    def batch_size(self) -> int:
+        return getattr(self.inner, "batch_size", 16)
+
+    @property
+    def windows(self):
+        return getattr(self.inner, "windows", None)
+
+    def fingerprint(self) -> str:
+        ids = self.fit_ids.to("cpu", torch.int64).contiguous().numpy()
+        h = hashlib.sha256(ids.tobytes() + str(ids.shape).encode() + repr((self.grid, self.folds)).encode())
+        return f"{self.inner.fingerprint()}|repaired:v{REPAIRED_VERSION}:{h.hexdigest()[:16]}"
+
+    def describe(self) -> dict:
+        acts = self._shared["acts"]
+        return {**self.inner.describe(), "objective": "repaired",
+                "repair_fit": {"data": self.fit_data, "windows": int(self.fit_ids.shape[0]),
+                               "seqlen": int(self.fit_ids.shape[1]),
+                               "tokens": int(self.fit_ids.numel()),
+                               "activation_bytes": acts.bytes if acts is not None else None,
+                               "maps_solved": len(self._shared["maps"]),
+                               "seconds": round(self._shared["seconds"], 3)}}
+
+    def prepare(self, runner) -> None:
+        """With the full model, before any mask: the inner evaluator's reference, then the activation pass."""
+        import time
+
+        if hasattr(self.inner, "prepare"):
+            self.inner.prepare(runner)
+        if self._shared["acts"] is None:
+            t0 = time.perf_counter()
+            directory = tempfile.mkdtemp(prefix="shapprune-repair-")
+            self._shared["acts"] = Activations(runner.model, self.fit_ids, directory, batch_size=self.fit_batch,
+                                               folds=self.folds, progress=self.progress)
+            self._shared["seconds"] += time.perf_counter() - t0
+            acts = self._shared["acts"]
+            log.info("repaired utility: activations of %d fitting tokens (%.0f MB on disk) in %.1f s", acts.tokens,
+                     acts.bytes / 2**20, time.perf_counter() - t0)
+
+    def nll(self, runner) -> tuple[float, int]:
+        return self.inner.nll(runner)
+
+    def _first(self, k: int) -> RepairedEvaluator:
+        return RepairedEvaluator(self.inner.first(k), self.fit_ids, fit_data=self.fit_data,
+                                 batch_size=self.fit_batch, grid=self.grid, folds=self.folds,
+                                 progress=self.progress, _shared=self._shared)
+
+    def run_map(self, a: int, b: int) -> torch.Tensor | None:
+        """The repair's map of the run ``a..b`` (``None``: it gets none, e.g. at layer 0 or no ridge helps)."""
+        import time
+
+        maps = self._shared["maps"]
+        if (a, b) not in maps:
+            acts = self._shared["acts"]
+            tg = acts.target(a)
+            T = None
+            if tg.module is not None:
+                t0 = time.perf_counter()
+                T, _ = fit_map(acts.stats(a, b), tg.diagonal, self.grid)
+                self._shared["seconds"] += time.perf_counter() - t0
+            maps[(a, b)] = T
+        return maps[(a, b)]
+
+    @contextlib.contextmanager
+    def masked(self, key: str) -> Iterator[None]:
+        """While the mask ``key`` (``"1101"``: kept layers) is scored: every run's map folded in, undone after."""
+        if self._shared["acts"] is None:
+            raise RuntimeError("RepairedEvaluator.prepare(runner) must run with the full model first")
+        acts = self._shared["acts"]
+        undo = []
+        try:
+            for a, b in runs_of([i for i, c in enumerate(key) if c == "0"]):
+                T = self.run_map(a, b)
+                if T is not None:
+                    undo.append(apply_map(acts.target(a), T))
+            yield
+        finally:
+            for u in reversed(undo):
+                u()
+
+    def close(self) -> None:
+        """Delete the activations."""
+        if self._shared["acts"] is not None:
+            self._shared["acts"].close()
+            self._shared["acts"] = None
