@@ -90,7 +90,9 @@ def choose(model, tokenizer=None, *, remove: int | None = None, ratio: float | N
     method, ``shapprune``) on calibration windows of ``data`` (or the given ``windows``); neither given: the
     per-layer values only (``record.removed`` is ``None``). The model is not changed. ``store``: an evaluation store file reused across runs (default: none, in memory); ``workers``:
     and ``evaluator`` (the game's utility; default: calibration perplexity) as for
-    :func:`shapprune.pipeline.choose_layers`; ``source``: the model's name in the record."""
+    :func:`shapprune.pipeline.choose_layers`; ``source``: the model's name in the record. ``budget``: in
+    full-evaluation equivalents, the one unit of every method's budget (:data:`shapprune.methods.registry.BUDGET_UNIT`;
+    ``None``: the method's default)."""
     from shapprune.methods import DEFAULT_METHOD
     from shapprune.models.layers import find_layer_stack
     from shapprune.pipeline import choose_layers, layers_to_remove

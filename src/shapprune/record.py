@@ -24,7 +24,8 @@ class Choice:
     values: list[float] | None = None
     stderr: list[float | None] | None = None
     calibration: dict = field(default_factory=dict)  # data, seqlen, windows, tokens, layout
-    budget: int | None = None
+    budget: float | None = None  # given (or the method's default), in full-evaluation equivalents
+    budget_spent: float | None = None  # what the choice spent of it, in the same unit (registry.BUDGET_UNIT)
     evaluations: dict = field(default_factory=dict)  # new, reused (from the evaluation store)
     surrogate: dict | None = None
     cost: dict | None = None
