@@ -123,8 +123,12 @@ def bad_cases(ckpt, data, tmp_path):
         "compare ignored": ([*cmp, "--methods", "ppl,sleb", "--estimator", "kernel"], "would be ignored by ppl, sleb"),
         "compare budget": ([*cmp, "--methods", "ppl,shapley", "--estimator", "permutation", "--budget", "5"],
                            "give at least 26"),
-        "compare shapprune budget": ([*cmp, "--methods", "ppl,shapprune", "--budget", "40"],
-                                     "give --shapprune-budget for shapprune"),
+        # issue 41: --budget is every method's, in one unit; a method's own flag overrides it for that method
+        "compare ignored budget": ([*cmp, "--methods", "ppl,shapprune", "--budget", "40", "--shapprune-budget", "9"],
+                                   "--budget would be ignored by ppl, shapprune; it applies to search, shapley, "
+                                   "exhaustive only (--shapprune-budget overrides it)"),
+        "compare foreign budget": ([*cmp, "--methods", "ppl,sleb", "--search-budget", "40"],
+                                   "--search-budget would be ignored: search is not among the methods compared"),
         "permutation budget": (["shapley", ckpt, "--estimator", "permutation", "--budget", "23", *sel],
                                "give at least 26"),
         "kernel budget": (["shapley", ckpt, "--estimator", "kernel", "--budget", "11", *sel], "give at least 12"),
@@ -146,7 +150,7 @@ CASES = ["out of range", "negative", "duplicated", "not a number", "all layers",
          "shapley json exists", "paper calibration and seqlen", "both window options", "unknown method",
          "unknown estimator", "unknown surrogate", "bad strata",
          "ignored estimator", "ignored budget", "ignored strata", "ignored with drop", "compare estimator",
-         "compare strata", "compare surrogate", "compare ignored", "compare budget", "compare shapprune budget",
+         "compare strata", "compare surrogate", "compare ignored", "compare budget", "compare ignored budget", "compare foreign budget",
          "permutation budget",
          "kernel budget", "surrogate budget", "exact budget", "exhaustive budget", "out under a file",
          "json under a file"]
@@ -154,7 +158,7 @@ CASES = ["out of range", "negative", "duplicated", "not a number", "all layers",
 BEFORE_LOADING = ["json exists", "shapley json exists", "paper calibration and seqlen", "both window options", "unknown method", "unknown estimator", "unknown surrogate",
                   "bad strata", "ignored estimator", "ignored budget", "ignored strata", "ignored with drop",
                   "compare estimator", "compare strata", "compare surrogate", "compare ignored",
-                  "compare shapprune budget", "out under a file",
+                  "compare ignored budget", "compare foreign budget", "out under a file",
                   "json under a file"]
 
 

@@ -49,7 +49,7 @@ def test_compare_all_methods(setup, capsys):
 
 def test_compare_gives_shapprune_its_own_budget(setup, capsys):
     ck, data, tmp = setup
-    # --budget is shapley's (masks); shapprune's counts full evaluations and comes from --shapprune-budget
+    # --shapprune-budget overrides --budget (the same unit, full-evaluation equivalents) for shapprune alone
     asked = {}
     for b in ("6", "20"):
         assert compare(ck, data, tmp / b, methods="shapprune,shapley", remove="2",
@@ -57,6 +57,25 @@ def test_compare_gives_shapprune_its_own_budget(setup, capsys):
         rows = {r["method"]: r for r in json.loads((tmp / b / "results.json").read_text())}
         asked[b] = rows["shapprune"]["evaluations"]
     assert asked["6"] <= 6 < asked["20"] <= 20
+    capsys.readouterr()
+
+
+def test_compare_budget_is_every_methods_in_one_unit(setup, capsys):
+    """Issue 41: --budget reaches every method that reads one, in full-evaluation equivalents; a method's own flag
+    overrides it for that method only, and --exhaustive-budget or --budget caps Table 1's exhaustive pairs too."""
+    ck, data, tmp = setup
+    assert compare(ck, data, tmp / "a", methods="search,exhaustive", remove="2", budget=("--budget", "9")) == 0
+    rows = {r["method"]: r for r in json.loads((tmp / "a" / "results.json").read_text())}
+    analysis = json.loads((tmp / "a" / "analysis.json").read_text())
+    assert rows["search"]["evaluations"] <= 9 and "exhaustive" not in rows  # C(5, 2) = 10 > 9: skipped
+    assert "give --exhaustive-budget 10" in analysis["skipped"][0]["reason"]
+    assert "exhaustive" not in analysis["table1"] and "greedy" in analysis["table1"]
+    assert compare(ck, data, tmp / "b", methods="search,exhaustive", remove="2",
+                   budget=("--budget", "9", "--exhaustive-budget", "10")) == 0
+    rows = {r["method"]: r for r in json.loads((tmp / "b" / "results.json").read_text())}
+    analysis = json.loads((tmp / "b" / "analysis.json").read_text())
+    assert rows["search"]["evaluations"] <= 9 and rows["exhaustive"]["evaluations"] == 10
+    assert analysis["skipped"] == [] and analysis["table1"]["pairs"] == 10
     capsys.readouterr()
 
 

@@ -11,7 +11,7 @@ from shapprune.cli import main
 from shapprune.cli.common import BUDGET_HELP, FLAGS, given_options
 from shapprune.errors import UserError
 from shapprune.methods import Selection, SelectionContext, registry
-from shapprune.methods.registry import BUDGET, UTILITY, MethodSpec, register
+from shapprune.methods.registry import BUDGET, BUDGET_UNIT, UTILITY, MethodSpec, register, same_count
 from shapprune.outputs.report import value_plot
 from tiny import save_tiny
 
@@ -58,7 +58,7 @@ def test_the_builtin_tables_are_views_of_the_registry():
                                      "shapley", "search", "exhaustive"]
     assert value_plot("shortgpt")[0] == "block_influence.png" and value_plot("sleb")[0] == "sleb_values.png"
     assert set(FLAGS) == set(registry.OPTIONS) and FLAGS["paper_recipe"] == "--paper-recipe"
-    assert "shapprune (the default): calibration tokens" in BUDGET_HELP and "exhaustive: the largest" in BUDGET_HELP
+    assert "shapprune (the default): buys" in BUDGET_HELP and "exhaustive: buys the enumeration" in BUDGET_HELP
     assert given_options(SimpleNamespace(budget=None, estimator="exact", utility="ppl")) == ["estimator"]
     assert given_options(SimpleNamespace(budget=5, utility="kl")) == ["budget", "utility"]
 
@@ -87,3 +87,94 @@ def test_a_registered_method_runs_in_compare(tmp_path, monkeypatch):
     rows = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["n"]) for r in rows] == [("second-half", 1), ("second-half", 2), ("last", 1), ("last", 2)]
     assert [r["removed"] for r in rows if r["method"] == "second-half"] == [[2], [2, 3]]
+
+
+# -------------------------------------------------------------------- issue 41: one budget unit for every method
+BUDGETED = ("shapprune", "search", "shapley", "exhaustive")
+
+
+def test_every_method_counts_its_budget_in_one_unit():
+    """Every registered method that reads --budget states the same unit, one sentence on what it buys, what it
+    counts inside and its conversion (the identity for the built-ins: each counted thing is one full evaluation)."""
+    budgeted = [s for s in registry.selection_specs() if s.reads_budget]
+    assert [s.name for s in budgeted] == list(BUDGETED)
+    assert {s.budget_unit for s in registry.specs()} == {BUDGET_UNIT} == {"full-evaluation equivalents"}
+    for s in budgeted:
+        assert s.budget_help.endswith(".") and ". " not in s.budget_help, s.name  # one sentence
+        assert s.budget_help.startswith("buys ") and s.budget_counts, s.name
+        assert s.budget_conversion is same_count, s.name
+        assert s.internal_budget(37) == 37 and s.internal_budget(None) is None
+        assert BUDGET_HELP.count(f"{s.name}{' (the default)' if s.name == 'shapprune' else ''}: {s.budget_help}") == 1
+    assert not [s.name for s in registry.selection_specs() if s.budget_help and not s.reads_budget]
+    assert BUDGET_HELP.startswith("the selection's budget in full-evaluation equivalents, one unit for every method")
+    # compare's flags: one per budgeted method, each documented in the same unit as --budget, overriding it
+    from shapprune.cli.compare_cmd import own_budgets
+
+    assert own_budgets() == {"shapprune": "--shapprune-budget", "search": "--search-budget",
+                             "shapley": "--shapley-budget", "exhaustive": "--exhaustive-budget"}
+    for s in budgeted:
+        assert "in the same unit as --budget (full-evaluation equivalents), overriding --budget for " \
+               f"{s.name}" in registry.compare_budget_help(s)
+
+
+def test_register_refuses_another_budget_unit():
+    with pytest.raises(ValueError, match="full-evaluation equivalents"):
+        register(MethodSpec("toy", "set", select_second_half, (BUDGET,), budget_unit="masks"))
+    assert registry.find("toy") is None
+
+
+def test_the_conversion_reaches_the_method_and_its_check():
+    """A method whose internal count differs converts the budget given in the unit: ``select`` and ``check`` see
+    the converted number, the caller's context keeps the number given, and no budget stays no budget."""
+    seen = []
+
+    def pick(ctx, n):
+        seen.append(("select", ctx.budget))
+        return Selection(removed=list(range(n)))
+
+    def check(num_layers, n, budget, options):
+        seen.append(("check", budget))
+
+    register(MethodSpec("half-screened", "set", pick, (BUDGET,), check=check, budget_counts="masks on half the windows",
+                        budget_conversion=lambda b: 2 * b))
+    ctx = SelectionContext(model=None, tokenizer=None, windows=None, game=SimpleNamespace(n_players=6), budget=7)
+    assert methods.select("half-screened", ctx, 2).removed == [0, 1] and ctx.budget == 7
+    methods.check_selection("half-screened", 6, 2, 7)
+    methods.select("half-screened", SelectionContext(None, None, None, SimpleNamespace(n_players=6)), 1)
+    assert seen == [("select", 14), ("check", 14), ("select", None)]
+    # a method that does not read --budget gets the context as given, whatever its conversion says
+    register(MethodSpec("unbudgeted", "set", pick, budget_conversion=lambda b: 2 * b))
+    methods.select("unbudgeted", ctx, 1)
+    assert seen[-1] == ("select", 7)
+
+
+@pytest.fixture(scope="module")
+def tiny_game():
+    from shapprune.game.core import ModelGame, PerplexityEvaluator
+    from shapprune.models.data import Windows
+    from tiny import tiny_inputs, tiny_model
+
+    model = tiny_model("llama", seed=1)
+    win = Windows(tiny_inputs(n=4, t=24, seed=5), "tiny", 24, False)
+    return model, win, ModelGame(model, PerplexityEvaluator(win, batch_size=4), progress=False)
+
+
+@pytest.mark.parametrize("name,budget,options", [("search", 12, {}), ("exhaustive", 10, {}),
+                                                 ("shapley", 12, {"estimator": "kernel"}), ("shapprune", 9, {})])
+def test_each_method_reports_the_budget_given_and_spent_in_the_unit(tiny_game, name, budget, options):
+    """Each budgeted method reports the budget it was given and what it spent of it, both in full-evaluation
+    equivalents: what it spent is what it asked the game for on all windows (shapprune: plus a quarter per
+    screened mask), never more than the budget."""
+    model, win, game = tiny_game
+    ctx = SelectionContext(model=model, tokenizer=None, windows=win, game=game, budget=budget, batch_size=4,
+                           options={"progress": False, **options})
+    before = game.new + game.reused
+    extra = methods.select(name, ctx, 2).extra
+    asked = game.new + game.reused - before
+    assert extra["budget"] == budget and 0 < extra["budget_spent"] <= budget
+    if name == "shapprune":
+        screened = extra["full_evaluations"], extra["screen_evaluations"]
+        share = extra["cost_detail"]["screen_share"]
+        assert extra["budget_spent"] == pytest.approx(screened[0] + share * screened[1], abs=0.01)
+    else:
+        assert extra["budget_spent"] == asked

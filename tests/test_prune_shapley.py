@@ -9,7 +9,7 @@ from conftest import WIKI_VALID, need
 from shapprune.cli import main
 
 KEYS = ["schema", "source", "num_layers", "removed", "kept", "method", "estimator", "values", "stderr", "calibration",
-        "budget", "evaluations", "surrogate", "cost", "evidence", "calibration_ppl", "seed", "versions", "seconds", "saved"]
+        "budget", "budget_spent", "evaluations", "surrogate", "cost", "evidence", "calibration_ppl", "seed", "versions", "seconds", "saved"]
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs. ") * 40
 
@@ -78,6 +78,9 @@ def test_prune_tiny_end_to_end(tiny, tmp_path, extra):
     assert rec["calibration"] == {"data": tiny[1], "seqlen": 32, "windows": 4, "tokens": 4 * 31,
                                   "layout": "in order"}
     assert rec["calibration_ppl"]["pruned"] > 0 and rec["evaluations"]["new"] >= 2
+    # the budget given (or the estimator's default: 2^5 for exact) and spent, in full-evaluation equivalents
+    assert rec["budget"] == (int(extra[extra.index("--budget") + 1]) if "--budget" in extra else 32)
+    assert 0 < rec["budget_spent"] <= rec["budget"]
     sorted_layers = sorted(range(5), key=lambda i: rec["values"][i])
     assert sorted(sorted_layers[:2]) == rec["removed"]
     if "--estimator" in extra:

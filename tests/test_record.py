@@ -11,7 +11,7 @@ METHOD_RUN = {
     "source": "smollm2-135m", "num_layers": 4, "removed": [1], "kept": [0, 2, 3], "method": "shapprune",
     "estimator": "multi-fidelity search", "values": [0.1, 0.0, 0.3, 0.2], "stderr": None,
     "calibration": {"data": "wikitext2", "seqlen": 8, "windows": 2, "tokens": 14, "layout": "in order"},
-    "budget": None, "evaluations": {"new": 3, "reused": 1}, "surrogate": None, "cost": None, "evidence": None,
+    "budget": None, "budget_spent": None, "evaluations": {"new": 3, "reused": 1}, "surrogate": None, "cost": None, "evidence": None,
     "calibration_ppl": {"full": 10.0, "pruned": 12.5}, "seed": 0, "versions": {"shapprune": "0.1.0"},
     "seconds": 1.5, "heal": {"method": "linear"}, "quantization": {"scheme": "int8-weight-only"},
     "saved": {"dtype": "bfloat16", "bytes": 2_000_000}, "made_up_by_a_later_version": [1, 2],
@@ -34,6 +34,26 @@ def test_manual_record_has_only_its_keys():
     assert PruningRecord.from_json(rec.to_json()) == rec and rec.calibration_ppl == {}
     rec.saved = {"dtype": "float32", "bytes": 1_500_000}
     assert manual_summary_lines(rec, "out") == ["removed layers [1] of 3; saved float32 weights, 1.5 MB; wrote out"]
+
+
+def test_a_file_without_budget_spent_reads_back_with_none():
+    old = {k: v for k, v in METHOD_RUN.items() if k != "budget_spent"}
+    rec = PruningRecord.from_json(old)
+    assert rec.choice.budget_spent is None and rec.to_json() == {"schema": SCHEMA, **METHOD_RUN}
+
+
+def test_the_budget_line_gives_budget_and_spent_in_one_unit():
+    """report.md's line of the budget, for every method that has one: given and spent in full-evaluation
+    equivalents (shapprune's fractional ones to two places), nothing for a method without a budget."""
+    from shapprune.outputs.summary import store_sentence
+
+    ev = {"new": 9, "reused": 2}
+    assert store_sentence(Choice(budget=12, budget_spent=11, evaluations=ev)) == (
+        "budget 12 full-evaluation equivalents, 11 spent; evaluations on all windows: 9 new, 2 reused from the store")
+    assert store_sentence(Choice(budget=43.5, budget_spent=41.25, evaluations=ev)).startswith(
+        "budget 43.50 full-evaluation equivalents, 41.25 spent; ")
+    assert store_sentence(Choice(budget=5000, evaluations=ev)).startswith("budget 5000 full-evaluation equivalents; ")
+    assert store_sentence(Choice(evaluations=ev)) == "evaluations on all windows: 9 new, 2 reused from the store"
 
 
 def test_a_newer_schema_is_refused():

@@ -101,3 +101,6 @@ def test_prune_with_search_end_to_end(tmp_path, capsys):
     assert rec["method"] == "search" and rec["estimator"] == "search" and len(rec["removed"]) == 2
     assert rec["evaluations"]["new"] <= 12 + 2  # budget, plus the full model and the pruned mask check
     assert len(rec["values"]) == 5 and (out / "report.md").exists()
+    # issue 41: the budget given and spent, in full-evaluation equivalents, in the record and report.md's line
+    assert rec["budget"] == 12 and 0 < rec["budget_spent"] <= 12
+    assert f"budget 12 full-evaluation equivalents, {rec['budget_spent']} spent; " in (out / "report.md").read_text()

@@ -94,7 +94,9 @@ def choose(model, tokenizer=None, *, remove: int | None = None, ratio: float | N
     ``"unrepaired"`` scores each set as it is; ``"repaired"`` scores it after the linear repair it would get
     (:mod:`shapprune.game.repaired`), fitted on the healing text that :func:`heal_layers` would use: ``repair``
     holds :func:`shapprune.heal.repair_fit_ids`'s keywords for it (``data``, ``seqlen``, ``tokens``,
-    ``heldout``, ``heldout_seqlen``, ``methods``)."""
+    ``heldout``, ``heldout_seqlen``, ``methods``). ``budget``: in
+    full-evaluation equivalents, the one unit of every method's budget (:data:`shapprune.methods.registry.BUDGET_UNIT`;
+    ``None``: the method's default)."""
     from shapprune.methods import DEFAULT_METHOD
     from shapprune.models.layers import find_layer_stack
     from shapprune.pipeline import choose_layers, layers_to_remove

@@ -85,8 +85,9 @@ def run_comparison(model, tokenizer, calib_windows, calib_game: ModelGame, test_
 
     ``evaluations`` is the number of distinct masks a method asked the game for (its cost if run alone,
     whether or not the store already held them); ``seconds`` is the wall time spent choosing in this run.
-    ``task_fn(kept) -> dict`` adds zero-shot results per row when given. ``budgets`` overrides ``budget`` per
-    method (``None``: the method's own default). ``heal``: keyword arguments of
+    ``task_fn(kept) -> dict`` adds zero-shot results per row when given. ``budget`` (in
+    :data:`~shapprune.methods.registry.BUDGET_UNIT`, every method's one unit) goes to every method that reads a
+    budget; ``budgets`` overrides it per method (``None``: the method's own default). ``heal``: keyword arguments of
     :func:`shapprune.heal.heal_and_remove` (``methods`` included); each selection is then also healed on a copy
     of the model and its healed perplexities kept in ``Row.healed`` (a set chosen by several methods is healed once).
     """
@@ -131,7 +132,9 @@ def run_comparison(model, tokenizer, calib_windows, calib_game: ModelGame, test_
     full = {"calib_ppl": calib_game.full_perplexity, "test_ppl": test_game.full_perplexity}
     if task_fn is not None:
         full["tasks"] = task_fn(list(range(num)))
-    t1 = table1_analysis(calib_game, test_game, (options or {}).get("exhaustive_budget")) if table1 else None
+    # Table 1's exhaustive pairs: under the exhaustive method's own cap (--exhaustive-budget, else --budget)
+    cap = (options or {}).get("exhaustive_budget") or (budgets or {}).get("exhaustive", budget)
+    t1 = table1_analysis(calib_game, test_game, cap) if table1 else None
     return Comparison(rows, full, skipped, t1)
 
 

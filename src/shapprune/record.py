@@ -26,7 +26,8 @@ class Choice:
     calibration: dict = field(default_factory=dict)  # data, seqlen, windows, tokens, layout
     # what a set was scored by: {"name": "unrepaired"} or {"name": "repaired", "fit": the repair's fitting text}
     objective: dict | None = None
-    budget: int | None = None
+    budget: float | None = None  # given (or the method's default), in full-evaluation equivalents
+    budget_spent: float | None = None  # what the choice spent of it, in the same unit (registry.BUDGET_UNIT)
     evaluations: dict = field(default_factory=dict)  # new, reused (from the evaluation store)
     surrogate: dict | None = None
     cost: dict | None = None

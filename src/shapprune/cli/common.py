@@ -279,7 +279,8 @@ def utility_evaluator(args, tokenizer, windows, batch_size: int = 16):
 #: option (as in :data:`shapprune.methods.METHOD_OPTIONS`) -> its flag; a view of the registry's options
 FLAGS = {name: opt.flag for name, opt in registry.OPTIONS.items()}
 
-#: ``--budget``'s help: what it counts for each registered method (:attr:`MethodSpec.budget_help`)
+#: ``--budget``'s help: its one unit (:data:`~shapprune.methods.registry.BUDGET_UNIT`), then what it buys each
+#: registered method (:attr:`MethodSpec.budget_help`)
 BUDGET_HELP = registry.budget_help()
 
 
@@ -323,8 +324,9 @@ def check_selection_args(args, methods: list[str], own_budgets: dict[str, str] |
 
     Unknown methods, estimators and surrogates and malformed strata are errors, and so is an option that
     every chosen method would ignore (``--estimator`` with ``--method sleb``). ``own_budgets`` (method ->
-    flag) names the methods that take their budget from a flag of their own (``compare``'s
-    ``--shapprune-budget``), so that ``--budget`` is not theirs. ``args.strata`` becomes a list.
+    flag) names ``compare``'s per-method budget flags (``--shapprune-budget``): in the same unit as ``--budget``,
+    one given overrides ``--budget`` for its method, and one given for a method not chosen is refused.
+    ``args.strata`` becomes a list.
     """
     from shapprune.game.estimators import ESTIMATOR_OPTIONS, check_estimator
     from shapprune.game.surrogate import SURROGATES
@@ -340,7 +342,12 @@ def check_selection_args(args, methods: list[str], own_budgets: dict[str, str] |
         args.strata = int_list(args.strata)
     if args.strata is not None and min(args.strata) < 1:
         raise UserError(f"--strata {min(args.strata)}: each stratum keeps at least 1 layer")
-    own = own_budgets or {}
+    own = {m: flag for m, flag in (own_budgets or {}).items()
+           if getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None}  # the per-method flags given
+    for m, flag in own.items():
+        if m not in methods or "budget" not in method_options(m):
+            raise UserError(f"{flag} would be ignored: {m} is not among the methods compared "
+                            f"({', '.join(methods)})")
 
     def takes(m: str, opt: str) -> bool:
         return opt in method_options(m) and not (opt == "budget" and m in own)
@@ -349,9 +356,9 @@ def check_selection_args(args, methods: list[str], own_budgets: dict[str, str] |
         if not any(takes(m, opt) for m in methods):
             which = ", ".join(m for m in methods)
             using = ", ".join(m for m in dict.fromkeys(_methods_using(opt)) if takes(m, opt)) or "no method"
-            instead = [f"{own[m]} for {m}" for m in methods if opt == "budget" and m in own]
+            overridden = [f"{own[m]}" for m in methods if opt == "budget" and m in own]
             raise UserError(f"{FLAGS[opt]} would be ignored by {which}; it applies to {using} only"
-                            + (f"; give {', '.join(instead)}" if instead else ""))
+                            + (f" ({', '.join(overridden)} overrides it)" if overridden else ""))
     check_store_early(args)
     estimator = args.estimator or "surrogate"
     if any("estimator" in method_options(m) for m in methods):

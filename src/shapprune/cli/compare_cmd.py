@@ -24,9 +24,15 @@ from shapprune.methods import registry
 
 
 def own_budgets() -> dict[str, str]:
-    """Methods whose budget counts other things than ``--budget``'s (shapley's masks) -> their own flag
-    (:attr:`~shapprune.methods.registry.MethodSpec.compare_budget_flag`)."""
+    """Methods with a budget flag of their own in ``compare`` -> that flag
+    (:attr:`~shapprune.methods.registry.MethodSpec.compare_budget_flag`): in the same unit as ``--budget``
+    (:data:`~shapprune.methods.registry.BUDGET_UNIT`), it overrides ``--budget`` for that method."""
     return {s.name: s.compare_budget_flag for s in registry.selection_specs() if s.compare_budget_flag}
+
+
+def budget_dest(flag: str) -> str:
+    """The ``args`` attribute of a budget flag (``--shapprune-budget`` -> ``shapprune_budget``)."""
+    return flag.lstrip("-").replace("-", "_")
 
 
 HELP = "compare layer-selection methods: test perplexity vs layers removed (results.json/.md, plot)"
@@ -43,7 +49,8 @@ def add_arguments(p) -> None:
     p.add_argument("--eval-max-windows", type=positive_int, default=None, help="test windows (default: all)")
     for spec in registry.selection_specs():
         if spec.compare_budget_flag:
-            p.add_argument(spec.compare_budget_flag, type=positive_int, default=None, help=spec.compare_budget_help)
+            p.add_argument(spec.compare_budget_flag, type=positive_int, default=None,
+                           help=registry.compare_budget_help(spec))
     p.add_argument("--tasks", default=None, help="also zero-shot tasks, e.g. piqa,arc_easy (with --task-dir)")
     p.add_argument("--task-dir", default=None, help="directory of local task files <name>.jsonl")
     add_task_limit_arg(p, "first N items of each task")
@@ -78,8 +85,9 @@ def run(args) -> int:
     selections = [m for m in methods if not is_width(m)]
     own = own_budgets()
     check_selection_args(args, selections, own_budgets=own)
-    # each method's budget: its own flag's value (None: its default), --budget for the rest
-    budget_of = {m: getattr(args, flag.lstrip("-").replace("-", "_")) for m, flag in own.items()}
+    # each method's budget, all in full-evaluation equivalents: its own flag's value where given, else --budget
+    # (None: the method's default at each N)
+    budget_of = {m: getattr(args, budget_dest(flag)) or args.budget for m, flag in own.items()}
     counts = parse_counts(args.remove)
     out = Path(args.out)
     check_out_dir(out)

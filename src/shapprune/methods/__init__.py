@@ -36,10 +36,12 @@ __all__ = ["DEFAULT_METHOD", "METHODS", "METHOD_CHECKS", "METHOD_OPTIONS", "Meth
 
 
 def check_selection(name: str, num_layers: int, n: int, budget: int | None, options: dict | None = None) -> None:
-    """Run ``name``'s check (once the layer count is known, before evaluating)."""
-    check = registry.get(check_method(name)).checker()
+    """Run ``name``'s check (once the layer count is known, before evaluating) on ``budget`` (in
+    :data:`~shapprune.methods.registry.BUDGET_UNIT`) converted as :func:`select` converts it."""
+    spec = registry.get(check_method(name))
+    check = spec.checker()
     if check is not None:
-        check(num_layers, n, budget, dict(options or {}))
+        check(num_layers, n, spec.internal_budget(budget), dict(options or {}))
 
 
 def method_options(name: str) -> tuple[str, ...]:
@@ -64,7 +66,7 @@ class SelectionContext:
     windows: Any  # shapprune.models.data.Windows (calibration)
     game: Any  # shapprune.game.core.ModelGame
     seed: int = 0
-    budget: int | None = None
+    budget: int | None = None  # in registry.BUDGET_UNIT; the method gets it converted to its own count (select)
     batch_size: int = 16
     options: dict = field(default_factory=dict)  # method-specific, e.g. estimator, surrogate, strata
 
@@ -84,10 +86,19 @@ def get_method(name: str):
 
 
 def select(name: str, ctx: SelectionContext, n: int) -> Selection:
+    """Run method ``name`` for ``n`` layers; ``ctx.budget`` is given in
+    :data:`~shapprune.methods.registry.BUDGET_UNIT` and reaches the method converted to its own count
+    (:meth:`~shapprune.methods.registry.MethodSpec.internal_budget`; ``ctx`` itself is not changed)."""
+    import dataclasses
+
     num = ctx.game.n_players
     if not 0 < n < num:
         raise UserError(f"cannot remove {n} of {num} layers; remove between 1 and {num - 1}")
-    sel = get_method(name)(ctx, n)
+    spec = registry.get(check_method(name))
+    budget = spec.internal_budget(ctx.budget)
+    if budget is not ctx.budget:
+        ctx = dataclasses.replace(ctx, budget=budget)
+    sel = spec.selector()(ctx, n)
     sel.removed = sorted(int(i) for i in sel.removed)
     assert len(sel.removed) == n and len(set(sel.removed)) == n, (name, sel.removed)
     return sel

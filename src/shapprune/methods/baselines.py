@@ -223,9 +223,15 @@ def select_random(ctx: SelectionContext, n: int) -> Selection:
 DEFAULT_EXHAUSTIVE_BUDGET = 5000
 
 
+def exhaustive_cap(budget: int | None, options: dict) -> int:
+    """The largest ``C(L, N)`` the exhaustive method may enumerate: ``compare``'s ``--exhaustive-budget``, else the
+    budget (full-evaluation equivalents: one per set), else :data:`DEFAULT_EXHAUSTIVE_BUDGET`."""
+    return int(options.get("exhaustive_budget") or budget or DEFAULT_EXHAUSTIVE_BUDGET)
+
+
 def check_exhaustive(num_layers: int, n: int, budget: int | None, options: dict) -> None:
     """The exhaustive method's budget caps ``C(L, N)``: refuse a smaller one, naming the evaluations needed."""
-    cap = int(options.get("exhaustive_budget") or budget or DEFAULT_EXHAUSTIVE_BUDGET)
+    cap = exhaustive_cap(budget, options)
     flag = "--exhaustive-budget" if "exhaustive_budget" in options else "--budget"  # compare has its own flag
     if math.comb(num_layers, n) > cap:
         raise UserError(f"exhaustive search over {n} of {num_layers} layers needs {math.comb(num_layers, n)} "
@@ -240,4 +246,6 @@ def select_exhaustive(ctx: SelectionContext, n: int) -> Selection:
     combos = list(itertools.combinations(range(num), n))
     ppl = ctx.game.perplexities(np.stack([mask_without(num, c) for c in combos]))
     best = min(range(total), key=lambda j: (ppl[j], combos[j]))
-    return Selection(removed=list(combos[best]), extra={"candidates": total, "best_ppl": float(ppl[best])})
+    return Selection(removed=list(combos[best]), extra={"candidates": total, "best_ppl": float(ppl[best]),
+                                                        "budget": exhaustive_cap(ctx.budget, ctx.options or {}),
+                                                        "budget_spent": total})

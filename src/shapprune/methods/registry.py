@@ -26,6 +26,22 @@ DEFAULT_METHOD = "shapprune"
 #: ``compare --methods all``'s rank of a method registered without one: after the known ones, before exhaustive
 LATE = 500
 
+#: the one unit of every method's ``--budget`` (and of ``compare``'s per-method budget flags), the unit the cost
+#: line prints: one evaluation of one mask on all calibration windows (all of a task utility's items) counts 1;
+#: one on a fraction of the windows (``shapprune``'s screen) counts that fraction
+BUDGET_UNIT = "full-evaluation equivalents"
+#: :data:`BUDGET_UNIT` in a sentence, the start of ``--budget``'s help
+BUDGET_UNIT_HELP = (f"the selection's budget in {BUDGET_UNIT}, one unit for every method: one evaluation of one mask on all calibration windows "
+                    "counts 1, one on a fraction of the windows counts that fraction; the full model's evaluation and "
+                    "the report's extra passes are counted apart, as the cost line shows them.")
+
+
+def same_count(budget):
+    """The identity conversion of a budget: for a method whose every counted thing (a real evaluation, a Stage-1
+    mask, an enumerated set) is one evaluation on all calibration windows, or that counts in
+    :data:`BUDGET_UNIT` itself, its budget is the number given."""
+    return budget
+
 
 @dataclass(frozen=True)
 class Option:
@@ -45,9 +61,15 @@ class MethodSpec:
     ``select``: ``select(ctx, n) -> Selection`` as ``"module:function"`` or the function (``None`` for a width
     method). ``options``: the :class:`Option` s it reads; the command line refuses one given to a method that
     would ignore it. ``check``: ``check(num_layers, n, budget, options)`` run once the layer count is known,
-    before any evaluation (e.g. a budget below the method's minimum). ``budget_unit``/``budget_help``: what
-    ``--budget`` counts for it (the latter a sentence of ``--budget``'s help). ``compare_budget_flag``/``_help``:
-    ``compare``'s flag for its budget where the unit differs from ``--budget``'s. ``skippable``: ``compare`` lists
+    before any evaluation (e.g. a budget below the method's minimum); it gets the budget converted as ``select``
+    does. ``budget_unit``: what ``--budget`` counts, :data:`BUDGET_UNIT` for every method (:func:`register`
+    refuses another). ``budget_help``: one sentence of ``--budget``'s help, what the budget buys the method and
+    its default. ``budget_counts``: what the method counts internally; ``budget_conversion``: ``convert(budget)``
+    from :data:`BUDGET_UNIT` to that count (``"module:function"`` or the function; :func:`same_count`, the
+    identity, where each counted thing is one full evaluation), applied to ``ctx.budget`` before ``select`` and
+    ``check`` see it. A method reports ``budget`` and ``budget_spent`` in ``Selection.extra`` in
+    :data:`BUDGET_UNIT`. ``compare_budget_flag``: ``compare``'s flag for this method's budget alone, in the same
+    unit, overriding ``--budget`` for it (its help: :func:`compare_budget_help`). ``skippable``: ``compare`` lists
     an N the method refuses as skipped instead of stopping. ``rank``: ``compare --methods all`` runs methods by
     rank, cheap first. ``plot``: ``(file name, y label)`` of its per-layer value plot (default
     ``<name>_values.png``); ``reference_line``: drawn dashed, outside the y scale, in ``compare``'s plot.
@@ -58,10 +80,11 @@ class MethodSpec:
     select: str | Callable | None = None
     options: tuple[Option, ...] = ()
     check: str | Callable | None = None
-    budget_unit: str | None = None
+    budget_unit: str = BUDGET_UNIT
     budget_help: str | None = None
+    budget_counts: str | None = None
+    budget_conversion: str | Callable | None = None
     compare_budget_flag: str | None = None
-    compare_budget_help: str | None = None
     skippable: bool = False
     rank: int = LATE
     plot: tuple[str, str] | None = None
@@ -82,6 +105,18 @@ class MethodSpec:
     def checker(self) -> Callable | None:
         return load(self.check) if isinstance(self.check, str) else self.check
 
+    @property
+    def reads_budget(self) -> bool:
+        return "budget" in self.option_names
+
+    def internal_budget(self, budget):
+        """``budget`` (in :data:`BUDGET_UNIT`; ``None``: the method's default) as the method counts it
+        (:attr:`budget_conversion`; none given: unchanged)."""
+        if budget is None or not self.reads_budget or self.budget_conversion is None:
+            return budget
+        convert = load(self.budget_conversion) if isinstance(self.budget_conversion, str) else self.budget_conversion
+        return convert(budget)
+
     def value_plot(self) -> tuple[str, str]:
         return self.plot or (f"{self.name}_values.png", f"{self.name} score per layer")
 
@@ -95,6 +130,9 @@ def register(spec: MethodSpec, replace: bool = False) -> MethodSpec:
         raise ValueError(f"method {spec.name!r}: kind {spec.kind!r} is not one of {', '.join(KINDS)}")
     if spec.selects_layers and spec.select is None:
         raise ValueError(f"method {spec.name!r} selects layers but has no select function")
+    if spec.budget_unit != BUDGET_UNIT:
+        raise ValueError(f"method {spec.name!r}: budget unit {spec.budget_unit!r}; every method's --budget counts "
+                         f"{BUDGET_UNIT} (convert it with budget_conversion)")
     if spec.name in _SPECS and not replace:
         raise ValueError(f"method {spec.name!r} is already registered")
     _SPECS[spec.name] = spec
@@ -129,11 +167,18 @@ def compare_order() -> list[str]:
 
 
 def budget_help() -> str:
-    """``--budget``'s help: what it counts, method by method."""
+    """``--budget``'s help: its one unit, then one sentence per method on what the budget buys it."""
     parts = [f"{s.name}{' (the default)' if s.name == DEFAULT_METHOD else ''}: {s.budget_help}"
              for s in selection_specs() if s.budget_help]
-    return (f"what it counts depends on the method. {' '.join(parts)} "
-            "A budget too small for a meaningful answer is refused, with the minimum")
+    return (f"{BUDGET_UNIT_HELP} {' '.join(parts)} In compare it goes to each of these methods unless the method's "
+            "own budget flag (e.g. --shapprune-budget) overrides it. A budget too small for a meaningful answer is "
+            "refused, with the minimum")
+
+
+def compare_budget_help(spec: MethodSpec) -> str:
+    """The help of ``compare``'s ``spec.compare_budget_flag``: in the same unit as ``--budget``, overriding it."""
+    return (f"{spec.name}'s budget alone, in the same unit as --budget ({BUDGET_UNIT}), overriding --budget for "
+            f"{spec.name}: {spec.budget_help}")
 
 
 class View(Mapping):
@@ -182,29 +227,31 @@ BUDGET, ESTIMATOR, SURROGATE, STRATA, PAPER_RECIPE, UTILITY = OPTIONS.values()
 for _spec in (
     MethodSpec(
         "shapprune", "set", "shapprune.methods.multifidelity:select_shapprune", (BUDGET, UTILITY), rank=7,
-        budget_unit="calibration tokens in full evaluations",
-        budget_help="calibration tokens in full evaluations (a screen on a quarter of the windows counts a "
-                    "quarter; default half of SLEB's path, about 0.5·N·L).",
+        budget_help="buys its greedy path and swap search, where a mask screened on a quarter of the windows costs "
+                    "a quarter (default half of SLEB's path, about 0.5·N·L; at least L/4 + 2N with the screen).",
+        budget_counts=f"{BUDGET_UNIT} (its own unit: each screened evaluation counts its share of the windows)",
+        budget_conversion=same_count,
         compare_budget_flag="--shapprune-budget",
-        compare_budget_help="calibration tokens in full evaluations for shapprune (default: half of SLEB's path at "
-                            "each N); --budget is the other methods' (shapley's masks), whose units differ",
         plot=("marginal_log_ppl.png", "log-PPL cost of the layer at the chosen set (surrogate)")),
     MethodSpec(
         "search", "set", "shapprune.methods.search:select_search", (BUDGET, UTILITY), rank=9,
-        budget_unit="real evaluations",
-        budget_help="real evaluations (at least its greedy path).",
+        budget_help="buys that many distinct real evaluations (default its greedy path + 2·L; at least the "
+                    "greedy path).",
+        budget_counts="distinct real evaluations, one full evaluation each",
+        budget_conversion=same_count,
         compare_budget_flag="--search-budget",
-        compare_budget_help="real evaluations for search (default: its greedy path + 2·L)",
         plot=("quadratic_shapley.png", "Shapley value of the quadratic surrogate")),
     MethodSpec(
         "shapley", "order", "shapprune.methods.shapley:select_shapley",
         (BUDGET, ESTIMATOR, SURROGATE, STRATA, UTILITY, PAPER_RECIPE), rank=8,
         check="shapprune.methods.shapley:check_shapley",
-        budget_unit="real evaluations",
-        budget_help="real evaluations — Stage-1 masks for the surrogate estimator (at least 5 per stratum; default "
-                    "100, or 10 per stratum if more), distinct masks for permutation (at least and by default one "
+        budget_help="buys that many Stage-1 masks for the surrogate estimator (at least 5 per stratum; default "
+                    "100, or 10 per stratum if more), or distinct masks for permutation (at least and by default one "
                     "cycle of ⌈L/2⌉ antithetic pairs, about L²), kernel (at least 2L+2; default max(100, 4L+2)) "
                     "and exact (2^L).",
+        budget_counts="Stage-1 masks (surrogate) or distinct masks (other estimators), one full evaluation each",
+        budget_conversion=same_count,
+        compare_budget_flag="--shapley-budget",
         plot=("shapley.png", "estimated Shapley value")),
     MethodSpec("shortgpt", "order", "shapprune.methods.baselines:select_shortgpt", rank=2,
                plot=("block_influence.png", "block influence 1 − cos(x_in, x_out)")),
@@ -219,11 +266,11 @@ for _spec in (
     MethodSpec(
         "exhaustive", "set", "shapprune.methods.baselines:select_exhaustive", (BUDGET, UTILITY),
         check="shapprune.methods.baselines:check_exhaustive", skippable=True, rank=10 * LATE,
-        budget_unit="the largest C(L, N) it may enumerate",
-        budget_help="the largest C(L, N) it may enumerate (default 5000).",
-        compare_budget_flag="--exhaustive-budget",
-        compare_budget_help="largest C(L, N) the exhaustive method may evaluate; larger N are skipped and listed "
-                            "(default: the method's own, 5000)"),
+        budget_help="buys the enumeration of all C(L, N) sets when that many fit (default 5000; a larger C(L, N) is "
+                    "refused, or in compare listed as skipped).",
+        budget_counts="the largest number of sets C(L, N) it may enumerate, one full evaluation each",
+        budget_conversion=same_count,
+        compare_budget_flag="--exhaustive-budget"),
     # slices every weight to the parameter count of the model with N layers removed, instead of removing layers:
     # a column of ``compare`` only, not in ``all`` (ask for it by name, e.g. ``--methods all,slicegpt``)
     MethodSpec("slicegpt", "width"),

@@ -174,10 +174,11 @@ def select_search(ctx: SelectionContext, n: int) -> Selection:
     rng = np.random.default_rng(ctx.seed)
     res = search_masks(ctx.game, n, budget, rng, progress=bool((ctx.options or {}).get("progress", True)))
     removed = [int(i) for i in np.flatnonzero(~res["mask"])]
-    log.info("search: %d real evaluations in %d rounds; best calibration PPL %.4f", res["evaluations"],
-             res["rounds"], ctx.game.full_perplexity / np.exp(res["log_utility"]))
+    log.info("search: %d real evaluations (full-evaluation equivalents) of a budget of %d in %d rounds; best "
+             "calibration PPL %.4f", res["evaluations"], budget, res["rounds"],
+             ctx.game.full_perplexity / np.exp(res["log_utility"]))
     return Selection(removed=removed, values=[float(v) for v in res["values"]], stderr=None,
-                     extra={"estimator": "search", "budget": budget,
+                     extra={"estimator": "search", "budget": budget, "budget_spent": res["evaluations"],
                             "surrogate": {"kind": "quadratic (log utility)", "heldout_r2": None,
                                           "heldout_spearman": None, "heldout_kendall": None},
                             "rounds": res["rounds"]})

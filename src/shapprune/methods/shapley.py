@@ -68,6 +68,7 @@ def select_shapley(ctx: SelectionContext, n: int) -> Selection:
     extra = {
         "estimator": name,
         "budget": budget,
+        "budget_spent": int(est.evaluations),
         "estimator_evaluations": int(est.evaluations),
         "surrogate": est.info.get("surrogate"),
         "info": est.info,

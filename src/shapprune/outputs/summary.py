@@ -197,10 +197,26 @@ def objective_sentence(objective: dict | None) -> str | None:
             f"(one pass of the full model; {fit.get('maps_solved')} maps solved, {num(fit.get('seconds'), '.1f')} s)")
 
 
+def budget_sentence(choice) -> str | None:
+    """The budget given and spent, in the one unit of every method's budget (``None`` for a method without one)."""
+    from shapprune.methods.registry import BUDGET_UNIT
+
+    if choice.budget is None:
+        return None
+    spent = f", {fmt_count(choice.budget_spent)} spent" if choice.budget_spent is not None else ""
+    return f"budget {fmt_count(choice.budget)} {BUDGET_UNIT}{spent}"
+
+
+def fmt_count(x) -> str:
+    """A count of full-evaluation equivalents: whole numbers without a decimal point, others to 2 places."""
+    return str(int(x)) if float(x).is_integer() else f"{float(x):.2f}"
+
+
 def store_sentence(choice) -> str:
     ev = choice.evaluations or {}
-    budget = f"budget {choice.budget}; " if choice.budget is not None else ""
-    return f"{budget}evaluations on all windows: {ev.get('new')} new, {ev.get('reused')} reused from the store"
+    budget = budget_sentence(choice)
+    return (f"{budget + '; ' if budget else ''}evaluations on all windows: {ev.get('new')} new, {ev.get('reused')} "
+            "reused from the store")
 
 
 def surrogate_paragraph(sur: dict | None, has_plot: bool) -> list[str]:

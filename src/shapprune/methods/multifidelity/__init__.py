@@ -27,7 +27,7 @@ calibration windows, and every threshold that depends on the model or the text i
    undo.
 
 The budget counts calibration tokens processed, in units of one evaluation on all windows (a screen counts
-its share); by default it is ``BUDGET_SHARE`` of SLEB's greedy path. The answer is always a mask evaluated on
+its share): full-evaluation equivalents, every method's budget unit (``registry.BUDGET_UNIT``); by default it is ``BUDGET_SHARE`` of SLEB's greedy path. The answer is always a mask evaluated on
 all windows. The per-layer values reported are, for each removed layer, its measured marginal at the chosen
 set (log PPL of the chosen set minus log PPL with that layer put back, with its paired standard error),
 from the evaluations made or a few made for the report, counted apart in the cost; for the kept layers, the

@@ -70,10 +70,11 @@ def select_shapprune(ctx: SelectionContext, n: int) -> Selection:
     removed = [int(i) for i in np.flatnonzero(~res["mask"])]
     full_ppl = ctx.game.full_perplexity
     nz = res["noise"]
-    log.info("shapprune: %d full + %d screened evaluations (%.1f full-evaluation equivalents, SLEB: %d), "
+    log.info("shapprune: %d full + %d screened evaluations (%.1f full-evaluation equivalents of a budget of %.1f, "
+             "SLEB: %d), "
              "+ %d for the report's measured values, + %d for per-window NLLs; calibration PPL %.4f (greedy path "
              "%.4f); noise gate %.4f log PPL (%s)", res["full_evaluations"], res["screen_evaluations"], res["cost"],
-             sleb_cost(L, n), res["report_evaluations"], res["noise_evaluations"], math.exp(res["log_ppl"]),
+             budget, sleb_cost(L, n), res["report_evaluations"], res["noise_evaluations"], math.exp(res["log_ppl"]),
              math.exp(res["greedy_log_ppl"]), nz["gate_log_ppl"], nz["source"])
     held = res["heldout"]
     sur = {"kind": "quadratic (log PPL in the removed layers, both fidelities)",
@@ -94,7 +95,7 @@ def select_shapprune(ctx: SelectionContext, n: int) -> Selection:
     util_pred = [float(np.exp(np.log(full_ppl) - y)) for y in held["predicted"]]
     return Selection(
         removed=removed, values=[float(v) for v in res["values"]], stderr=res["stderr"],
-        extra={"estimator": "multi-fidelity search", "budget": budget,
+        extra={"estimator": "multi-fidelity search", "budget": budget, "budget_spent": round(res["cost"], 2),
                "cost_full_equivalents": round(res["cost"], 2), "sleb_cost": sleb_cost(L, n),
                "cost_detail": cost_detail,
                "full_evaluations": res["full_evaluations"], "screen_evaluations": res["screen_evaluations"],
