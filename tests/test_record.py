@@ -11,7 +11,7 @@ METHOD_RUN = {
     "source": "smollm2-135m", "num_layers": 4, "removed": [1], "kept": [0, 2, 3], "method": "shapprune",
     "estimator": "multi-fidelity search", "values": [0.1, 0.0, 0.3, 0.2], "stderr": None,
     "calibration": {"data": "wikitext2", "seqlen": 8, "windows": 2, "tokens": 14, "layout": "in order"},
-    "budget": None, "budget_spent": None, "evaluations": {"new": 3, "reused": 1}, "surrogate": None, "cost": None, "evidence": None,
+    "objective": {"name": "unrepaired"}, "budget": None, "budget_spent": None, "evaluations": {"new": 3, "reused": 1}, "surrogate": None, "cost": None, "evidence": None,
     "calibration_ppl": {"full": 10.0, "pruned": 12.5}, "seed": 0, "versions": {"shapprune": "0.1.0"},
     "seconds": 1.5, "heal": {"method": "linear"}, "quantization": {"scheme": "int8-weight-only"},
     "saved": {"dtype": "bfloat16", "bytes": 2_000_000}, "made_up_by_a_later_version": [1, 2],

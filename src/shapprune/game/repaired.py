@@ -39,7 +39,7 @@ REPAIRED_VERSION = 1
 #: healing tokens the repaired utility fits its maps on (the first windows of the repair's own); see
 #: bench/results/repair-aware.md for how well maps fitted on this many rank sets by their finally repaired
 #: perplexity
-FIT_TOKENS = 16384
+FIT_TOKENS = 8192
 
 
 class RepairedEvaluator:
