@@ -54,6 +54,18 @@ class SelectionResult:
     game: ModelGame
 
 
+def objective_record(desc: dict) -> dict:
+    """``Choice.objective`` from the evaluator's description: its name and, for the repaired utility, the
+    fitting text with its activation pass in full-evaluation equivalents (its tokens over a full evaluation's)."""
+    out = {"name": desc.get("objective", "unrepaired")}
+    if "repair_fit" in desc:
+        fit = dict(desc["repair_fit"])
+        per_eval = (desc.get("windows") or 0) * (desc.get("seqlen") or 0)
+        fit["full_equivalents"] = round(fit["tokens"] / per_eval, 2) if per_eval else None
+        out["fit"] = fit
+    return out
+
+
 def choose_layers(model, tokenizer, windows, *, source: str, method: str, remove: int | None,
                   budget: int | None, seed: int, options: dict, store_path: str | None,
                   batch_size: int = 16, progress: bool = True, evaluator=None,
@@ -112,8 +124,7 @@ def _choose(model, tokenizer, windows, store, evaluator, backend, t0, *, source,
         values=sel.values,
         stderr=sel.stderr,
         calibration={k: desc.get(k) for k in ("data", "seqlen", "windows", "tokens", "layout")},
-        objective={"name": desc.get("objective", "unrepaired"),
-                   **({"fit": desc["repair_fit"]} if "repair_fit" in desc else {})},
+        objective=objective_record(desc),
         budget=extra.get("budget", budget),
         budget_spent=extra.get("budget_spent"),
         evaluations=game.counts(),

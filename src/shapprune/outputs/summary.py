@@ -194,7 +194,8 @@ def objective_sentence(objective: dict | None) -> str | None:
     fit = objective.get("fit") or {}
     return (f"objective: each set scored after the linear repair it would get, its maps fitted on "
             f"{fit.get('windows')} windows × {fit.get('seqlen')} tokens of the healing text `{fit.get('data')}` "
-            f"(one pass of the full model; {fit.get('maps_solved')} maps solved, {num(fit.get('seconds'), '.1f')} s)")
+            f"(one pass of the full model, {num(fit.get('full_equivalents'), '.1f')} full-evaluation equivalents; "
+            f"{fit.get('maps_solved')} maps solved; {num(fit.get('seconds'), '.1f')} s in all)")
 
 
 def budget_sentence(choice) -> str | None:
