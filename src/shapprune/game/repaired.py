@@ -40,6 +40,8 @@ REPAIRED_VERSION = 1
 #: bench/results/repair-aware.md for how well maps fitted on this many rank sets by their finally repaired
 #: perplexity
 FIT_TOKENS = 8192
+#: memory for solved maps (float64 ``D × D`` each: 2.7 MB for SmolLM2, 134 MB for D = 4,096); past it the oldest are dropped and solved again on demand
+MAP_CACHE_BYTES = 2 << 30
 
 
 class RepairedEvaluator:
@@ -124,6 +126,10 @@ class RepairedEvaluator:
                 t0 = time.perf_counter()
                 T, _ = fit_map(acts.stats(a, b), tg.diagonal, self.grid)
                 self._shared["seconds"] += time.perf_counter() - t0
+            if T is not None:
+                while maps and (sum(t.numel() * 8 for t in maps.values() if t is not None) + T.numel() * 8
+                                > MAP_CACHE_BYTES):
+                    maps.pop(next(iter(maps)))  # the oldest: solved again if a later mask needs it
             maps[(a, b)] = T
         return maps[(a, b)]
 
