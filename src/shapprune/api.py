@@ -122,6 +122,22 @@ def choose(model, tokenizer=None, *, remove: int | None = None, ratio: float | N
 OBJECTIVES = ("unrepaired", "repaired")
 
 
+#: the objective when a run heals with ``linear`` and none is asked for (bench/results/repair-aware.md)
+OBJECTIVE_WHEN_HEALING = "unrepaired"
+
+
+def default_objective(method: str | None, heal: Sequence[str] | None, workers=None) -> str:
+    """The objective a run gets when none is asked for: :data:`OBJECTIVE_WHEN_HEALING` where the repair that
+    follows starts with ``linear``, the method evaluates sets and masks are evaluated here; else unrepaired."""
+    from shapprune.methods import DEFAULT_METHOD
+    from shapprune.methods.registry import find
+
+    spec = find(method or DEFAULT_METHOD)
+    if (heal and "linear" in heal and workers is None and spec is not None and "utility" in spec.option_names):
+        return OBJECTIVE_WHEN_HEALING
+    return "unrepaired"
+
+
 def check_objective(objective: str, method: str | None, workers=None) -> None:
     """Refuse an objective the method or the set-up cannot use (before a model loads)."""
     from shapprune.methods import DEFAULT_METHOD
@@ -225,12 +241,21 @@ def prune(model, tokenizer=None, *, remove: int | None = None, ratio: float | No
           seqlen: int | None = None, max_windows: int | None = None, store: str | None = None,
           batch_size: int = 16, heal_data: str | None = None, heal_tokens: int | None = None,
           heal_seqlen: int | None = None, save_dtype: str = "source", quantize: str | None = None, device: str | None = None,
-          dtype: str = "auto", progress: bool = False):
+          dtype: str = "auto", progress: bool = False, objective: str | None = None):
     """Choose ``remove`` layers (:func:`choose`), heal and remove them (:func:`heal_layers`, ``heal="none"``: only
     remove), and with ``out`` write the checkpoint (:func:`save`). Returns ``(model, record)``: the pruned model
     (a loaded ``model`` is changed in place, or replaced where LoRA merges) and its
-    :class:`~shapprune.record.PruningRecord` (``record.to_json()`` is ``pruning.json``)."""
+    :class:`~shapprune.record.PruningRecord` (``record.to_json()`` is ``pruning.json``). ``objective``:
+    ``"unrepaired"`` or ``"repaired"`` (see :func:`choose`; default: :func:`default_objective`)."""
+    from shapprune.heal import parse_methods
+
     t0 = time.time()
+    methods = parse_methods(heal)
+    if objective is None:
+        objective = default_objective(method, methods)
+    elif objective == "repaired" and "linear" not in methods:
+        raise UserError("objective='repaired' chooses the layers for the linear repair; heal with linear "
+                        "(or linear,lora / linear,distill)")
     if remove is None and ratio is None:
         raise UserError("say how many layers to remove: remove=N or ratio=R")
     if out is not None:
@@ -240,7 +265,8 @@ def prune(model, tokenizer=None, *, remove: int | None = None, ratio: float | No
     model, tokenizer, source = _loaded(model, tokenizer, device, dtype, progress)
     c = choose(model, tokenizer, remove=remove, ratio=ratio, data=data, method=method, budget=budget, seed=seed,
                seqlen=seqlen, max_windows=max_windows, store=store, batch_size=batch_size, progress=progress,
-               source=source)
+               source=source, objective=objective,
+               repair={"data": heal_data, "seqlen": heal_seqlen, "tokens": heal_tokens, "methods": methods})
     model, record = heal_layers(model, tokenizer, c.record, heal, windows=c.windows, data=heal_data, tokens=heal_tokens,
                                 seqlen=heal_seqlen, progress=progress)
     if quantize:

@@ -49,9 +49,10 @@ def add_choice_args(p) -> None:
     add_selection_args(p)
     add_utility_args(p)
     p.add_argument("--objective", choices=("unrepaired", "repaired"), default=None,
-                   help="what each candidate set is scored by: as it is (unrepaired, the default), or after the "
-                        "linear repair it would get (repaired: the maps --heal linear fits, solved from one pass "
-                        "of the full model over the healing text); methods that evaluate sets only")
+                   help="what each candidate set is scored by: as it is (unrepaired), or after the linear repair "
+                        "it would get (repaired: the maps --heal linear fits, solved from one pass of the full "
+                        "model over the healing text); methods that evaluate sets only (default: see "
+                        "shapprune.api.default_objective)")
 
 
 def add_arguments(p) -> None:
@@ -108,10 +109,12 @@ def check_choice_args(args) -> None:
 def objective_from_args(args, heal_methods: list[str] | None) -> str:
     """``--objective``, checked before a model loads: ``repaired`` needs a method that evaluates sets, no
     ``--workers``, and (for ``prune``, ``heal_methods`` not ``None``) a repair that starts with ``linear``."""
-    from shapprune.api import check_objective
+    from shapprune.api import check_objective, default_objective
     from shapprune.errors import UserError
 
-    objective = getattr(args, "objective", None) or "unrepaired"
+    objective = getattr(args, "objective", None)
+    if objective is None:
+        return default_objective(args.method, heal_methods, getattr(args, "workers", None))
     check_objective(objective, args.method, getattr(args, "workers", None))
     if objective == "repaired" and heal_methods is not None and "linear" not in heal_methods:
         raise UserError("--objective repaired chooses the layers for the linear repair, but this run heals with "
