@@ -153,7 +153,8 @@ def choose_ridge(folds: Sequence[Stats], grid: Sequence[float] = RIDGE_GRID, dia
             s = 1.0 / (evals.clamp_min(0) + a * scale)
             errors[a] += base + float(2 * (s * u).sum() + s @ PK @ s - 2 * (s * v).sum())
     best = min(grid, key=lambda a: errors[a])
-    return {"alpha": best if errors[best] < identity else None, "heldout_error": errors, "identity_error": identity,
+    tol = 1e-9 * total.c  # rounding: an improvement smaller than this is no improvement
+    return {"alpha": best if errors[best] < identity - tol else None, "heldout_error": errors, "identity_error": identity,
             "tokens": total.tokens}
 
 
