@@ -13,8 +13,8 @@ from torch import nn
 
 from shapprune.cli import main
 from shapprune.game.core import KLEvaluator, ModelGame, PerplexityEvaluator
-from shapprune.game.linear_maps import Activations, collect_stats, fit_map, output_projection
-from shapprune.game.repaired import RepairedEvaluator
+from shapprune.game.linear_maps import collect_stats, fit_map, output_projection
+from shapprune.game.repaired import Activations, RepairedEvaluator
 from shapprune.heal.linear import linear_repair
 from shapprune.models.data import Windows
 from shapprune.models.layers import find_layer_stack

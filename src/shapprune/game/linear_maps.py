@@ -269,6 +269,50 @@ def run_targets(model: nn.Module, runs: Sequence[tuple[int, int]]) -> dict[tuple
     return out
 
 
+def captures(model: nn.Module, input_ids: torch.Tensor, mlp: dict[int, Target], blocks: Sequence[int],
+             batch_size: int = 4, skip_first: bool = True, progress: bool = False, desc: str = "activations"):
+    """One forward pass of ``model`` over ``input_ids`` ``[n, T]`` in batches, yielding ``(start, cap)`` per
+    batch: ``cap[("M", j)]`` the scaled MLP output of each block ``j`` of ``mlp`` (its :class:`Target`) and
+    ``cap[("H", j)]`` the output of each block of ``blocks``, first position cut (``skip_first``). The pass stops
+    after the last block it needs."""
+    from shapprune.models.layers import find_layer_stack
+    from shapprune.models.loading import model_device
+
+    stack = find_layer_stack(model)
+    cap: dict = {}
+    hooks = []
+    last = max([*blocks, *mlp]) if (blocks or mlp) else None
+    for j, tg in mlp.items():
+        hooks.append(tg.module.register_forward_hook(
+            lambda m, i, o, j=j, s=tg.scale: cap.__setitem__(("M", j), _first(o) * s)))
+    for j in sorted(set(blocks) | set(mlp)):
+        def hook(m, i, o, j=j):
+            if j in blocks:
+                cap[("H", j)] = _first(o)
+            if j == last:
+                raise _Stop
+        hooks.append(stack.layers[j].register_forward_hook(hook))
+    cut = 1 if skip_first and input_ids.shape[1] > 1 else 0
+    dev = model_device(model)
+    try:
+        with torch.inference_mode():
+            it = range(0, int(input_ids.shape[0]), batch_size)
+            if progress:
+                from tqdm.auto import tqdm
+
+                it = tqdm(it, desc=desc, leave=False)
+            for s in it:
+                cap.clear()
+                try:
+                    model(input_ids=input_ids[s:s + batch_size].to(dev), use_cache=False)
+                except _Stop:
+                    pass
+                yield s, {k: v[:, cut:] for k, v in cap.items()}
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def collect_stats(model: nn.Module, runs: Sequence[tuple[int, int]], input_ids: torch.Tensor, batch_size: int = 4,
                   folds: int = FOLDS, skip_first: bool = True, progress: bool = False
                   ) -> dict[tuple[int, int], list[Stats]]:
@@ -277,54 +321,20 @@ def collect_stats(model: nn.Module, runs: Sequence[tuple[int, int]], input_ids: 
     ``a − 1`` (scaled), ``R = Z − (H − M)`` with ``H`` that block's output and ``Z`` block ``b``'s. The pass stops
     after the last run's block. ``skip_first``: the first position of each window (an attention sink with a
     huge norm in many models) is left out of the fit. Runs without a target get no entry."""
-    from shapprune.models.layers import find_layer_stack
-    from shapprune.models.loading import model_device
-
-    stack = find_layer_stack(model)
     targets = {r: t for r, t in run_targets(model, runs).items() if t.module is not None}
     if not targets:
         return {}
-    dev = model_device(model)
-    n = int(input_ids.shape[0])
-    nf = max(2, min(folds, n))
-    stats: dict = {}
-    cap: dict = {}
-    hooks = []
-    last = max(b for _, b in targets)
-    for (a, b), tg in targets.items():
-        stats[(a, b)] = [Stats.zeros(_width(tg)) for _ in range(nf)]
-        hooks.append(tg.module.register_forward_hook(
-            lambda m, i, o, k=(a, b), s=tg.scale: cap.__setitem__(("M", k), _first(o) * s)))
+    nf = max(2, min(folds, int(input_ids.shape[0])))
+    stats = {r: [Stats.zeros(_width(tg)) for _ in range(nf)] for r, tg in targets.items()}
+    mlp = {a - 1: tg for (a, _), tg in targets.items()}
     blocks = sorted({a - 1 for a, _ in targets} | {b for _, b in targets})
-    for j in blocks:
-        def hook(m, i, o, j=j):
-            cap[("out", j)] = _first(o)
-            if j == last:
-                raise _Stop
-        hooks.append(stack.layers[j].register_forward_hook(hook))
-    cut = 1 if skip_first and input_ids.shape[1] > 1 else 0
-    try:
-        with torch.inference_mode():
-            it = range(0, n, batch_size)
-            if progress:
-                from tqdm.auto import tqdm
-
-                it = tqdm(it, desc="linear repair: activations", leave=False)
-            for s in it:
-                try:
-                    model(input_ids=input_ids[s:s + batch_size].to(dev), use_cache=False)
-                except _Stop:
-                    pass
-                for (a, b) in targets:
-                    M = cap[("M", (a, b))].double().cpu()[:, cut:]
-                    H = cap[("out", a - 1)].double().cpu()[:, cut:]
-                    Z = cap[("out", b)].double().cpu()[:, cut:]
-                    R = Z - (H - M)
-                    for k in range(M.shape[0]):
-                        stats[(a, b)][(s + k) % nf].add(M[k], R[k])
-    finally:
-        for h in hooks:
-            h.remove()
+    for s, cap in captures(model, input_ids, mlp, blocks, batch_size, skip_first, progress,
+                           "linear repair: activations"):
+        for (a, b) in targets:
+            M = cap[("M", a - 1)].double().cpu()
+            R = cap[("H", b)].double().cpu() - (cap[("H", a - 1)].double().cpu() - M)
+            for k in range(M.shape[0]):
+                stats[(a, b)][(s + k) % nf].add(M[k], R[k])
     return stats
 
 
@@ -349,115 +359,3 @@ def fit_map(folds: Sequence[Stats], diagonal: bool = False, grid: Sequence[float
     info["fit_error"] = {"identity": map_error(torch.eye(d, dtype=torch.float64), total),
                          "repaired": map_error(T, total)}
     return T, info
-
-
-# ------------------------------------------------------------------------------ activations, for any run
-
-#: memory for the ``MᵀM`` of blocks already seen (float64 ``D × D`` per fold): SmolLM2-135M's 29 × 4 take 0.3 GB;
-#: a 7B model's (``D = 4,096``) 134 MB each, so only the first few are kept and the rest recomputed
-GRAM_CACHE_BYTES = 1 << 30
-
-class Activations:
-    """The activations of one pass of the *unpruned* model over fitting windows ``[n, T]``, from which the
-    statistics of **any** run are computed on demand (:meth:`stats`), equal to :func:`collect_stats`'s for the
-    same windows: each block's output ``H_j`` and, where a map can go, its scaled MLP output ``M_j``, first
-    position left out (``skip_first``), in the model's dtype (what the pass computed, so nothing is lost), on
-    disk in ``directory`` (memory-mapped when read). A run's statistics cost two ``[tokens, D] × [tokens, D]``
-    products in float64 (``MᵀM`` once per block before a run, ``MᵀR`` per run); a diagonal target needs only
-    their diagonals. Size: ``tokens × D × (2 L) × bytes`` (SmolLM2-135M, 8,192 tokens in bf16: 0.55 GB)."""
-
-    def __init__(self, model: nn.Module, input_ids: torch.Tensor, directory: str, batch_size: int = 4,
-                 folds: int = FOLDS, skip_first: bool = True, progress: bool = False):
-        from pathlib import Path
-
-        from shapprune.models.layers import find_layer_stack
-        from shapprune.models.loading import model_device
-
-        stack = find_layer_stack(model)
-        L = stack.num_layers
-        self.targets = {a: t for (a, _), t in run_targets(model, [(a, a) for a in range(1, L)]).items()}
-        import shutil
-        import weakref
-
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.dir), True)  # at the latest, at exit
-        n = int(input_ids.shape[0])
-        self.folds = max(2, min(folds, n))
-        self.fold_of = torch.arange(n) % self.folds  # window k is in fold k % folds, as collect_stats
-        self.windows = n
-        cut = 1 if skip_first and input_ids.shape[1] > 1 else 0
-        parts: dict = {}
-        cap: dict = {}
-        hooks = []
-        for a, tg in self.targets.items():
-            if tg.module is not None:
-                hooks.append(tg.module.register_forward_hook(
-                    lambda m, i, o, k=a - 1, s=tg.scale: cap.__setitem__(("M", k), _first(o) * s)))
-        for j in range(L):
-            hooks.append(stack.layers[j].register_forward_hook(
-                lambda m, i, o, j=j: cap.__setitem__(("H", j), _first(o))))
-        dev = model_device(model)
-        try:
-            with torch.inference_mode():
-                it = range(0, n, batch_size)
-                if progress:
-                    from tqdm.auto import tqdm
-
-                    it = tqdm(it, desc="repaired utility: activations", leave=False)
-                for s in it:
-                    cap.clear()
-                    model(input_ids=input_ids[s:s + batch_size].to(dev), use_cache=False)
-                    for key, v in cap.items():
-                        parts.setdefault(key, []).append(v[:, cut:].detach().cpu())
-        finally:
-            for h in hooks:
-                h.remove()
-        self.paths = {}
-        for (kind, j), chunks in parts.items():
-            path = self.dir / f"{kind}{j}.pt"
-            torch.save(torch.cat(chunks), path)
-            self.paths[(kind, j)] = path
-        parts.clear()
-        self.tokens = n * (int(input_ids.shape[1]) - cut)
-        self.bytes = sum(p.stat().st_size for p in self.paths.values())
-        self._gram: dict = {}
-
-    def _load(self, kind: str, j: int) -> torch.Tensor:
-        return torch.load(self.paths[(kind, j)], mmap=True)
-
-    def target(self, a: int) -> Target:
-        """Where the map of a run starting at ``a`` goes."""
-        return self.targets.get(a) or Target(None, reason="the run starts at layer 0: there is no MLP before it")
-
-    def _fold_rows(self, t: torch.Tensor, f: int) -> torch.Tensor:
-        return t[self.fold_of == f].double().reshape(-1, t.shape[-1])
-
-    def stats(self, a: int, b: int) -> list[Stats]:
-        """The folds' least-squares statistics of the run ``a..b`` (``a ≥ 1`` with a target)."""
-        tg = self.target(a)
-        if tg.module is None:
-            raise ValueError(f"the run {a}-{b} has no map target: {tg.reason}")
-        M_all, H_all, Z_all = self._load("M", a - 1), self._load("H", a - 1), self._load("H", b)
-        out = []
-        for f in range(self.folds):
-            M, R = self._fold_rows(M_all, f), self._fold_rows(Z_all, f) - self._fold_rows(H_all, f)
-            R += M
-            if tg.diagonal:  # only the diagonals matter for a diagonal map (its error separates by channel)
-                A = torch.diag((M * M).sum(0))
-                B = torch.diag((M * R).sum(0))
-            else:
-                key = (a, f)
-                A = self._gram.get(key)
-                if A is None:
-                    A = M.T @ M
-                    if (len(self._gram) + 1) * A.numel() * A.element_size() <= GRAM_CACHE_BYTES:
-                        self._gram[key] = A  # runs from the same block share it
-                B = M.T @ R
-            out.append(Stats(A, B, float((R * R).sum()), int(M.shape[0])))
-        return out
-
-    def close(self) -> None:
-        """Delete the files (done anyway when this object is collected, or at exit)."""
-        self._gram.clear()
-        self._finalizer()

@@ -3,7 +3,7 @@ layers for the model the user keeps, not for the unrepaired one.
 
 :class:`RepairedEvaluator` wraps any evaluator (calibration perplexity, KL, tasks). Before any mask, one pass
 of the full model over fitting windows of the healing text keeps every block's activations
-(:class:`~shapprune.game.linear_maps.Activations`); for each mask, each maximal run of removed layers gets the
+(:class:`Activations`); for each mask, each maximal run of removed layers gets the
 map the linear repair (``--heal linear``) fits, solved from those activations on first use and kept, folded
 into the kept block before the run while the mask is scored and undone after (:func:`apply_map`'s exact undo).
 Masks are still evaluated by skipping layers.
@@ -30,8 +30,19 @@ import tempfile
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
-from shapprune.game.linear_maps import FOLDS, RIDGE_GRID, Activations, apply_map, fit_map, runs_of
+from shapprune.game.linear_maps import (
+    FOLDS,
+    RIDGE_GRID,
+    Stats,
+    Target,
+    apply_map,
+    captures,
+    fit_map,
+    run_targets,
+    runs_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,93 @@ REPAIRED_VERSION = 1
 FIT_TOKENS = 8192
 #: memory for solved maps (float64 ``D × D`` each: 2.7 MB for SmolLM2, 134 MB for D = 4,096); past it the oldest are dropped and solved again on demand
 MAP_CACHE_BYTES = 2 << 30
+
+
+#: memory for the ``MᵀM`` of blocks already seen (float64 ``D × D`` per fold): SmolLM2-135M's 29 × 4 take 0.3 GB;
+#: a 7B model's (``D = 4,096``) 134 MB each, so only the first few are kept and the rest recomputed
+GRAM_CACHE_BYTES = 1 << 30
+
+class Activations:
+    """The activations of one pass of the *unpruned* model over fitting windows ``[n, T]``, from which the
+    statistics of **any** run are computed on demand (:meth:`stats`), equal to :func:`collect_stats`'s for the
+    same windows: each block's output ``H_j`` and, where a map can go, its scaled MLP output ``M_j``, first
+    position left out (``skip_first``), in the model's dtype (what the pass computed, so nothing is lost), on
+    disk in ``directory`` (memory-mapped when read). A run's statistics cost two ``[tokens, D] × [tokens, D]``
+    products in float64 (``MᵀM`` once per block before a run, ``MᵀR`` per run); a diagonal target needs only
+    their diagonals. Size: ``tokens × D × (2 L) × bytes`` (SmolLM2-135M, 8,192 tokens in bf16: 0.55 GB)."""
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, directory: str, batch_size: int = 4,
+                 folds: int = FOLDS, skip_first: bool = True, progress: bool = False):
+        import shutil
+        import weakref
+        from pathlib import Path
+
+        from shapprune.models.layers import find_layer_stack
+
+        L = find_layer_stack(model).num_layers
+        self.targets = {a: t for (a, _), t in run_targets(model, [(a, a) for a in range(1, L)]).items()}
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.dir), True)  # at the latest, at exit
+        n = int(input_ids.shape[0])
+        self.folds = max(2, min(folds, n))
+        self.fold_of = torch.arange(n) % self.folds  # window k is in fold k % folds, as collect_stats
+        self.windows = n
+        mlp = {a - 1: t for a, t in self.targets.items() if t.module is not None}
+        parts: dict = {}
+        for _, cap in captures(model, input_ids, mlp, list(range(L)), batch_size, skip_first, progress,
+                               "repaired utility: activations"):
+            for key, v in cap.items():
+                parts.setdefault(key, []).append(v.detach().cpu())
+        cut = 1 if skip_first and input_ids.shape[1] > 1 else 0
+        self.paths = {}
+        for (kind, j), chunks in parts.items():
+            path = self.dir / f"{kind}{j}.pt"
+            torch.save(torch.cat(chunks), path)
+            self.paths[(kind, j)] = path
+        parts.clear()
+        self.tokens = n * (int(input_ids.shape[1]) - cut)
+        self.bytes = sum(p.stat().st_size for p in self.paths.values())
+        self._gram: dict = {}
+
+    def _load(self, kind: str, j: int) -> torch.Tensor:
+        return torch.load(self.paths[(kind, j)], mmap=True)
+
+    def target(self, a: int) -> Target:
+        """Where the map of a run starting at ``a`` goes."""
+        return self.targets.get(a) or Target(None, reason="the run starts at layer 0: there is no MLP before it")
+
+    def _fold_rows(self, t: torch.Tensor, f: int) -> torch.Tensor:
+        return t[self.fold_of == f].double().reshape(-1, t.shape[-1])
+
+    def stats(self, a: int, b: int) -> list[Stats]:
+        """The folds' least-squares statistics of the run ``a..b`` (``a ≥ 1`` with a target)."""
+        tg = self.target(a)
+        if tg.module is None:
+            raise ValueError(f"the run {a}-{b} has no map target: {tg.reason}")
+        M_all, H_all, Z_all = self._load("M", a - 1), self._load("H", a - 1), self._load("H", b)
+        out = []
+        for f in range(self.folds):
+            M, R = self._fold_rows(M_all, f), self._fold_rows(Z_all, f) - self._fold_rows(H_all, f)
+            R += M
+            if tg.diagonal:  # only the diagonals matter for a diagonal map (its error separates by channel)
+                A = torch.diag((M * M).sum(0))
+                B = torch.diag((M * R).sum(0))
+            else:
+                key = (a, f)
+                A = self._gram.get(key)
+                if A is None:
+                    A = M.T @ M
+                    if (len(self._gram) + 1) * A.numel() * A.element_size() <= GRAM_CACHE_BYTES:
+                        self._gram[key] = A  # runs from the same block share it
+                B = M.T @ R
+            out.append(Stats(A, B, float((R * R).sum()), int(M.shape[0])))
+        return out
+
+    def close(self) -> None:
+        """Delete the files (done anyway when this object is collected, or at exit)."""
+        self._gram.clear()
+        self._finalizer()
 
 
 class RepairedEvaluator:
