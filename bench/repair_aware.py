@@ -119,6 +119,9 @@ def main() -> None:
     ap.add_argument("--reference", default="", help="model:N pairs (e.g. smollm2-135m:6) where the search on the "
                     "repaired utility runs too, the reference (default: none)")
     a = common.parse(ap)
+    import shapprune.api  # noqa: F401 - every module it needs, loaded now: a long run is not changed by later edits
+    import shapprune.game.repaired  # noqa: F401
+    import shapprune.heal  # noqa: F401
     out = Path(a.out)
     store = out.with_suffix(".json")
     res = json.loads(store.read_text()) if store.exists() else {"models": {}}
