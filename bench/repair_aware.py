@@ -122,6 +122,11 @@ def main() -> None:
     import shapprune.api  # noqa: F401 - every module it needs, loaded now: a long run is not changed by later edits
     import shapprune.game.repaired  # noqa: F401
     import shapprune.heal  # noqa: F401
+    import shapprune.heal.linear  # noqa: F401
+    import shapprune.methods.baselines  # noqa: F401
+    import shapprune.methods.multifidelity  # noqa: F401
+    import shapprune.methods.search  # noqa: F401
+    import shapprune.pipeline  # noqa: F401
     out = Path(a.out)
     store = out.with_suffix(".json")
     res = json.loads(store.read_text()) if store.exists() else {"models": {}}
