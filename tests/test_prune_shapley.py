@@ -9,7 +9,8 @@ from conftest import WIKI_VALID, need
 from shapprune.cli import main
 
 KEYS = ["schema", "source", "num_layers", "removed", "kept", "method", "estimator", "values", "stderr", "calibration",
-        "budget", "budget_spent", "evaluations", "surrogate", "cost", "evidence", "calibration_ppl", "seed", "versions", "seconds", "saved"]
+        "objective", "budget", "budget_spent", "evaluations", "surrogate", "cost", "evidence", "calibration_ppl", "seed",
+        "versions", "seconds", "saved"]
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs. ") * 40
 
@@ -72,7 +73,7 @@ def test_prune_tiny_end_to_end(tiny, tmp_path, extra):
     out = tmp_path / "out"
     assert main(["prune", "--heal", "none", "tiny", "--remove", "2", "--method", "shapley", *tiny, *extra, "--out", str(out)]) == 0
     rec = json.loads((out / "pruning.json").read_text())
-    assert list(rec) == KEYS
+    assert list(rec) == KEYS and rec["objective"] == {"name": "unrepaired"}
     assert len(rec["removed"]) == 2 and len(rec["kept"]) == 3 and rec["method"] == "shapley"
     assert len(rec["values"]) == 5 and rec["num_layers"] == 5
     assert rec["calibration"] == {"data": tiny[1], "seqlen": 32, "windows": 4, "tokens": 4 * 31,
