@@ -51,8 +51,8 @@ def add_choice_args(p) -> None:
     p.add_argument("--objective", choices=("unrepaired", "repaired"), default=None,
                    help="what each candidate set is scored by: as it is (unrepaired), or after the linear repair "
                         "it would get (repaired: the maps --heal linear fits, solved from one pass of the full "
-                        "model over the healing text); methods that evaluate sets only (default: see "
-                        "shapprune.api.default_objective)")
+                        "model over the healing text); methods that evaluate sets only (default: repaired when "
+                        "the repair starts with linear, as it does by default; else unrepaired)")
 
 
 def add_arguments(p) -> None:
