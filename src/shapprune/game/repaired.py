@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import tempfile
 from collections.abc import Iterator
 
@@ -51,13 +52,13 @@ REPAIRED_VERSION = 1
 #: bench/results/repair-aware.md for how well maps fitted on this many rank sets by their finally repaired
 #: perplexity
 FIT_TOKENS = 8192
-#: memory for solved maps (float64 ``D × D`` each: 2.7 MB for SmolLM2, 134 MB for D = 4,096); past it the oldest are dropped and solved again on demand
+#: memory for solved maps (float64 ``D × D`` each: 2.7 MB for SmolLM2, 134 MB for D = 4,096); past it the oldest
+#: are dropped and solved again on demand
 MAP_CACHE_BYTES = 2 << 30
-
-
 #: memory for the ``MᵀM`` of blocks already seen (float64 ``D × D`` per fold): SmolLM2-135M's 29 × 4 take 0.3 GB;
 #: a 7B model's (``D = 4,096``) 134 MB each, so only the first few are kept and the rest recomputed
 GRAM_CACHE_BYTES = 1 << 30
+
 
 class Activations:
     """The activations of one pass of the *unpruned* model over fitting windows ``[n, T]``, from which the
@@ -77,7 +78,7 @@ class Activations:
         from shapprune.models.layers import find_layer_stack
 
         L = find_layer_stack(model).num_layers
-        self.targets = {a: t for (a, _), t in run_targets(model, [(a, a) for a in range(1, L)]).items()}
+        self.targets = {a: t for (a, _), t in run_targets(model, [(a, a) for a in range(L)]).items()}
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.dir), True)  # at the latest, at exit
@@ -86,28 +87,31 @@ class Activations:
         self.fold_of = torch.arange(n) % self.folds  # window k is in fold k % folds, as collect_stats
         self.windows = n
         mlp = {a - 1: t for a, t in self.targets.items() if t.module is not None}
-        parts: dict = {}
-        for _, cap in captures(model, input_ids, mlp, list(range(L)), batch_size, skip_first, progress,
+        # each activation is written batch by batch into a file-backed tensor: never all of them in memory
+        self.files: dict = {}  # (kind, block) -> (path, shape, dtype)
+        out: dict = {}
+        for s, cap in captures(model, input_ids, mlp, list(range(L)), batch_size, skip_first, progress,
                                "repaired utility: activations"):
-            for key, v in cap.items():
-                parts.setdefault(key, []).append(v.detach().cpu())
-        cut = 1 if skip_first and input_ids.shape[1] > 1 else 0
-        self.paths = {}
-        for (kind, j), chunks in parts.items():
-            path = self.dir / f"{kind}{j}.pt"
-            torch.save(torch.cat(chunks), path)
-            self.paths[(kind, j)] = path
-        parts.clear()
-        self.tokens = n * (int(input_ids.shape[1]) - cut)
-        self.bytes = sum(p.stat().st_size for p in self.paths.values())
+            for (kind, j), v in cap.items():
+                if (kind, j) not in out:
+                    shape, path = (n, *v.shape[1:]), self.dir / f"{kind}{j}.bin"
+                    self.files[(kind, j)] = (path, shape, v.dtype)
+                    out[(kind, j)] = torch.from_file(str(path), shared=True, size=math.prod(shape),
+                                                     dtype=v.dtype).view(shape)
+                out[(kind, j)][s:s + v.shape[0]] = v.detach().cpu()
+        out.clear()
+        _, shape, _ = self.files[("H", 0)]
+        self.tokens = shape[0] * shape[1]
+        self.bytes = sum(p.stat().st_size for p, _, _ in self.files.values())
         self._gram: dict = {}
 
     def _load(self, kind: str, j: int) -> torch.Tensor:
-        return torch.load(self.paths[(kind, j)], mmap=True)
+        path, shape, dtype = self.files[(kind, j)]
+        return torch.from_file(str(path), shared=False, size=math.prod(shape), dtype=dtype).view(shape)
 
     def target(self, a: int) -> Target:
-        """Where the map of a run starting at ``a`` goes."""
-        return self.targets.get(a) or Target(None, reason="the run starts at layer 0: there is no MLP before it")
+        """Where the map of a run starting at ``a`` goes (:func:`run_targets`'s)."""
+        return self.targets[a]
 
     def _fold_rows(self, t: torch.Tensor, f: int) -> torch.Tensor:
         return t[self.fold_of == f].double().reshape(-1, t.shape[-1])
