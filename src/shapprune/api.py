@@ -135,33 +135,37 @@ def default_objective(method: str | None, heal: Sequence[str] | None, workers=No
     from shapprune.methods.registry import find
 
     spec = find(method or DEFAULT_METHOD)
-    if (heal and "linear" in heal and workers is None and spec is not None and "utility" in spec.option_names):
+    if heal and "linear" in heal and workers is None and spec is not None and _scores_sets(spec):
         return OBJECTIVE_WHEN_HEALING
     return "unrepaired"
 
 
-def check_objective(objective: str, method: str | None, workers=None) -> None:
-    """Refuse an objective the method or the set-up cannot use (before a model loads)."""
+def check_objective(objective: str, method: str | None, workers=None, heal: Sequence[str] | None = None) -> None:
+    """Refuse an objective the method or the set-up cannot use (before a model loads). ``heal``: the repair that
+    follows (``None`` where none does, e.g. ``shapley``); ``repaired`` needs it to start with ``linear``."""
     from shapprune.methods import DEFAULT_METHOD
-    from shapprune.methods.registry import get
+    from shapprune.methods.registry import get, selection_specs
 
     if objective not in OBJECTIVES:
         raise UserError(f"unknown objective {objective!r}; choose {' or '.join(OBJECTIVES)}")
     if objective == "unrepaired":
         return
     spec = get(method or DEFAULT_METHOD)
-    if "utility" not in spec.option_names:
-        scoring = ", ".join(s.name for s in _scoring_methods())
+    if not _scores_sets(spec):
+        scoring = ", ".join(s.name for s in selection_specs() if _scores_sets(s))
         raise UserError(f"--objective repaired scores sets by evaluating them; --method {spec.name} does not "
                         f"(choose one of {scoring}, or leave --objective out)")
     if workers is not None:
         raise UserError("--objective repaired runs on this machine only for now; leave out --workers")
+    if heal is not None and "linear" not in heal:
+        raise UserError("--objective repaired chooses the layers for the linear repair, but this run heals with "
+                        f"{','.join(heal) or 'none'}; add --heal linear (or linear,lora / linear,distill) "
+                        "or leave --objective out")
 
 
-def _scoring_methods():
-    from shapprune.methods.registry import selection_specs
-
-    return [s for s in selection_specs() if "utility" in s.option_names]
+def _scores_sets(spec) -> bool:
+    """Whether a method evaluates sets on the game (it reads ``--utility``): only those can score them repaired."""
+    return "utility" in spec.option_names
 
 
 def repaired_evaluator(model, tokenizer, windows, evaluator=None, *, batch_size: int = 16, progress: bool = False,
@@ -255,9 +259,7 @@ def prune(model, tokenizer=None, *, remove: int | None = None, ratio: float | No
     methods = parse_methods(heal)
     if objective is None:
         objective = default_objective(method, methods)
-    elif objective == "repaired" and "linear" not in methods:
-        raise UserError("objective='repaired' chooses the layers for the linear repair; heal with linear "
-                        "(or linear,lora / linear,distill)")
+    check_objective(objective, method, heal=methods)
     if remove is None and ratio is None:
         raise UserError("say how many layers to remove: remove=N or ratio=R")
     if out is not None:

@@ -110,16 +110,11 @@ def objective_from_args(args, heal_methods: list[str] | None) -> str:
     """``--objective``, checked before a model loads: ``repaired`` needs a method that evaluates sets, no
     ``--workers``, and (for ``prune``, ``heal_methods`` not ``None``) a repair that starts with ``linear``."""
     from shapprune.api import check_objective, default_objective
-    from shapprune.errors import UserError
 
     objective = getattr(args, "objective", None)
     if objective is None:
         return default_objective(args.method, heal_methods, getattr(args, "workers", None))
-    check_objective(objective, args.method, getattr(args, "workers", None))
-    if objective == "repaired" and heal_methods is not None and "linear" not in heal_methods:
-        raise UserError("--objective repaired chooses the layers for the linear repair, but this run heals with "
-                        f"{','.join(heal_methods) or 'none'}; add --heal linear (or linear,lora / linear,distill) "
-                        "or leave --objective out")
+    check_objective(objective, args.method, getattr(args, "workers", None), heal_methods)
     return objective
 
 
@@ -240,16 +235,17 @@ def run_manual_gguf(args, skipped: dict | None = None) -> int:
     return 0
 
 
-def choose_from_args(args, heal_methods: list[str] | None = None):
+def choose_from_args(args, heal_methods: list[str] | None = None, objective: str | None = None):
     """Load the model, cut the calibration windows and run the selection: ``(model, tokenizer, chosen)``
-    (:class:`shapprune.api.Chosen`). ``heal_methods``: the repair that follows (``prune``), for the objective."""
+    (:class:`shapprune.api.Chosen`). ``heal_methods``: the repair that follows (``prune``), for the objective;
+    ``objective``: already decided by :func:`objective_from_args` (else decided here, before the model loads)."""
     from shapprune.api import choose
     from shapprune.cli.quantize_cmd import game_model
     from shapprune.models.layers import find_layer_stack
     from shapprune.pipeline import layers_to_remove
 
     workers = workers_from_args(args)
-    objective = objective_from_args(args, heal_methods)
+    objective = objective or objective_from_args(args, heal_methods)
     model, tokenizer = load(args)
     n = layers_to_remove(find_layer_stack(model).num_layers, args.remove, args.ratio)
     win = windows(args, tokenizer, model, split="calibration")
@@ -275,7 +271,7 @@ def run_method(args) -> int:
     check_quantize_args(args)
     methods = check_heal_args(args)
     workers_from_args(args)
-    objective_from_args(args, methods)
+    objective = objective_from_args(args, methods)
     out = Path(args.out) if args.out else default_out(args.model, args.method)
     check_out_dir(out)
     gguf_src = gguf_num_layers = rule = None
@@ -288,7 +284,7 @@ def run_method(args) -> int:
         gguf_num_layers = inspect_gguf(gguf_src)[1]
         rule = layer_rule_of(gguf_src)
         check_size(rule, layers_to_remove(gguf_num_layers, args.remove, args.ratio))
-    model, tokenizer, chosen = choose_from_args(args, methods)
+    model, tokenizer, chosen = choose_from_args(args, methods, objective)
     record = chosen.record
     if rule is not None and rule.positional and record.num_layers == rule.num_layers:
         constrain_to_gguf(args, chosen, rule)  # before healing: healing repairs the set that is written
