@@ -30,8 +30,6 @@ from pathlib import Path
 import common
 
 MODELS = {"smollm2-135m": ([3, 6, 9, 12], None), "gemma3-270m": ([3, 6], 32)}
-#: also measure each set's unrepaired test perplexity (for the gap closed; a third of a row's time)
-UNREPAIRED_TEST = False
 ROWS = {"default": (None, "unrepaired"), "default, repaired": (None, "repaired"), "sleb": ("sleb", "unrepaired"),
         "search, repaired": ("search", "repaired")}
 
@@ -65,13 +63,13 @@ def choose_row(model, tok, win, n: int, method: str | None, objective: str) -> d
             "maps_solved": fit.get("maps_solved"), "choose_seconds": round(secs, 1)}
 
 
-def repair_row(model, tok, win, removed: list[int], test) -> dict:
+def repair_row(model, tok, win, removed: list[int], test, unrepaired_test: bool = False) -> dict:
     from shapprune.heal import heal_and_remove
     from shapprune.models.layers import find_layer_stack, keep_layers
     from shapprune.models.provenance import clone
 
     unrepaired = None
-    if UNREPAIRED_TEST:
+    if unrepaired_test:
         kept = [i for i in range(find_layer_stack(model).num_layers) if i not in set(removed)]
         with keep_layers(model, kept):
             unrepaired = test_ppl(model, test)
@@ -123,6 +121,8 @@ def main() -> None:
     ap.add_argument("--counts", default=None, help="layers removed, comma-separated (default: per model)")
     ap.add_argument("--reference", default="", help="model:N pairs (e.g. smollm2-135m:6) where the search on the "
                     "repaired utility runs too, the reference (default: none)")
+    ap.add_argument("--unrepaired-test", action="store_true",
+                    help="also measure each set's unrepaired test perplexity (the gap closed; a third of a row's time)")
     a = common.parse(ap)
     import shapprune.api  # noqa: F401 - every module it needs, loaded now: a long run is not changed by later edits
     import shapprune.game.repaired  # noqa: F401
@@ -158,7 +158,7 @@ def main() -> None:
                             None)
                 r.update({k: same[k] for k in ("test_unrepaired", "test_repaired", "heal_seconds", "kept_maps",
                                                "reverted_maps", "heldout_before", "heldout_after")} if same
-                         else repair_row(model, tok, win, r["removed"], test))
+                         else repair_row(model, tok, win, r["removed"], test, a.unrepaired_test))
                 by[name] = r
                 store.write_text(json.dumps(res, indent=1))
                 out.write_text(render(res))
