@@ -42,7 +42,8 @@ class Evaluator(Protocol):
     # Optional: ``prepare(runner)`` is called once with the full model before any mask (e.g. to record a
     # reference); ``masked(key)``, a context manager entered while the mask ``key`` is scored (e.g. the repaired
     # utility folds in its maps), with ``lookahead = True`` where a kept layer's output then depends on the
-    # layers after it (prefix reuse carries less); ``first(k)`` returns the same evaluator on its first ``k`` windows (a cheaper screen);
+    # layers after it (prefix reuse carries less); ``first(k)`` returns the same evaluator on its first ``k``
+    # windows (a cheaper screen);
     # ``windowed(runner)`` returns the runner's NLL with each window's share (``per_window``): a game scores an
     # evaluator that has it by it (``nll`` is then its sum), and keeps the shares in its records.
 
@@ -203,10 +204,11 @@ class ModelGame:
         :class:`Evaluation` as soon as it is done; nothing is read from or written to the store."""
         cache = self.runner.prefix
         bar = tqdm(keys, desc=desc, unit="mask", disable=not self.progress or len(keys) < 2, leave=False)
+        masked = getattr(self.evaluator, "masked", None)  # e.g. the repaired utility's maps for each mask
+        lookahead = getattr(self.evaluator, "lookahead", False)
         for key in bar:
             kept = [i for i, c in enumerate(key) if c == "1"]
             t0 = time.perf_counter()
-            masked = getattr(self.evaluator, "masked", None)  # e.g. the repaired utility's maps for this mask
             with keep_layers(self.model, kept) as stack, (masked(key) if masked else contextlib.nullcontext()):
                 live = getattr(stack.parent, stack.attr) if len(kept) < self.n_players else None
                 if cache is None or live is None:  # all layers kept: the stack is the model's own list
@@ -214,7 +216,7 @@ class ModelGame:
                         cache.clear()
                     nll, tokens, per_window = self._score()
                 else:
-                    with cache.run(key, kept, live, lookahead=getattr(self.evaluator, "lookahead", False)):
+                    with cache.run(key, kept, live, lookahead=lookahead):
                         nll, tokens, per_window = self._score()
             yield Evaluation(key, float(nll), int(tokens), _ppl(nll, tokens), time.perf_counter() - t0, per_window)
 
