@@ -1,8 +1,9 @@
 """How much of what removal broke does healing repair, at what cost?
 
-For each model and each N: the default method chooses N layers on the shared calibration (``shapprune prune
---remove N --heal none``, which is also the unhealed model); then ``shapprune prune --drop SET --heal V`` writes
-each healed variant V. Each ``shapprune`` run is its own process, so its wall seconds and peak resident memory
+For each model and each N: plain ``shapprune prune --remove N`` chooses N layers on the shared calibration as a
+user gets them (the default method, with the objective of the default repair) and heals them with the default
+repair (its row's seconds are that whole command, selection included); then ``shapprune prune --drop SET --heal
+V`` writes every other variant V (``none`` is the unhealed model). Each ``shapprune`` run is its own process, so its wall seconds and peak resident memory
 (the whole process: model load, teacher, training) are its own. Every checkpoint is then loaded from disk and
 measured on test perplexity (windows of 2,048 tokens of ``test.raw.txt``, never used for choosing or healing) and
 on zero-shot accuracy on the six shared tasks. Gap closed: ``(log PPL_unhealed − log PPL_healed) /
@@ -85,12 +86,16 @@ def main() -> None:
     rows = [{"model": a.model, "n": 0, "variant": "full model", **full}]
     print(json.dumps(rows[-1]), flush=True)
     for n in common.ints(a.counts):
-        out = work / f"n{n}-none"
-        cost = run_cli(["prune", a.model, "--remove", str(n), "--heal", "none", *base, "--out", str(out)],
-                       work / f"n{n}-none.log")
-        removed = json.loads((out / "pruning.json").read_text())["removed"]
+        # the set the user gets: plain ``prune --remove N`` (its default repair, and the objective that goes with it)
+        default = work / f"n{n}-default"
+        default_cost = run_cli(["prune", a.model, "--remove", str(n), *base, "--out", str(default)],
+                               work / f"n{n}-default.log")
+        drec = json.loads((default / "pruning.json").read_text())
+        removed = drec["removed"]
         for v in a.variants.split(","):
-            if v != "none":
+            if VARIANTS[v] == (drec.get("heal") or {}).get("method", "none"):
+                out, cost = default, {**default_cost, "whole_prune_remove": True}
+            else:
                 out = work / f"n{n}-{v}"
                 cost = run_cli(["prune", a.model, "--drop", ",".join(map(str, removed)), "--heal", VARIANTS[v],
                                 *base, "--out", str(out)], work / f"n{n}-{v}.log")
@@ -104,9 +109,6 @@ def main() -> None:
                    "kept": heal.get("kept"), "reverted": heal.get("reverted"),
                    "heldout_seqlen": heal.get("heldout_seqlen"), "heldout_windows": heal.get("heldout_windows"),
                    **measure(str(out), a.dtype, test, not a.no_tasks, a.task_limit)}
-            if v == "none":
-                row["seconds_selection"] = row.pop("seconds")
-                row["peak_mb"] = None
             rows.append(row)
             print(json.dumps(row), flush=True)
             write(a, rows, [common.command()], test.num_windows)  # each row as it finishes
@@ -140,7 +142,7 @@ def write(a, rows: list[dict], commands: list[str], test_windows: int | None = N
                      *[("" if zs.get(t) is None else f"{100 * zs[t]:.1f}") for t in common.ZEROSHOT.split(",")],
                      r.get("heal_tokens") or "", r.get("heal_steps") or "",
                      "" if r.get("heal_seconds") is None else f"{r['heal_seconds']:.0f}",
-                     "" if r.get("seconds") is None else f"{r['seconds']:.0f}",
+                     "" if r.get("seconds") is None else f"{r['seconds']:.0f}" + ("*" if r.get("whole_prune_remove") else ""),
                      r.get("peak_mb") or "", ", ".join(r.get("linear_maps") or []), _checks(r)])
     items = next((r["items"] for r in rows if r.get("items")), None)
     where = (f"{test_windows or 'all'} windows" if len(commands) == 1 else
@@ -149,7 +151,8 @@ def write(a, rows: list[dict], commands: list[str], test_windows: int | None = N
             + (f"on {', '.join(f'{k} ({v} items)' for k, v in items.items())}" if items else "not run")
             + ". Heal s: the healing itself as `pruning.json` records it (measuring perplexity before and after "
             "included); run s and peak MB: the whole `shapprune prune --drop SET --heal V` process (loading the "
-            "model included). Linear maps: per run of removed layers, full (folded into the MLP output projection), "
+            "model included; the default repair's row: the whole `shapprune prune --remove N`, selection included, "
+            "marked *). Linear maps: per run of removed layers, full (folded into the MLP output projection), "
             "diagonal (folded into a post-MLP norm) or skipped.", "",
             common.table(["model", "N", "healing", "test PPL", "gap closed", "zero-shot mean",
                           *common.ZEROSHOT.split(","), "heal tokens", "steps", "heal s", "run s", "peak MB",

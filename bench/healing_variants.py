@@ -15,6 +15,10 @@ activations for the others), and folds it where ``--heal linear`` folds it:
   matrix where ``D`` is not a power of two), ``s`` by least squares;
 - ``scalar``: one scale ``c·I`` by least squares, the magnitude compensation of Prune&Comp restricted to what
   folds into the MLP output (rescaling the whole residual stream would untie the embedding from the head).
+- ``norm-full`` (only where a norm follows the MLP, Gemma 3): a full ``T`` on the MLP's output *before* the
+  norm, with the norm's weight, fitted through the norm by Adam (``‖g ⊙ n(m·T) + Y − Z‖²``, ``n`` the RMS
+  normalisation; started from the identity and the diagonal least-squares weight): it folds exactly into the
+  output projection (``W ← Tᵀ·W``) and the norm's weight.
 
 Where the block before a run normalises its MLP output (Gemma 3), every variant is restricted to a diagonal map.
 """
@@ -36,6 +40,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=65536, help="healing tokens (default: %(default)s)")
     ap.add_argument("--heldout", type=int, default=16, help="held-out windows of 2,048 (default: %(default)s)")
     ap.add_argument("--test-windows", type=int, default=8)
+    ap.add_argument("--norm-steps", type=int, default=300, help="Adam steps of norm-full (default: %(default)s)")
+    ap.add_argument("--norm-lr", type=float, default=1e-3, help="Adam learning rate of norm-full")
+    ap.add_argument("--norm-loss", default="cos", choices=("cos", "mse"), help="norm-full's loss: cosine to the "
+                    "target residual (default) or squared error")
     a = common.parse(ap)
 
     from shapprune.engine.ppl import sequence_nll
@@ -73,6 +81,9 @@ def main() -> None:
     for (r0, r1), tg in targets.items():
         hooks.append(tg.module.register_forward_hook(
             lambda m, i, o, k=(r0, r1), s=tg.scale: cap.setdefault(("M", k), []).append(o.float() * s)))
+        if tg.diagonal:
+            hooks.append(tg.module.register_forward_hook(
+                lambda m, i, o, k=(r0, r1): cap.setdefault(("P", k), []).append(i[0].float())))
         hooks.append(stack.layers[r0 - 1].register_forward_hook(
             lambda m, i, o, k=(r0, r1): cap.setdefault(("H", k), []).append((o[0] if isinstance(o, tuple) else o).float())))
         hooks.append(stack.layers[r1].register_forward_hook(
@@ -83,7 +94,7 @@ def main() -> None:
             model(input_ids=hd.train[s:s + 1], use_cache=False)
     for h in hooks:
         h.remove()
-    act = {k: {n: torch.cat(cap[(n, k)]) for n in "MHZ"} for k in targets}
+    act = {k: {n: torch.cat(cap[(n, k)]) for n in "MHZP" if (n, k) in cap} for k in targets}
     pass_s = time.time() - t0
 
     def weights(k, kind):
@@ -142,6 +153,60 @@ def main() -> None:
         s = (Mr * Rr).sum(0) / (Mr * Mr).sum(0).clamp_min(1e-12)
         return Q @ torch.diag(s) @ Q.T
 
+    def norm_full(k, tg, t0, steps=a.norm_steps, lr=a.norm_lr, batch=4096):
+        """T (on the pre-norm MLP output) and the norm's new weight, fitted through the norm; see the docstring."""
+        M, H, Z, P = act[k]["M"][:, 1:], act[k]["H"][:, 1:], act[k]["Z"][:, 1:], act[k]["P"][:, 1:]
+        D = M.shape[-1]
+        Pf, Rf = P.reshape(-1, D), (Z - (H - M)).reshape(-1, D) / tg.scale
+        Yf, Zf = (H - M).reshape(-1, D), Z.reshape(-1, D)
+        eps = float(getattr(tg.module, "eps", getattr(tg.module, "variance_epsilon", 1e-6)))
+        w0 = tg.module.weight.detach().float() + tg.offset
+        T = torch.nn.Parameter(torch.eye(D))
+        g = torch.nn.Parameter(w0 * torch.diagonal(t0).float())
+        opt = torch.optim.Adam([T, g], lr=lr)
+        gen = torch.Generator().manual_seed(0)
+        n_train = int(Pf.shape[0] * 3 // 4)  # last quarter: held-out error, best state kept
+        val = slice(n_train, None)
+
+        def err(idx):
+            q = Pf[idx] @ T
+            q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + eps)
+            if a.norm_loss == "mse":
+                return (q * g - Rf[idx]).pow(2).sum(-1).mean()
+            return (1 - torch.nn.functional.cosine_similarity(q * g + Yf[idx], Zf[idx], dim=-1)).mean()
+
+        with torch.no_grad():
+            best = (float(err(val)), T.detach().clone(), g.detach().clone())
+        first = best[0]
+        with torch.enable_grad():
+            for step in range(steps):
+                idx = torch.randint(0, n_train, (batch,), generator=gen)
+                loss = err(idx)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if (step + 1) % 25 == 0:
+                    with torch.no_grad():
+                        e = float(err(val))
+                    if e < best[0]:
+                        best = (e, T.detach().clone(), g.detach().clone())
+        print(f"norm-full {k}: held-out error {first:.6g} -> {best[0]:.6g}", flush=True)
+        return best[1].double(), best[2]
+
+    def fold_norm_full(tg, proj, T, g):
+        """Fold T into the output projection and g into the norm; return an undo."""
+        from shapprune.heal.linear import Target
+        undo1 = apply_map(Target(proj, 1.0), T)
+        saved = tg.module.weight.detach().clone()
+        with torch.no_grad():
+            tg.module.weight.copy_((g - tg.offset).to(saved.dtype))
+
+        def undo():
+            undo1()
+            with torch.no_grad():
+                tg.module.weight.copy_(saved)
+        return undo
+
     stats_default = None
     for v in a.variants.split(","):
         t1 = time.time()
@@ -158,8 +223,21 @@ def main() -> None:
                 maps[k] = structured(k, "scalar" if v == "scalar" else "rot")
                 if tg.diagonal and v == "hadamard-diag":
                     maps[k] = torch.diag(torch.diagonal(maps[k]))
+            elif v == "norm-full":
+                T0, _ = fit_map(weighted_stats(k, "nofirst"), tg.diagonal)
+                if tg.diagonal:
+                    T0 = T0 if T0 is not None else torch.eye(act[k]["M"].shape[-1], dtype=torch.float64)
+                    maps[k] = ("norm", norm_full(k, tg, T0))
+                else:
+                    maps[k] = T0
         fit_s = time.time() - t1
-        undo = [apply_map(targets[k], T) for k, T in maps.items() if T is not None]
+        undo = []
+        for k, T in maps.items():
+            if isinstance(T, tuple):
+                proj = stack.layers[k[0] - 1].mlp.down_proj
+                undo.append(fold_norm_full(targets[k], proj, *T[1]))
+            elif T is not None:
+                undo.append(apply_map(targets[k], T))
         h, t = per_window(hd.heldout), per_window(test.input_ids)
         for u in undo:
             u()
