@@ -108,6 +108,71 @@ def test_linear_repair_recovers_an_exactly_linear_removed_block(name):
     assert rep["changed_params"] and all(p.dtype == torch.float64 for p in rep["changed_params"])
 
 
+class NormInjected(nn.Module):
+    """A removed block after a Gemma-style block (``Y + n(P)·(1 + w)``) that replaces that block's MLP output by
+    ``g* ⊙ n(P·T*)``: exactly what a full map through the norm represents, and no diagonal map does."""
+
+    def __init__(self, like: nn.Module, norm: nn.Module, t_star: torch.Tensor, g_star: torch.Tensor):
+        super().__init__()
+        self.attention_type = getattr(like, "attention_type", None)
+        self.t_star, self.g_star, self.eps = t_star, g_star, norm.eps
+        self.io = None
+        norm.register_forward_hook(lambda mod, i, o: setattr(self, "io", (i[0], o)))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        p, m = self.io
+        q = p @ self.t_star.to(p.dtype)
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + self.eps)
+        return hidden_states - m + q * self.g_star.to(p.dtype)
+
+
+def test_a_map_through_the_norm_repairs_what_a_diagonal_map_cannot(monkeypatch):
+    """Gemma 3: where the removed block is a full map of the MLP output *before* its norm, the repair fits a full
+    map through the norm (folded into the down projection and the norm's weight): far closer to the model with
+    the block than the diagonal map alone."""
+    import shapprune.heal.linear as L
+
+    g = torch.Generator().manual_seed(5)
+    ids = tiny_inputs(16, 24, seed=6)
+    d = tiny_model("gemma3_text").config.hidden_size
+    t_star = torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    g_star = 1 + 0.2 * torch.randn(d, generator=g, dtype=torch.float64)
+
+    def repaired(through: bool):
+        model = tiny_model("gemma3_text").double()
+        stack = find_layer_stack(model)
+        stack.layers[2] = NormInjected(stack.layers[2], stack.layers[1].post_feedforward_layernorm, t_star, g_star)
+        want = _logits(model, ids)
+        with monkeypatch.context() as m:
+            if not through:
+                m.setattr(L, "fit_through_norm", lambda *a, **k: (None, {}))
+            (run,) = linear_repair(model, [2], ids, batch_size=4)["runs"]
+        remove_layers(model, [2])
+        return (_logits(model, ids) - want).abs().mean().item(), run
+
+    err_full, run = repaired(True)
+    err_diag, diag_run = repaired(False)
+    assert run["map"] == "full, through the norm" and diag_run["map"] == "diagonal"
+    errors = run["through_norm"]["heldout_cosine_error"]
+    assert errors["full"] < 0.2 * errors["diagonal"]
+    assert err_full < 0.5 * err_diag
+
+
+def test_a_map_through_the_norm_is_undone_exactly():
+    from shapprune.game.norm_maps import NormMap, apply_norm_map
+
+    model = tiny_model("gemma3_text")
+    target = output_projection(model, find_layer_stack(model).layers[1])
+    assert target.diagonal and target.proj is not None
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    d = model.config.hidden_size
+    undo = apply_norm_map(target, NormMap(2 * torch.eye(d, dtype=torch.float64), torch.full((d,), 3.0)))
+    assert not torch.equal(target.proj.weight, before["model.layers.1.mlp.down_proj.weight"])
+    assert torch.allclose(target.module.weight, torch.full((d,), 2.0))  # Gemma's 1 + w = g
+    undo()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_run_at_layer_zero_is_skipped_with_its_reason():
     model = tiny_model("llama")
     ref = tiny_model("llama")

@@ -127,9 +127,10 @@ def test_quantized_prune_reloads(gemma3, tmp_path, capsys):
 
 
 def test_linear_heal_into_gguf_reloads_with_the_healed_logits(tmp_path, capsys, monkeypatch):
-    """Gemma 3's MLP output passes through a norm: the linear repair is a diagonal map folded into that norm's
-    weight (F32 in the GGUF, so written exactly, with Gemma's ``w + 1`` layout). The healed GGUF reloads with the
-    logits of the healed checkpoint."""
+    """Gemma 3's MLP output passes through a norm: the linear repair is a full map through it, folded into the down
+    projection and that norm's weight (written exactly: the norm in F32 with Gemma's ``w + 1`` layout, the down
+    projection in the healed weights' own type where its K-quant cannot be written). The healed GGUF reloads with
+    the logits of the healed checkpoint."""
     from tiny_gguf import load_gguf
 
     monkeypatch.setenv("SHAPPRUNE_STORE", str(tmp_path / "store.sqlite"))
@@ -141,9 +142,11 @@ def test_linear_heal_into_gguf_reloads_with_the_healed_logits(tmp_path, capsys, 
     assert main(["prune", "--heal", "none", *common, "--out-format", "gguf", "--out", str(gg)]) == 0
     capsys.readouterr()
     rec = json.loads((gg / "pruning.json").read_text())
-    assert rec["heal"]["linear"]["runs"][0]["map"] == "diagonal"
-    assert rec["heal"]["changed"] == ["model.layers.5.post_feedforward_layernorm.weight"]
-    assert rec["gguf"]["changed_tensor_types"] == {"F32": 1} and not rec["gguf"]["changed_fallback"]
+    assert rec["heal"]["linear"]["runs"][0]["map"] == "full, through the norm"
+    assert rec["heal"]["changed"] == ["model.layers.5.mlp.down_proj.weight",
+                                      "model.layers.5.post_feedforward_layernorm.weight"]
+    # the norm is F32 in the source; the down projection's K-quant cannot be written: the healed float32 weights
+    assert rec["gguf"]["changed_tensor_types"] == {"F32": 2} and rec["gguf"]["changed_fallback"]
     assert rec["heal"]["ppl_after"]["heldout"] < rec["heal"]["ppl_before"]["heldout"]
     healed = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     reload = load_gguf(gg / "model.gguf")

@@ -171,7 +171,7 @@ def run_manual(args) -> int:
     from shapprune.cli.quantize_cmd import check_quantize_args
     from shapprune.models.layers import find_layer_stack, parse_layer_list, remove_layers
     from shapprune.outputs.atomic import atomic_dir, check_out_dir, write_json
-    from shapprune.outputs.gguf import GGUF_NAME, changed_tensors, gguf_source, write_pruned_gguf
+    from shapprune.outputs.gguf import GGUF_NAME, changed_tensors, exact_type, gguf_source, write_pruned_gguf
     from shapprune.outputs.summary import manual_summary_lines
     from shapprune.record import PruningRecord
 
@@ -202,7 +202,8 @@ def run_manual(args) -> int:
     if gguf_src is not None:
         with atomic_dir(out) as tmp:
             record.gguf = write_pruned_gguf(gguf_src, tmp / GGUF_NAME, drop,
-                                            changed=changed_tensors(model, record.to_json()))
+                                            changed=changed_tensors(model, record.to_json()),
+                                            fallback=exact_type(model))
             write_json(tmp / "pruning.json", record.to_json())
     else:
         save(model, tokenizer, record, out, quantize=args.quantize, dtype=args.save_dtype)
@@ -348,7 +349,7 @@ def write_method_gguf(args, out: Path, src: Path, num_layers: int, chosen, t0: f
     """The chosen layers removed from the source GGUF: ``model.gguf``, ``pruning.json`` and ``report.md``."""
     from shapprune.errors import UserError
     from shapprune.outputs.atomic import atomic_dir, write_json
-    from shapprune.outputs.gguf import GGUF_NAME, changed_tensors, write_pruned_gguf
+    from shapprune.outputs.gguf import GGUF_NAME, changed_tensors, exact_type, write_pruned_gguf
     from shapprune.outputs.report import write_outputs
     from shapprune.outputs.summary import REPORT_NAME, summary_lines
 
@@ -358,7 +359,8 @@ def write_method_gguf(args, out: Path, src: Path, num_layers: int, chosen, t0: f
                         "drop --out-format gguf to write a transformers checkpoint")
     with atomic_dir(out) as tmp:
         changed = changed_tensors(model, record.to_json()) if record.heal else None
-        record.gguf = write_pruned_gguf(src, tmp / GGUF_NAME, record.removed, changed=changed)
+        record.gguf = write_pruned_gguf(src, tmp / GGUF_NAME, record.removed, changed=changed,
+                                        fallback=exact_type(model))
         record.choice.seconds = round(time.time() - t0, 3)
         write_json(tmp / "pruning.json", record.to_json())
         write_outputs(tmp, record, chosen.info)

@@ -201,6 +201,7 @@ class Target:
     diagonal: bool = False
     offset: float = 0.0
     reason: str | None = None
+    proj: nn.Module | None = None  # for a diagonal map: the output projection before the norm (a map through it)
 
 
 def output_projection(model: nn.Module, block: nn.Module) -> Target:
@@ -220,12 +221,18 @@ def output_projection(model: nn.Module, block: nn.Module) -> Target:
             if not isinstance(w, torch.Tensor) or w.dim() != 1 or getattr(norm, "bias", None) is not None:
                 return Target(None, reason=f"its MLP output passes through {name}, which has no per-channel weight "
                                            "to fold a map into")
-            return Target(norm, scale, diagonal=True, offset=NORM_WEIGHT_OFFSET.get(mt, 0.0))
+            proj = _get(block, MLP_OUTPUT.get(mt, "mlp.down_proj"))
+            return Target(norm, scale, diagonal=True, offset=NORM_WEIGHT_OFFSET.get(mt, 0.0),
+                          proj=proj if _is_projection(proj) else None)
     path = MLP_OUTPUT.get(mt, "mlp.down_proj")
     proj = _get(block, path)
-    if proj is None or type(proj).__name__ not in ("Linear", "Conv1D") or not hasattr(proj, "weight"):
+    if not _is_projection(proj):
         return Target(None, reason=f"{type(block).__name__} has no single MLP output projection {path}")
     return Target(proj, scale)
+
+
+def _is_projection(mod) -> bool:
+    return mod is not None and type(mod).__name__ in ("Linear", "Conv1D") and hasattr(mod, "weight")
 
 
 class _Stop(Exception):
@@ -270,11 +277,13 @@ def run_targets(model: nn.Module, runs: Sequence[tuple[int, int]]) -> dict[tuple
 
 
 def captures(model: nn.Module, input_ids: torch.Tensor, mlp: dict[int, Target], blocks: Sequence[int],
-             batch_size: int = 4, skip_first: bool = True, progress: bool = False, desc: str = "activations"):
+             batch_size: int = 4, skip_first: bool = True, progress: bool = False, desc: str = "activations",
+             pre: bool = False):
     """One forward pass of ``model`` over ``input_ids`` ``[n, T]`` in batches, yielding ``(start, cap)`` per
     batch: ``cap[("M", j)]`` the scaled MLP output of each block ``j`` of ``mlp`` (its :class:`Target`) and
-    ``cap[("H", j)]`` the output of each block of ``blocks``, first position cut (``skip_first``). The pass stops
-    after the last block it needs."""
+    ``cap[("H", j)]`` the output of each block of ``blocks``, and ``cap[("P", j)]`` the input of each block ``j``'s
+    post-MLP norm where its :class:`Target` has one and ``pre`` (the output projection's output, before the norm),
+    first position cut (``skip_first``). The pass stops after the last block it needs."""
     from shapprune.models.layers import find_layer_stack
     from shapprune.models.loading import model_device
 
@@ -285,6 +294,8 @@ def captures(model: nn.Module, input_ids: torch.Tensor, mlp: dict[int, Target], 
     for j, tg in mlp.items():
         hooks.append(tg.module.register_forward_hook(
             lambda m, i, o, j=j, s=tg.scale: cap.__setitem__(("M", j), _first(o) * s)))
+        if pre and tg.diagonal and tg.proj is not None:
+            hooks.append(tg.module.register_forward_hook(lambda m, i, o, j=j: cap.__setitem__(("P", j), i[0])))
     for j in sorted(set(blocks) | set(mlp)):
         def hook(m, i, o, j=j):
             if j in blocks:
@@ -314,13 +325,15 @@ def captures(model: nn.Module, input_ids: torch.Tensor, mlp: dict[int, Target], 
 
 
 def collect_stats(model: nn.Module, runs: Sequence[tuple[int, int]], input_ids: torch.Tensor, batch_size: int = 4,
-                  folds: int = FOLDS, skip_first: bool = True, progress: bool = False
+                  folds: int = FOLDS, skip_first: bool = True, progress: bool = False, rows: dict | None = None
                   ) -> dict[tuple[int, int], list[Stats]]:
     """One forward pass of the *unpruned* ``model`` over ``input_ids`` ``[n, T]`` that gives every run
     ``(a, b)`` its least-squares statistics, split into ``folds`` folds by window: ``M`` the MLP output of block
     ``a − 1`` (scaled), ``R = Z − (H − M)`` with ``H`` that block's output and ``Z`` block ``b``'s. The pass stops
     after the last run's block. ``skip_first``: the first position of each window (an attention sink with a
-    huge norm in many models) is left out of the fit. Runs without a target get no entry."""
+    huge norm in many models) is left out of the fit. Runs without a target get no entry. ``rows`` (a dict):
+    the same pass also keeps, for each run whose map goes through a post-MLP norm (:mod:`shapprune.game.norm_maps`),
+    its windows' activations ``(P, Y, Z)`` in the model's dtype (``Y = H − M``): ``rows[(a, b)]``, one per window."""
     targets = {r: t for r, t in run_targets(model, runs).items() if t.module is not None}
     if not targets:
         return {}
@@ -329,12 +342,16 @@ def collect_stats(model: nn.Module, runs: Sequence[tuple[int, int]], input_ids: 
     mlp = {a - 1: tg for (a, _), tg in targets.items()}
     blocks = sorted({a - 1 for a, _ in targets} | {b for _, b in targets})
     for s, cap in captures(model, input_ids, mlp, blocks, batch_size, skip_first, progress,
-                           "linear repair: activations"):
+                           "linear repair: activations", pre=rows is not None):
         for (a, b) in targets:
             M = cap[("M", a - 1)].double().cpu()
             R = cap[("H", b)].double().cpu() - (cap[("H", a - 1)].double().cpu() - M)
             for k in range(M.shape[0]):
                 stats[(a, b)][(s + k) % nf].add(M[k], R[k])
+            if rows is not None and ("P", a - 1) in cap:
+                P, H, Z = cap[("P", a - 1)].cpu(), cap[("H", a - 1)].cpu(), cap[("H", b)].cpu()
+                Y = (H.double() - M).to(H.dtype)
+                rows.setdefault((a, b), []).extend(zip(P.clone(), Y, Z.clone(), strict=True))
     return stats
 
 

@@ -28,6 +28,7 @@ from shapprune.game.linear_maps import (
     solve_diagonal,
     solve_map,
 )
+from shapprune.game.norm_maps import apply_norm_map, fit_through_norm
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ def linear_repair(model: nn.Module, removed: Sequence[int], input_ids: torch.Ten
     skipped or reverted; and the parameters it rewrote."""
     runs = runs_of(removed)
     targets = run_targets(model, runs)
-    stats = collect_stats(model, runs, input_ids, batch_size, folds, progress=progress)
+    rows: dict = {}
+    stats = collect_stats(model, runs, input_ids, batch_size, folds, progress=progress, rows=rows)
     report, changed = [], []
     for (a, b) in runs:
         entry: dict = {"layers": list(range(a, b + 1)), "before": a - 1}
@@ -60,16 +62,29 @@ def linear_repair(model: nn.Module, removed: Sequence[int], input_ids: torch.Ten
         entry["map"] = "diagonal" if tg.diagonal else "full"
         T, info = fit_map(stats[(a, b)], tg.diagonal, grid)
         entry.update(info)
-        if T is None:
+        candidates = []  # (kind, undo-returning fold, parameters it writes), tried in order until one is kept
+        if (a, b) in rows:  # a norm follows the MLP: first a full map through it, started from the diagonal one
+            nm, entry["through_norm"] = fit_through_norm(rows.pop((a, b)), tg, T)
+            if nm is not None:
+                candidates.append(("full, through the norm", lambda nm=nm, tg=tg: apply_norm_map(tg, nm),
+                                   (tg.proj.weight, getattr(tg.proj, "bias", None), tg.module.weight)))
+        if T is not None:
+            candidates.append((entry["map"], lambda T=T, tg=tg: apply_map(tg, T),
+                               (tg.module.weight, getattr(tg.module, "bias", None))))
+        if not candidates:
             entry["skipped"] = "no ridge strength beat the unrepaired model on held-out windows"
             log.info("linear repair: layers %d-%d left as they are: %s", a, b, entry["skipped"])
             continue
-        undo = apply_map(tg, T)
-        if accept is not None and not accept(f"linear map for layers {a}-{b}"):
+        for kind, fold, params in candidates:
+            entry["map"] = kind
+            undo = fold()
+            if accept is None or accept(f"linear map for layers {a}-{b}" + (" (diagonal)" if kind == "diagonal"
+                                                                             and len(candidates) > 1 else "")):
+                changed.extend(p for p in params if p is not None)
+                entry.pop("reverted", None)
+                log.info("linear repair: layers %d-%d, a %s map folded into layer %d (alpha %s)", a, b, kind, a - 1,
+                         info["alpha"])
+                break
             undo()
             entry["reverted"] = "it did not measurably lower held-out perplexity"
-            continue
-        changed.extend(p for p in (tg.module.weight, getattr(tg.module, "bias", None)) if p is not None)
-        log.info("linear repair: layers %d-%d, a %s map folded into layer %d (alpha %g)", a, b, entry["map"], a - 1,
-                 info["alpha"])
     return {"runs": report, "changed_params": changed}

@@ -126,9 +126,18 @@ def changed_tensors(model, record: dict) -> dict[str, Any] | None:
     return out
 
 
-def encode_tensor(w, source_type):
+def exact_type(model) -> str:
+    """The GGUF type that holds ``model``'s healed weights exactly: BF16 for a bfloat16 model, F16 for float16,
+    F32 otherwise (the type a healed tensor is written in where its source's type cannot be written)."""
+    import torch
+
+    dtype = next(model.parameters()).dtype if model is not None else torch.float32
+    return {torch.bfloat16: "BF16", torch.float16: "F16"}.get(dtype, "F32")
+
+
+def encode_tensor(w, source_type, fallback: str = "F16"):
     """``(data, type)``: ``w`` (float32) quantized to ``source_type`` where the ``gguf`` package can write it,
-    else F16 (F32 tensors stay F32)."""
+    else in ``fallback`` (F16, BF16 or F32; F32 tensors stay F32)."""
     import numpy as np
     from gguf import GGMLQuantizationType, quants
 
@@ -137,15 +146,21 @@ def encode_tensor(w, source_type):
     try:
         return quants.quantize(np.ascontiguousarray(w, dtype=np.float32), source_type), source_type
     except (NotImplementedError, ValueError, KeyError):
-        return np.ascontiguousarray(w, dtype=np.float16), GGMLQuantizationType.F16
+        if fallback == "F32":
+            return np.ascontiguousarray(w, dtype=np.float32), GGMLQuantizationType.F32
+        qtype = GGMLQuantizationType[fallback]
+        if qtype == GGMLQuantizationType.F16:
+            return np.ascontiguousarray(w, dtype=np.float16), qtype
+        return quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype), qtype
 
 
 def write_pruned_gguf(src: str | os.PathLike, dst: str | os.PathLike, removed: Sequence[int],
-                      changed: dict[str, Any] | None = None) -> dict:
+                      changed: dict[str, Any] | None = None, fallback: str = "F16") -> dict:
     """Write ``src`` without the blocks in ``removed`` to ``dst`` (a new file; temporary file, then rename).
 
     ``changed``: ``{pruned tensor name: float32 array}`` written instead of the source's bytes (healing), in the
-    source tensor's type where the ``gguf`` package can quantize to it, else F16 (:func:`encode_tensor`).
+    source tensor's type where the ``gguf`` package can quantize to it, else ``fallback`` (:func:`encode_tensor`;
+    :func:`exact_type` of the healed model writes its weights exactly).
     Returns a summary for ``pruning.json``: file name, sizes, block counts, changed keys, tensor types.
     """
     from gguf import GGUFValueType, GGUFWriter, Keys
@@ -178,7 +193,7 @@ def write_pruned_gguf(src: str | os.PathLike, dst: str | os.PathLike, removed: S
         missing = sorted(set(changed or {}) - new_names)
         if missing:
             raise UserError(f"healed tensor {missing[0]} is not in {Path(src).name}; drop --out-format gguf")
-        payload, types, fallback = {}, [], False
+        payload, types, fell_back = {}, [], False
         for t in kept:
             name = plan.tensor_names[t.name]
             if changed and name in changed:
@@ -186,8 +201,8 @@ def write_pruned_gguf(src: str | os.PathLike, dst: str | os.PathLike, removed: S
                 want = tuple(int(x) for x in reversed(t.shape))  # GGUF's ne is innermost first
                 if tuple(w.shape) != want:
                     raise UserError(f"healed tensor {name} has shape {tuple(w.shape)}, the GGUF's {want}")
-                data, qtype = encode_tensor(w, t.tensor_type)
-                fallback |= qtype != t.tensor_type
+                data, qtype = encode_tensor(w, t.tensor_type, fallback)
+                fell_back |= qtype != t.tensor_type
                 types.append(qtype.name)
             else:
                 data, qtype = t.data, t.tensor_type
@@ -219,7 +234,7 @@ def write_pruned_gguf(src: str | os.PathLike, dst: str | os.PathLike, removed: S
         "metadata_changed": plan.changed,
         "tensor_types": dict(Counter(t.tensor_type.name for t in kept).most_common()),
         **({"changed_tensors": len(types), "changed_tensor_types": dict(Counter(types).most_common()),
-            "changed_fallback": fallback} if changed else {}),
+            "changed_fallback": fell_back} if changed else {}),
     }
 
 

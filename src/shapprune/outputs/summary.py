@@ -92,8 +92,8 @@ def gguf_changed_sentence(gguf: dict) -> str | None:
     if not gguf.get("changed_tensors"):
         return None
     types = ", ".join(f"{n} {t}" for t, n in gguf["changed_tensor_types"].items())
-    return f"healed tensors written: {types}" + (" (the source's type could not be written: F16 instead)"
-                                                 if gguf.get("changed_fallback") else "")
+    return f"healed tensors written: {types}" + (" (where the source's type could not be written, the healed "
+                                                 "weights' own type instead)" if gguf.get("changed_fallback") else "")
 
 
 def actionable_warning(record: PruningRecord) -> str | None:
