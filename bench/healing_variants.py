@@ -16,9 +16,10 @@ activations for the others), and folds it where ``--heal linear`` folds it:
 - ``scalar``: one scale ``c·I`` by least squares, the magnitude compensation of Prune&Comp restricted to what
   folds into the MLP output (rescaling the whole residual stream would untie the embedding from the head).
 - ``norm-full`` (only where a norm follows the MLP, Gemma 3): a full ``T`` on the MLP's output *before* the
-  norm, with the norm's weight, fitted through the norm by Adam (``‖g ⊙ n(m·T) + Y − Z‖²``, ``n`` the RMS
+  norm, with the norm's weight, fitted through the norm by Adam (``n`` the RMS
   normalisation; started from the identity and the diagonal least-squares weight): it folds exactly into the
-  output projection (``W ← Tᵀ·W``) and the norm's weight.
+  output projection (``W ← Tᵀ·W``) and the norm's weight. ``norm-full`` fits ReplaceMe's cosine objective
+  ``1 − cos(Y + g ⊙ n(m·T), Z)`` (what ``--heal linear`` does there), ``norm-full-mse`` the squared error.
 
 Where the block before a run normalises its MLP output (Gemma 3), every variant is restricted to a diagonal map.
 """
@@ -40,13 +41,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=65536, help="healing tokens (default: %(default)s)")
     ap.add_argument("--heldout", type=int, default=16, help="held-out windows of 2,048 (default: %(default)s)")
     ap.add_argument("--test-windows", type=int, default=8)
-    ap.add_argument("--norm-steps", type=int, default=300, help="Adam steps of norm-full (default: %(default)s)")
+    ap.add_argument("--norm-steps", type=int, default=300, help="Adam steps of norm-full (default: the library's, %(default)s)")
     ap.add_argument("--norm-lr", type=float, default=1e-3, help="Adam learning rate of norm-full")
-    ap.add_argument("--norm-loss", default="cos", choices=("cos", "mse"), help="norm-full's loss: cosine to the "
-                    "target residual (default) or squared error")
     a = common.parse(ap)
 
     from shapprune.engine.ppl import sequence_nll
+    from shapprune.game.norm_maps import NormMap, apply_norm_map
     from shapprune.heal import heal_windows
     from shapprune.heal.check import decide, window_log_ppl
     from shapprune.heal.linear import Stats, apply_map, collect_stats, fit_map, run_targets, runs_of
@@ -153,59 +153,15 @@ def main() -> None:
         s = (Mr * Rr).sum(0) / (Mr * Mr).sum(0).clamp_min(1e-12)
         return Q @ torch.diag(s) @ Q.T
 
-    def norm_full(k, tg, t0, steps=a.norm_steps, lr=a.norm_lr, batch=4096):
-        """T (on the pre-norm MLP output) and the norm's new weight, fitted through the norm; see the docstring."""
-        M, H, Z, P = act[k]["M"][:, 1:], act[k]["H"][:, 1:], act[k]["Z"][:, 1:], act[k]["P"][:, 1:]
-        D = M.shape[-1]
-        Pf, Rf = P.reshape(-1, D), (Z - (H - M)).reshape(-1, D) / tg.scale
-        Yf, Zf = (H - M).reshape(-1, D), Z.reshape(-1, D)
-        eps = float(getattr(tg.module, "eps", getattr(tg.module, "variance_epsilon", 1e-6)))
-        w0 = tg.module.weight.detach().float() + tg.offset
-        T = torch.nn.Parameter(torch.eye(D))
-        g = torch.nn.Parameter(w0 * torch.diagonal(t0).float())
-        opt = torch.optim.Adam([T, g], lr=lr)
-        gen = torch.Generator().manual_seed(0)
-        n_train = int(Pf.shape[0] * 3 // 4)  # last quarter: held-out error, best state kept
-        val = slice(n_train, None)
+    def norm_full(k, tg, t0, objective):
+        """The library's fit through the norm (what --heal linear does), on this pass's windows, first position cut."""
+        from shapprune.game.norm_maps import fit_through_norm
 
-        def err(idx):
-            q = Pf[idx] @ T
-            q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + eps)
-            if a.norm_loss == "mse":
-                return (q * g - Rf[idx]).pow(2).sum(-1).mean()
-            return (1 - torch.nn.functional.cosine_similarity(q * g + Yf[idx], Zf[idx], dim=-1)).mean()
-
-        with torch.no_grad():
-            best = (float(err(val)), T.detach().clone(), g.detach().clone())
-        first = best[0]
-        with torch.enable_grad():
-            for step in range(steps):
-                idx = torch.randint(0, n_train, (batch,), generator=gen)
-                loss = err(idx)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if (step + 1) % 25 == 0:
-                    with torch.no_grad():
-                        e = float(err(val))
-                    if e < best[0]:
-                        best = (e, T.detach().clone(), g.detach().clone())
-        print(f"norm-full {k}: held-out error {first:.6g} -> {best[0]:.6g}", flush=True)
-        return best[1].double(), best[2]
-
-    def fold_norm_full(tg, proj, T, g):
-        """Fold T into the output projection and g into the norm; return an undo."""
-        from shapprune.heal.linear import Target
-        undo1 = apply_map(Target(proj, 1.0), T)
-        saved = tg.module.weight.detach().clone()
-        with torch.no_grad():
-            tg.module.weight.copy_((g - tg.offset).to(saved.dtype))
-
-        def undo():
-            undo1()
-            with torch.no_grad():
-                tg.module.weight.copy_(saved)
-        return undo
+        rows = [(P[1:], Y[1:], Z[1:]) for P, Y, Z in zip(act[k]["P"], act[k]["H"] - act[k]["M"], act[k]["Z"],
+                                                         strict=True)]
+        nm, info = fit_through_norm(rows, tg, t0, steps=a.norm_steps, lr=a.norm_lr, objective=objective)
+        print(f"{v} {k}: {info}", flush=True)
+        return nm
 
     stats_default = None
     for v in a.variants.split(","):
@@ -223,19 +179,19 @@ def main() -> None:
                 maps[k] = structured(k, "scalar" if v == "scalar" else "rot")
                 if tg.diagonal and v == "hadamard-diag":
                     maps[k] = torch.diag(torch.diagonal(maps[k]))
-            elif v == "norm-full":
+            elif v in ("norm-full", "norm-full-mse"):
                 T0, _ = fit_map(weighted_stats(k, "nofirst"), tg.diagonal)
                 if tg.diagonal:
                     T0 = T0 if T0 is not None else torch.eye(act[k]["M"].shape[-1], dtype=torch.float64)
-                    maps[k] = ("norm", norm_full(k, tg, T0))
+                    nm = norm_full(k, tg, T0, "squared" if v == "norm-full-mse" else "cosine")
+                    maps[k] = T0 if nm is None else nm
                 else:
                     maps[k] = T0
         fit_s = time.time() - t1
         undo = []
         for k, T in maps.items():
-            if isinstance(T, tuple):
-                proj = stack.layers[k[0] - 1].mlp.down_proj
-                undo.append(fold_norm_full(targets[k], proj, *T[1]))
+            if isinstance(T, NormMap):
+                undo.append(apply_norm_map(targets[k], T))
             elif T is not None:
                 undo.append(apply_map(targets[k], T))
         h, t = per_window(hd.heldout), per_window(test.input_ids)

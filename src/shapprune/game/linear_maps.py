@@ -28,6 +28,8 @@ Rules (measurements in ``bench/results/healing.md``):
   ``post_feedforward_layernorm``) cannot take a full ``T`` exactly (the norm rescales each token), but a
   *diagonal* ``T`` folds exactly into the norm's weight (``w ← (o + w)·t − o``, ``o`` the norm's weight
   offset: 1 for Gemma's ``x·(1 + w)``): those runs get the per-channel map, fitted and ridge-chosen the same way.
+  The repair then tries a full map *before* the norm, fitted through it (:mod:`shapprune.game.norm_maps`), and
+  keeps the diagonal map where that does not beat it; the game's repaired utility scores with the diagonal map.
 - A block with no single output projection (mixture of experts, Mamba, RWKV) is skipped likewise.
 """
 

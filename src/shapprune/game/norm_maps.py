@@ -61,16 +61,19 @@ def norm_eps(norm: nn.Module) -> float:
     return 1e-6
 
 
-def cosine_error(P: torch.Tensor, Y: torch.Tensor, Z: torch.Tensor, m: NormMap, eps: float,
-                 scale: float = 1.0) -> torch.Tensor:
-    """Mean over tokens of ``1 − cos(Y + s·g ⊙ n(P·T), Z)`` (rows of ``[tokens, D]``)."""
+def fit_error(P: torch.Tensor, Y: torch.Tensor, Z: torch.Tensor, m: NormMap, eps: float, scale: float = 1.0,
+              objective: str = "cosine") -> torch.Tensor:
+    """Mean over tokens (rows of ``[tokens, D]``) of ``1 − cos(Y + s·g ⊙ n(P·T), Z)`` (``objective="cosine"``),
+    or of the squared error ``‖Y + s·g ⊙ n(P·T) − Z‖²`` (``"squared"``, measured against it)."""
     out = Y + scale * m.g * _rms(P @ m.T, eps)
+    if objective == "squared":
+        return (out - Z).pow(2).sum(-1).mean()
     return (1 - torch.nn.functional.cosine_similarity(out, Z, dim=-1)).mean()
 
 
 def fit_through_norm(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], target: Target,
                      t0: torch.Tensor | None, steps: int = STEPS, lr: float = LR, batch: int = BATCH_TOKENS,
-                     folds: int = FOLDS, seed: int = 0) -> tuple[NormMap | None, dict]:
+                     folds: int = FOLDS, seed: int = 0, objective: str = "cosine") -> tuple[NormMap | None, dict]:
     """The map of one run from its windows' activations ``rows`` (``(P, Y, Z)`` per window, ``[T, D]`` each;
     see the module docstring), started from the diagonal map ``t0`` (``D × D``, or ``None``: the identity).
     Returns ``(None, info)`` where no state beats the diagonal map on the held-out windows (then the caller keeps
@@ -97,14 +100,14 @@ def fit_through_norm(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
     def held_error() -> float:
         with torch.no_grad():
-            return float(cosine_error(Ph, Yh, Zh, NormMap(T, g), eps, target.scale))
+            return float(fit_error(Ph, Yh, Zh, NormMap(T, g), eps, target.scale, objective))
 
     start = held_error()
     best = (start, None)
     with torch.enable_grad():
         for step in range(1, steps + 1):
             idx = torch.randint(0, P.shape[0], (min(batch, P.shape[0]),), generator=gen)
-            loss = cosine_error(P[idx], Y[idx], Z[idx], NormMap(T, g), eps, target.scale)
+            loss = fit_error(P[idx], Y[idx], Z[idx], NormMap(T, g), eps, target.scale, objective)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -112,8 +115,8 @@ def fit_through_norm(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
                 e = held_error()
                 if e < best[0]:
                     best = (e, (step, NormMap(T.detach().clone().double(), g.detach().clone().double())))
-    info = {"fit": "cosine through the norm", "steps": steps, "lr": lr, "tokens": int(P.shape[0] + Ph.shape[0]),
-            "heldout_cosine_error": {"diagonal": start, "full": best[0]}, "seconds": round(time.time() - t_start, 3)}
+    info = {"fit": f"{objective} through the norm", "steps": steps, "lr": lr, "tokens": int(P.shape[0] + Ph.shape[0]),
+            f"heldout_{objective}_error": {"diagonal": start, "full": best[0]}, "seconds": round(time.time() - t_start, 3)}
     if best[1] is None or best[0] > start * (1 - MIN_GAIN) - ROUNDING:
         return None, info
     info["best_step"] = best[1][0]
