@@ -68,8 +68,9 @@ def main() -> None:
     a = common.parse(ap)
     if a.merge:
         parts = [json.loads(Path(p).read_text()) for p in a.merge]
-        # a later file's row replaces an earlier one of the same model, N, healing and healing tokens
-        rows = {(r["model"], r["n"], r["variant"], r.get("heal_tokens")): r for p in parts for r in p["rows"]}
+        # a later file's row replaces an earlier one of the same model, N, healing, healing tokens and set
+        rows = {(r["model"], r["n"], r["variant"], r.get("heal_tokens"), tuple(r.get("removed") or ())): r
+                for p in parts for r in p["rows"]}
         notes = [(c, p["note"]) for p in parts if p.get("note") for c in p["commands"]]
         write(a, list(rows.values()), [c for p in parts for c in p["commands"]], a.test_windows, notes)
         return
@@ -129,14 +130,15 @@ def write(a, rows: list[dict], commands: list[str], test_windows: int | None = N
     from shapprune.heal import gap_closed
 
     full = {r["model"]: r for r in rows if r["variant"] == "full model"}
-    unhealed = {(r["model"], r["n"]): r for r in rows if r["variant"] == "none"}
+    unhealed = {(r["model"], r["n"], tuple(r.get("removed") or ())): r for r in rows if r["variant"] == "none"}
     body = []
     for r in rows:
-        f, u = full.get(r["model"]), unhealed.get((r["model"], r["n"]))
+        f, u = full.get(r["model"]), unhealed.get((r["model"], r["n"], tuple(r.get("removed") or ())))
         g = (gap_closed(f["test_ppl"], u["test_ppl"], r["test_ppl"]) if f and u and r["variant"] not in
              ("none", "full model") else None)
         zs = r.get("zeroshot") or {}
-        body.append([r["model"], r["n"] or "", r["variant"], f"{r['test_ppl']:.2f}",
+        body.append([r["model"], r["n"] or "", str(r["removed"]) if r.get("removed") else "", r["variant"],
+                     f"{r['test_ppl']:.2f}",
                      "" if g is None else f"{100 * g:.0f}%",
                      "" if r.get("zeroshot_mean") is None else f"{100 * r['zeroshot_mean']:.2f}",
                      *[("" if zs.get(t) is None else f"{100 * zs[t]:.1f}") for t in common.ZEROSHOT.split(",")],
@@ -154,7 +156,7 @@ def write(a, rows: list[dict], commands: list[str], test_windows: int | None = N
             "model included; the default repair's row: the whole `shapprune prune --remove N`, selection included, "
             "marked *). Linear maps: per run of removed layers, full (folded into the MLP output projection), "
             "diagonal (folded into a post-MLP norm) or skipped.", "",
-            common.table(["model", "N", "healing", "test PPL", "gap closed", "zero-shot mean",
+            common.table(["model", "N", "removed", "healing", "test PPL", "gap closed", "zero-shot mean",
                           *common.ZEROSHOT.split(","), "heal tokens", "steps", "heal s", "run s", "peak MB",
                           "linear maps", "repairs kept / reverted"], body)]
     if len(commands) > 1:
