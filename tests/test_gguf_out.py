@@ -327,3 +327,23 @@ def test_load_model_parses_a_gguf_once_and_restores_gguf(llama_gguf, monkeypatch
     mine = model.state_dict()
     assert set(mine) == set(plain)
     assert all(torch.equal(mine[k], plain[k]) for k in plain)
+
+
+def test_a_healed_tensor_the_source_type_cannot_hold_is_written_exactly():
+    """K-quants cannot be written by the ``gguf`` package: a healed tensor of that type is written in the healed
+    model's own dtype (BF16 for a bfloat16 model, F32 for float32), so it reloads bit for bit."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    from shapprune.outputs.gguf import encode_tensor, exact_type
+
+    w = torch.randn(4, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    assert exact_type(torch.nn.Linear(2, 2).to(torch.bfloat16)) == "BF16"
+    assert exact_type(torch.nn.Linear(2, 2)) == "F32"
+    data, qtype = encode_tensor(w.float().numpy(), Q.Q4_K, "BF16")
+    assert qtype == Q.BF16
+    assert np.array_equal(quants.dequantize(data, qtype).reshape(4, 256), w.float().numpy())
+    data, qtype = encode_tensor(w.float().numpy() / 3, Q.Q6_K, "F32")
+    assert qtype == Q.F32 and np.array_equal(data, w.float().numpy() / 3)
+    data, qtype = encode_tensor(w.float().numpy(), Q.Q8_0, "BF16")
+    assert qtype == Q.Q8_0  # a type the package can write stays the source's
