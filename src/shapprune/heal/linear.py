@@ -1,6 +1,8 @@
 """Training-free repair: one linear map per run of removed layers, fitted from one pass of the unpruned model
 and folded into the kept model (ReplaceMe); the maths, the targets and the pass are in
-:mod:`shapprune.game.linear_maps` (the game's repaired utility scores sets with the same maps)."""
+:mod:`shapprune.game.linear_maps` (the game's repaired utility scores sets with the same maps). Where a norm
+follows the MLP, the map is first tried through the norm (:mod:`shapprune.game.norm_maps`), then the diagonal
+map."""
 
 from __future__ import annotations
 
