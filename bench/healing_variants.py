@@ -41,8 +41,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=65536, help="healing tokens (default: %(default)s)")
     ap.add_argument("--heldout", type=int, default=16, help="held-out windows of 2,048 (default: %(default)s)")
     ap.add_argument("--test-windows", type=int, default=8)
-    ap.add_argument("--norm-steps", type=int, default=300, help="Adam steps of norm-full (default: the library's, %(default)s)")
-    ap.add_argument("--norm-lr", type=float, default=1e-3, help="Adam learning rate of norm-full")
+    ap.add_argument("--norm-steps", type=int, default=None, help="Adam steps of norm-full (default: the library's)")
+    ap.add_argument("--norm-lr", type=float, default=None, help="Adam learning rate of norm-full (default: the library's)")
     a = common.parse(ap)
 
     from shapprune.engine.ppl import sequence_nll
@@ -159,7 +159,8 @@ def main() -> None:
 
         rows = [(P[1:], Y[1:], Z[1:]) for P, Y, Z in zip(act[k]["P"], act[k]["H"] - act[k]["M"], act[k]["Z"],
                                                          strict=True)]
-        nm, info = fit_through_norm(rows, tg, t0, steps=a.norm_steps, lr=a.norm_lr, objective=objective)
+        given = {k: v for k, v in (("steps", a.norm_steps), ("lr", a.norm_lr)) if v is not None}
+        nm, info = fit_through_norm(rows, tg, t0, objective=objective, **given)
         print(f"{v} {k}: {info}", flush=True)
         return nm
 

@@ -249,11 +249,17 @@ def apply_map(target: Target, T: torch.Tensor):
     """Fold ``T`` into ``target`` in place and return a function that undoes it exactly (the old tensors are
     kept), so a map can be tried, checked and reverted, or applied only while a mask is scored."""
     mod = target.module
-    saved = [(p, p.detach().clone()) for p in (mod.weight, getattr(mod, "bias", None)) if p is not None]
+    undo = snapshot(mod.weight, getattr(mod, "bias", None))
     if target.diagonal:
         fold_diagonal(mod, torch.diagonal(T), target.offset)
     else:
         fold_map(mod, T)
+    return undo
+
+
+def snapshot(*params: torch.Tensor | None):
+    """Copies of ``params`` (``None`` skipped) and a function that writes them back exactly."""
+    saved = [(p, p.detach().clone()) for p in params if p is not None]
 
     def undo() -> None:
         with torch.no_grad():

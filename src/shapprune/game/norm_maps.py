@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shapprune.game.linear_maps import FOLDS, Target, fold_map
+from shapprune.game.linear_maps import FOLDS, Target, fold_map, snapshot
 
 #: Adam steps, learning rate and tokens per step of the fit; the held-out error is measured every CHECK_EVERY steps
 STEPS = 300
@@ -83,7 +83,8 @@ def fit_through_norm(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     eps = norm_eps(target.module)
     w0 = target.module.weight.detach().float().cpu() + target.offset
     diag = torch.ones(d) if t0 is None else torch.diagonal(t0).float()
-    held = [k for k in range(len(rows)) if k % max(2, folds) == max(2, folds) - 1] or [len(rows) - 1]
+    nf = max(2, folds)
+    held = [k for k in range(len(rows)) if k % nf == nf - 1] or [len(rows) - 1]
     train = [k for k in range(len(rows)) if k not in held]
     if not train:
         return None, {"skipped": "too few windows to hold one out"}
@@ -127,14 +128,8 @@ def apply_norm_map(target: Target, m: NormMap):
     """Fold ``m`` into ``target``: ``T`` into the output projection before the norm, ``g`` into the norm's
     weight; return a function that undoes both exactly."""
     norm, proj = target.module, target.proj
-    saved = [(p, p.detach().clone()) for p in (proj.weight, getattr(proj, "bias", None), norm.weight) if p is not None]
+    undo = snapshot(proj.weight, getattr(proj, "bias", None), norm.weight)
     fold_map(proj, m.T)
     with torch.no_grad():
         norm.weight.copy_((m.g.to(torch.float64) - target.offset).to(norm.weight.dtype))
-
-    def undo() -> None:
-        with torch.no_grad():
-            for p, old in saved:
-                p.copy_(old)
-
     return undo

@@ -146,11 +146,7 @@ def encode_tensor(w, source_type, fallback: str = "F16"):
     try:
         return quants.quantize(np.ascontiguousarray(w, dtype=np.float32), source_type), source_type
     except (NotImplementedError, ValueError, KeyError):
-        if fallback == "F32":
-            return np.ascontiguousarray(w, dtype=np.float32), GGMLQuantizationType.F32
         qtype = GGMLQuantizationType[fallback]
-        if qtype == GGMLQuantizationType.F16:
-            return np.ascontiguousarray(w, dtype=np.float16), qtype
         return quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype), qtype
 
 
