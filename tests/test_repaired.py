@@ -18,6 +18,7 @@ from shapprune.game.repaired import Activations, RepairedEvaluator
 from shapprune.heal.linear import linear_repair
 from shapprune.models.data import Windows
 from shapprune.models.layers import find_layer_stack
+from shapprune.outputs.summary import objective_sentence
 from test_heal import Injected, tiny_cli  # noqa: F401 - the fixture
 from tiny import tiny_inputs, tiny_model
 
@@ -196,3 +197,55 @@ def test_objective_refusals_before_the_model_loads(monkeypatch, tmp_path, capsys
         assert main(["prune", "tiny", *extra, "--data", str(data), "--out", str(tmp_path / "o")]) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "Traceback" not in err[0] and "objective" in err[0], (extra, err)
+
+
+def test_sets_are_rescored_after_the_map_through_the_norm(monkeypatch):
+    """Gemma 3: the game scores sets with the closed-form part of the repair (a diagonal map in the post-MLP
+    norm), which cannot repair a removed block that is a full map before that norm; the best sets are scored again
+    after the repair's map through the norm, which repairs it, so that block's removal is chosen."""
+    import shapprune.game.repaired as R
+    from shapprune.pipeline import choose_layers
+    from test_heal import NormInjected
+
+    monkeypatch.setattr(R, "RESCORE_STEPS", 300)  # the repair's own fit: T* is further from I than 100 steps go
+    g = torch.Generator().manual_seed(5)
+    model = tiny_model("gemma3_text").double()
+    stack = find_layer_stack(model)
+    d = model.config.hidden_size
+    with torch.no_grad():  # the other blocks write 4x more, so removing them costs more
+        for j in (0, 3, 4):
+            for norm in (stack.layers[j].post_feedforward_layernorm, stack.layers[j].post_attention_layernorm):
+                norm.weight.add_(1).mul_(4.0).sub_(1)  # Gemma's norm weight is 1 + w
+    t_star = torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    g_star = 3 * (1 + 0.2 * torch.randn(d, generator=g, dtype=torch.float64))
+    stack.layers[2] = NormInjected(stack.layers[2], stack.layers[1].post_feedforward_layernorm, t_star, g_star)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    win = Windows(tiny_inputs(4, 24, seed=3), "x", 24, False)
+    ev = RepairedEvaluator(KLEvaluator(win, 4), tiny_inputs(16, 24, seed=6), batch_size=4)
+    res = choose_layers(model, None, win, source="t", method="exhaustive", remove=1, budget=None, seed=0,
+                        options={}, store_path=None, progress=False, evaluator=ev)
+    rescored = res.record.choice.objective["rescored"]
+    assert rescored["search_chose"] != [2]  # the diagonal map leaves the block's removal costly ...
+    assert res.record.removed == rescored["chosen"] == [2]  # ... the map through the norm repairs it
+    by_set = {tuple(c["removed"]): c for c in rescored["candidates"]}
+    assert len(by_set) == stack.num_layers  # every set of one layer: all among the best
+    assert by_set[(2,)]["final"] < by_set[(2,)]["scored"]
+    assert by_set[(2,)]["final"] < min(c["final"] for k, c in by_set.items() if k != (2,))
+    assert by_set[(0,)]["final"] == by_set[(0,)]["scored"]  # a run at layer 0 has no map either way
+    assert "300 Adam steps" in rescored["by"] and res.record.calibration_ppl["pruned"] == by_set[(2,)]["scored"]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # every map undone
+    assert "[2] chosen" in objective_sentence(res.record.choice.objective)
+    ev.close()
+
+
+def test_no_rescoring_where_the_closed_form_is_the_final_repair():
+    """Llama: every map is closed-form, so the game's score is the final repair's and nothing is rescored."""
+    from shapprune.pipeline import choose_layers
+
+    model = tiny_model("llama").double()
+    win = Windows(tiny_inputs(4, 24, seed=3), "x", 24, False)
+    ev = RepairedEvaluator(PerplexityEvaluator(win, 4), tiny_inputs(8, 24, seed=4), batch_size=4)
+    res = choose_layers(model, None, win, source="t", method="exhaustive", remove=2, budget=None, seed=0,
+                        options={}, store_path=None, progress=False, evaluator=ev)
+    assert "rescored" not in res.record.choice.objective
+    ev.close()

@@ -12,6 +12,7 @@ import numpy as np
 
 from shapprune.errors import UserError
 from shapprune.game.core import ModelGame, PerplexityEvaluator
+from shapprune.game.repaired import rescore_with_final_repair
 from shapprune.game.store import EvaluationStore
 from shapprune.methods import Selection, SelectionContext, check_selection, select
 from shapprune.models.layers import find_layer_stack
@@ -54,15 +55,18 @@ class SelectionResult:
     game: ModelGame
 
 
-def objective_record(desc: dict) -> dict:
+def objective_record(desc: dict, rescored: dict | None = None) -> dict:
     """``Choice.objective`` from the evaluator's description: its name and, for the repaired utility, the
-    fitting text with its activation pass in full-evaluation equivalents (its tokens over a full evaluation's)."""
+    fitting text with its activation pass in full-evaluation equivalents (its tokens over a full evaluation's),
+    and the final rescoring where there was one (:func:`~shapprune.game.repaired.rescore_with_final_repair`)."""
     out = {"name": desc.get("objective", "unrepaired")}
     if "repair_fit" in desc:
         fit = dict(desc["repair_fit"])
         per_eval = (desc.get("windows") or 0) * (desc.get("seqlen") or 0)
         fit["full_equivalents"] = round(fit["tokens"] / per_eval, 2) if per_eval else None
         out["fit"] = fit
+    if rescored is not None:
+        out["rescored"] = rescored
     return out
 
 
@@ -110,9 +114,10 @@ def _choose(model, tokenizer, windows, store, evaluator, backend, t0, *, source,
     ctx = SelectionContext(model=model, tokenizer=tokenizer, windows=windows, game=game, seed=seed, budget=budget,
                            batch_size=batch_size, options=dict(options, progress=progress))
     sel = select(method, ctx, remove if remove is not None else 1)
-    removed = kept = pruned_ppl = None
+    removed = kept = pruned_ppl = rescored = None
     if remove is not None:
         removed = list(sel.removed)
+        removed, rescored = rescore_with_final_repair(game, removed)  # the repaired utility: its final maps
         kept = [i for i in range(L) if i not in set(removed)]
         mask = np.zeros((1, L), dtype=bool)
         mask[0, kept] = True
@@ -124,7 +129,7 @@ def _choose(model, tokenizer, windows, store, evaluator, backend, t0, *, source,
         values=sel.values,
         stderr=sel.stderr,
         calibration={k: desc.get(k) for k in ("data", "seqlen", "windows", "tokens", "layout")},
-        objective=objective_record(desc),
+        objective=objective_record(desc, rescored),
         budget=extra.get("budget", budget),
         budget_spent=extra.get("budget_spent"),
         evaluations=game.counts(),

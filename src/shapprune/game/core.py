@@ -162,6 +162,7 @@ class ModelGame:
         self.new = 0
         self.reused = 0
         self.seconds = 0.0
+        self.seen: dict[str, float] = {}  # every mask this game has answered (key -> perplexity)
         self.full = self.evaluate(np.ones((1, self.n_players), dtype=bool))[0]
 
     @property
@@ -181,6 +182,7 @@ class ModelGame:
             known[ev.mask] = ev
             self.new += 1
             self.seconds += ev.seconds
+        self.seen.update((k, known[k].perplexity) for k in unique)
         return [known[k] for k in keys]
 
     def compute(self, keys: list[str], desc: str = "evaluating masks"):

@@ -44,10 +44,16 @@ from shapprune.game.linear_maps import (
     run_targets,
     runs_of,
 )
+from shapprune.game.norm_maps import apply_norm_map
 
 log = logging.getLogger(__name__)
 
 REPAIRED_VERSION = 1
+#: the final rescoring (:func:`rescore_with_final_repair`): how many of the best sets by the closed-form score
+#: are scored again with the repair's map through a post-MLP norm, and the Adam steps of that map's fit (the repair
+#: itself takes :data:`shapprune.game.norm_maps.STEPS`); bench/results/repair-rank.md measures how they rank
+RESCORE_CANDIDATES = 6
+RESCORE_STEPS = 100
 #: healing tokens the repaired utility fits its maps on (the first windows of the repair's own); see
 #: bench/results/repair-aware.md for how well maps fitted on this many rank sets by their finally repaired
 #: perplexity
@@ -91,7 +97,7 @@ class Activations:
         self.files: dict = {}  # (kind, block) -> (path, shape, dtype)
         out: dict = {}
         for s, cap in captures(model, input_ids, mlp, list(range(L)), batch_size, skip_first, progress,
-                               "repaired utility: activations"):
+                               "repaired utility: activations", pre=True):
             for (kind, j), v in cap.items():
                 if (kind, j) not in out:
                     shape, path = (n, *v.shape[1:]), self.dir / f"{kind}{j}.bin"
@@ -140,6 +146,17 @@ class Activations:
             out.append(Stats(A, B, float((R * R).sum()), int(M.shape[0])))
         return out
 
+    def norm_rows(self, a: int, b: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The run ``a..b``'s activations for a map through the post-MLP norm of block ``a − 1``
+        (:func:`~shapprune.game.norm_maps.fit_through_norm`): per window ``(P, Y, Z)``, ``P`` the norm's input,
+        ``Y = H − M`` block ``a − 1``'s output without its MLP's, ``Z`` block ``b``'s output, as
+        :func:`~shapprune.game.linear_maps.collect_stats` keeps them."""
+        if ("P", a - 1) not in self.files:
+            raise ValueError(f"the run {a}-{b} has no post-MLP norm to fit a map through")
+        P, M, H, Z = (self._load(k, j) for k, j in (("P", a - 1), ("M", a - 1), ("H", a - 1), ("H", b)))
+        Y = (H.double() - M.double()).to(H.dtype)
+        return [(P[k], Y[k], Z[k]) for k in range(P.shape[0])]
+
     def close(self) -> None:
         """Delete the files (done anyway when this object is collected, or at exit)."""
         self._gram.clear()
@@ -154,7 +171,8 @@ class RepairedEvaluator:
     lookahead = True
 
     def __init__(self, inner, fit_ids: torch.Tensor, *, fit_data: str | None = None, batch_size: int = 4,
-                 grid=RIDGE_GRID, folds: int = FOLDS, progress: bool = False, _shared: dict | None = None):
+                 grid=RIDGE_GRID, folds: int = FOLDS, progress: bool = False, final_steps: int | None = None,
+                 _shared: dict | None = None):
         self.inner = inner
         self.fit_ids = fit_ids
         self.fit_data = fit_data
@@ -162,7 +180,11 @@ class RepairedEvaluator:
         self.grid = tuple(grid)
         self.folds = folds
         self.progress = progress
-        self._shared = _shared if _shared is not None else {"acts": None, "maps": {}, "seconds": 0.0}
+        #: ``None``: the closed-form repair (diagonal maps where a norm follows the MLP); else the final repair's
+        #: map through that norm, fitted in this many steps (:meth:`final`)
+        self.final_steps = final_steps
+        self._shared = _shared if _shared is not None else {"acts": None, "maps": {}, "norm_maps": {},
+                                                            "seconds": 0.0}
         if hasattr(inner, "windowed"):
             self.windowed = inner.windowed
         if hasattr(inner, "first"):
@@ -179,7 +201,8 @@ class RepairedEvaluator:
     def fingerprint(self) -> str:
         ids = self.fit_ids.to("cpu", torch.int64).contiguous().numpy()
         h = hashlib.sha256(ids.tobytes() + str(ids.shape).encode() + repr((self.grid, self.folds)).encode())
-        return f"{self.inner.fingerprint()}|repaired:v{REPAIRED_VERSION}:{h.hexdigest()[:16]}"
+        final = "" if self.final_steps is None else f":through-norm:{self.final_steps}"
+        return f"{self.inner.fingerprint()}|repaired:v{REPAIRED_VERSION}:{h.hexdigest()[:16]}{final}"
 
     def describe(self) -> dict:
         acts = self._shared["acts"]
@@ -213,7 +236,40 @@ class RepairedEvaluator:
     def _first(self, k: int) -> RepairedEvaluator:
         return RepairedEvaluator(self.inner.first(k), self.fit_ids, fit_data=self.fit_data,
                                  batch_size=self.fit_batch, grid=self.grid, folds=self.folds,
-                                 progress=self.progress, _shared=self._shared)
+                                 progress=self.progress, final_steps=self.final_steps, _shared=self._shared)
+
+    def final(self, steps: int | None = None) -> RepairedEvaluator:
+        """The same utility after the repair's *final* maps: where a norm follows the block before a run, the full
+        map through it (:mod:`shapprune.game.norm_maps`, fitted in ``steps`` Adam steps from the same
+        activations) instead of the diagonal map; elsewhere the same closed-form maps. It shares this
+        evaluator's activations and maps, and the store keys its evaluations apart."""
+        return RepairedEvaluator(self.inner, self.fit_ids, fit_data=self.fit_data, batch_size=self.fit_batch,
+                                 grid=self.grid, folds=self.folds, progress=self.progress,
+                                 final_steps=RESCORE_STEPS if steps is None else steps, _shared=self._shared)
+
+    def through_norm(self, key: str) -> bool:
+        """Whether the final repair of the mask ``key`` differs from the closed-form one (a run of it starts after a
+        block whose MLP output is normalised)."""
+        acts = self._shared["acts"]
+        return any(a >= 1 and ("P", a - 1) in acts.files
+                   for a, _ in runs_of([i for i, c in enumerate(key) if c == "0"]))
+
+    def norm_map(self, a: int, b: int):
+        """The final repair's map through the norm for the run ``a..b`` (``None``: the fit did not beat the
+        diagonal map on its held-out windows, so the diagonal map stays), fitted once and kept."""
+        import time
+
+        from shapprune.game.norm_maps import fit_through_norm
+
+        cache = self._shared["norm_maps"]
+        key = (a, b, self.final_steps)
+        if key not in cache:
+            acts = self._shared["acts"]
+            t0 = time.perf_counter()
+            cache[key], _ = fit_through_norm(acts.norm_rows(a, b), acts.target(a), self.run_map(a, b),
+                                             steps=self.final_steps, folds=self.folds)
+            self._shared["seconds"] += time.perf_counter() - t0
+        return cache[key]
 
     def run_map(self, a: int, b: int) -> torch.Tensor | None:
         """The repair's map of the run ``a..b`` (``None``: it gets none, e.g. at layer 0 or no ridge helps)."""
@@ -244,6 +300,11 @@ class RepairedEvaluator:
         undo = []
         try:
             for a, b in runs_of([i for i, c in enumerate(key) if c == "0"]):
+                nm = (self.norm_map(a, b) if self.final_steps is not None and a >= 1 and ("P", a - 1) in acts.files
+                      else None)
+                if nm is not None:
+                    undo.append(apply_norm_map(acts.target(a), nm))
+                    continue
                 T = self.run_map(a, b)
                 if T is not None:
                     undo.append(apply_map(acts.target(a), T))
@@ -257,3 +318,51 @@ class RepairedEvaluator:
         if self._shared["acts"] is not None:
             self._shared["acts"].close()
             self._shared["acts"] = None
+
+
+def rescore_with_final_repair(game, removed: list[int], candidates: int | None = None,
+                              steps: int | None = None) -> tuple[list[int], dict | None]:
+    """Where the game scored sets with the closed-form part of a repair that is more (a map through a post-MLP
+    norm: Gemma 2/3, OLMo 2), score the ``candidates`` best sets of the chosen size that the game evaluated (the
+    chosen set always among them) again after the repair's final maps (:meth:`RepairedEvaluator.final`), and
+    return the best of them by that score, with the record of what was compared; ``(removed, None)`` where the
+    game's utility is not the repaired one or no candidate has such a run (then its score is already the final
+    repair's). The repair's check (a map that does not help on held-out windows is reverted) is not emulated."""
+    import time
+
+    import numpy as np
+
+    from shapprune.game.core import ModelGame
+    from shapprune.game.store import mask_key, mask_of
+
+    candidates = RESCORE_CANDIDATES if candidates is None else candidates
+    steps = RESCORE_STEPS if steps is None else steps
+    ev = game.evaluator
+    if not isinstance(ev, RepairedEvaluator) or ev.final_steps is not None or not removed:
+        return removed, None
+    L = game.n_players
+    chosen = mask_key([i not in set(removed) for i in range(L)])
+    if chosen not in game.seen:
+        game.evaluate(mask_of(chosen)[None])
+    pool = sorted((p, k) for k, p in game.seen.items() if k.count("1") == L - len(removed))
+    keys = [k for _, k in pool[:candidates]]
+    if chosen not in keys:
+        keys = [*keys[: candidates - 1], chosen]
+    if not any(ev.through_norm(k) for k in keys):
+        return removed, None
+    t0 = time.perf_counter()
+    final = ModelGame(game.model, ev.final(steps), game.store, progress=game.progress,
+                      reuse_prefix=game.reuse_prefix)
+    scores = [e.perplexity for e in final.evaluate(np.array([mask_of(k) for k in keys]),
+                                                   desc="best sets, after the final repair")]
+    best = min(range(len(keys)), key=lambda i: (scores[i], i))  # ties: the better closed-form score
+    new = [i for i, c in enumerate(keys[best]) if c == "0"]
+    record = {"by": f"the repair's map through the post-MLP norm, fitted in {steps} Adam steps on the same "
+                    "activations (the closed-form part scored the search)",
+              "candidates": [{"removed": [i for i, c in enumerate(k) if c == "0"], "scored": game.seen[k],
+                              "final": s} for k, s in zip(keys, scores, strict=True)],
+              "steps": steps, "search_chose": list(removed), "chosen": new, "evaluations": final.counts(),
+              "seconds": round(time.perf_counter() - t0, 3)}
+    log.info("repaired utility: %d best sets rescored after the final repair: %s (calibration perplexity %.4f; the "
+             "search's %s: %.4f)", len(keys), new, scores[best], list(removed), scores[keys.index(chosen)])
+    return new, record

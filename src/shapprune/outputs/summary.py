@@ -195,7 +195,21 @@ def objective_sentence(objective: dict | None) -> str | None:
     return (f"objective: each set scored after the linear repair it would get, its maps fitted on "
             f"{fit.get('windows')} windows × {fit.get('seqlen')} tokens of the healing text `{fit.get('data')}` "
             f"(one pass of the full model, {num(fit.get('full_equivalents'), '.1f')} full-evaluation equivalents; "
-            f"{fit.get('maps_solved')} maps solved; {num(fit.get('seconds'), '.1f')} s in all)")
+            f"{fit.get('maps_solved')} maps solved; {num(fit.get('seconds'), '.1f')} s in all)"
+            + rescored_sentence(objective.get("rescored")))
+
+
+def rescored_sentence(rescored: dict | None) -> str:
+    """``"; ..."``: how the best sets were scored again after the repair's final maps, and what that changed."""
+    if not rescored:
+        return ""
+    final = {tuple(c["removed"]): c["final"] for c in rescored["candidates"]}
+    chosen, search = rescored["chosen"], rescored["search_chose"]
+    what = (f"{chosen} chosen (calibration perplexity {final[tuple(chosen)]:.4f}; the search's {search}: "
+            f"{final[tuple(search)]:.4f})" if chosen != search else
+            f"the search's {search} stays ({final[tuple(search)]:.4f})")
+    return (f"; then the {len(final)} best sets scored again after the repair's map through the post-MLP norm "
+            f"({rescored.get('steps')} Adam steps): {what}")
 
 
 def budget_sentence(choice) -> str | None:
