@@ -56,11 +56,15 @@ def choose_row(model, tok, win, n: int, method: str | None, objective: str) -> d
     evals = cost.get("total_full_equivalents", cost.get("full_evaluations"))
     if evals is None:
         evals = (ch.evaluations or {}).get("new")
+    rescored = (ch.objective or {}).get("rescored") or {}
+    evals += (rescored.get("evaluations") or {}).get("new", 0)  # the best sets scored again after the final repair
     fit = (ch.objective or {}).get("fit") or {}
     fit_eq = fit.get("tokens", 0) / max(1, win.input_ids.numel())
     return {"removed": sorted(c.record.removed), "calibration_ppl": ch.calibration_ppl.get("pruned"),
             "full_evaluations": round(float(evals) + fit_eq, 1), "repair_fit_equivalents": round(fit_eq, 1),
-            "maps_solved": fit.get("maps_solved"), "choose_seconds": round(secs, 1)}
+            "maps_solved": fit.get("maps_solved"), "choose_seconds": round(secs, 1),
+            "rescored": {"search_chose": rescored["search_chose"], "candidates": len(rescored["candidates"]),
+                         "seconds": rescored["seconds"]} if rescored else None}
 
 
 def repair_row(model, tok, win, removed: list[int], test, unrepaired_test: bool = False) -> dict:
