@@ -18,7 +18,7 @@ from shapprune.game.repaired import Activations, RepairedEvaluator
 from shapprune.heal.linear import linear_repair
 from shapprune.models.data import Windows
 from shapprune.models.layers import find_layer_stack
-from shapprune.outputs.summary import objective_sentence
+from shapprune.outputs.summary import objective_sentence, summary_lines
 from test_heal import Injected, tiny_cli  # noqa: F401 - the fixture
 from tiny import tiny_inputs, tiny_model
 
@@ -235,6 +235,8 @@ def test_sets_are_rescored_after_the_map_through_the_norm(monkeypatch):
     assert "300 Adam steps" in rescored["by"] and res.record.calibration_ppl["pruned"] == by_set[(2,)]["scored"]
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # every map undone
     assert "[2] chosen" in objective_sentence(res.record.choice.objective)
+    (line,) = [x for x in summary_lines(res.record) if "scored again" in x]
+    assert line.startswith(f"the {stack.num_layers} best sets") and "[2] at calibration perplexity" in line
     ev.close()
 
 

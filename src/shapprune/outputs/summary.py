@@ -58,6 +58,18 @@ def perplexity_sentence(record: PruningRecord) -> str | None:
     return f"calibration perplexity{scored}: full {cp['full']:.4f}{pruned}"
 
 
+def rescored_line(record: PruningRecord) -> str | None:
+    """Where the best sets were scored again after the repair's final maps: which won, against the search's."""
+    rescored = (record.choice.objective or {}).get("rescored") if record.choice is not None else None
+    if not rescored:
+        return None
+    final = {tuple(c["removed"]): c["final"] for c in rescored["candidates"]}
+    chosen, search = tuple(rescored["chosen"]), tuple(rescored["search_chose"])
+    return (f"the {len(final)} best sets scored again after the repair's map through the post-MLP norm: "
+            f"{list(chosen)} at calibration perplexity {final[chosen]:.4f}" + (f" (the search's {list(search)}: {final[search]:.4f})"
+                                                     if chosen != search else " (the search's choice)"))
+
+
 def gguf_constraint_sentence(record: PruningRecord) -> str | None:
     """What the GGUF's positional layer rule cost: the constrained set's calibration perplexity against the
     unconstrained choice's, and how to get the other (``None`` when the rule changed nothing)."""
@@ -112,7 +124,8 @@ def summary_lines(record: PruningRecord | dict, written: str | Path | None = Non
     warning only where the user can act on it, the saved size, ``wrote WRITTEN`` and where the evidence is
     (``report``, a ``report.md``)."""
     r = as_record(record)
-    lines = [s for s in (removed_sentence(r), perplexity_sentence(r), gguf_constraint_sentence(r)) if s]
+    lines = [s for s in (removed_sentence(r), perplexity_sentence(r), rescored_line(r), gguf_constraint_sentence(r))
+             if s]
     if r.heal:
         lines += heal_lines(r.heal)
     warning = actionable_warning(r)
