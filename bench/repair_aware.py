@@ -13,7 +13,8 @@ Every chosen set is then repaired the same way, as ``prune`` repairs (``--heal l
 healing tokens, each checked on 8 held-out windows of 2,048 and reverted unless it helps), and measured on test
 perplexity: all 148 windows of 2,048 tokens of ``test.raw.txt`` (Gemma 3: its first 32), never used to choose or
 repair. Cost: full-evaluation equivalents of the calibration (the repaired utility's activation pass counted as
-its tokens over a full evaluation's), and seconds of the choice alone. Rows are written as they finish
+its tokens over a full evaluation's, and, where a norm follows the MLP, the evaluations that score the best sets
+again after the map through it), and seconds of the choice alone (those fits included). Rows are written as they finish
 (``.json`` beside the results file) and a re-run resumes from them.
 
     python bench/repair_aware.py                      # SmolLM2 N = 3, 6, 9, 12 and Gemma 3 N = 3, 6
