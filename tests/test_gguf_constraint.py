@@ -162,3 +162,27 @@ def test_an_n_without_representable_sets_fails_before_loading(size, gemma3_27b_l
     assert len(lines) == 1, err
     assert "no set of 3 of the 62 layers" in lines[0] and "--out-format hf" in lines[0] and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_repaired_objective_chooses_among_the_sets_a_gguf_can_hold(gemma3_gguf, tmp_path, capsys):
+    """With healing (so the repaired objective) the choice is made, and rescored after the map through Gemma's
+    norm, among the representable sets only; the healed GGUF is written."""
+    out = tmp_path / "out"
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT * 4)
+    args = ["prune", str(gemma3_gguf), "--remove", "3", "--method", "sleb", "--data", str(data), "--seqlen", "16",
+            "--max-windows", "2", "--heal", "linear", "--heal-seqlen", "16", "--heal-tokens", "256",
+            "--heal-heldout", "4x16", "--store", str(tmp_path / "s.sqlite"), "--no-progress", "--out-format", "gguf",
+            "--out", str(out)]
+    code, stdout, err = run(args, capsys)
+    assert code == 0, err
+    record = json.loads((out / "pruning.json").read_text())
+    rule = layer_rule_of(gemma3_gguf)
+    assert record["objective"]["name"] == "repaired" and representable(rule, record["removed"])
+    unconstrained = record["objective"]["rescored"]["chosen"]  # SLEB's path, rescored: not a GGUF's set
+    g = record["gguf_constraint"]
+    assert g["unconstrained"]["removed"] == unconstrained and not representable(rule, unconstrained)
+    assert len(g["rescored"]["candidates"]) == 6 and g["rescored"]["chosen"] == record["removed"]
+    assert all(representable(rule, c["removed"]) for c in g["rescored"]["candidates"])
+    assert "best scored again after the repair's map through the post-MLP norm" in stdout
+    assert record["gguf"]["block_count"] == {"source": 12, "pruned": 9}

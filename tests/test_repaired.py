@@ -240,6 +240,33 @@ def test_sets_are_rescored_after_the_map_through_the_norm(monkeypatch):
     ev.close()
 
 
+def test_rescoring_keeps_to_the_allowed_sets(monkeypatch):
+    """``allowed`` (e.g. the sets a GGUF can hold) limits the candidates: the set the map through the norm
+    repairs is not chosen where it is not allowed."""
+    import shapprune.game.repaired as R
+    from shapprune.game.store import EvaluationStore
+    from shapprune.pipeline import choose_layers
+    from test_heal import NormInjected
+
+    monkeypatch.setattr(R, "RESCORE_STEPS", 300)
+    g = torch.Generator().manual_seed(5)
+    model = tiny_model("gemma3_text").double()
+    stack = find_layer_stack(model)
+    d = model.config.hidden_size
+    t_star = torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    g_star = 3 * (1 + 0.2 * torch.randn(d, generator=g, dtype=torch.float64))
+    stack.layers[2] = NormInjected(stack.layers[2], stack.layers[1].post_feedforward_layernorm, t_star, g_star)
+    win = Windows(tiny_inputs(4, 24, seed=3), "x", 24, False)
+    ev = RepairedEvaluator(KLEvaluator(win, 4), tiny_inputs(16, 24, seed=6), batch_size=4)
+    res = choose_layers(model, None, win, source="t", method="exhaustive", remove=2, budget=None, seed=0,
+                        options={}, store_path=None, progress=False, evaluator=ev)
+    res.game.store = EvaluationStore(None)  # the selection closed its own
+    removed, rec = R.rescore_with_final_repair(res.game, [0, 1], allowed=lambda s: 2 not in s)
+    assert rec is not None and 2 not in removed and rec["chosen"] == removed
+    assert all(2 not in c["removed"] for c in rec["candidates"]) and len(rec["candidates"]) == 6
+    ev.close()
+
+
 def test_no_rescoring_where_the_closed_form_is_the_final_repair():
     """Llama: every map is closed-form, so the game's score is the final repair's and nothing is rescored."""
     from shapprune.pipeline import choose_layers

@@ -311,7 +311,8 @@ def constrain_to_gguf(args, chosen, rule) -> None:
     constrained greedy path; the store makes repeated masks free), and record both in ``record.gguf_constraint``."""
     import numpy as np
 
-    from shapprune.game.store import EvaluationStore
+    from shapprune.game.repaired import rescore_with_final_repair
+    from shapprune.game.store import EvaluationStore, mask_key
     from shapprune.outputs.gguf_layers import choose_representable, representable
 
     record = chosen.record
@@ -331,18 +332,25 @@ def constrain_to_gguf(args, chosen, rule) -> None:
     game.store = EvaluationStore(store_path(args))  # the selection closed its store
     try:
         best = choose_representable(rule, len(record.removed), score)
+        # as the unconstrained choice: where the score was the repair's closed-form part, the best representable
+        # sets are scored again after its final maps
+        removed, rescored = rescore_with_final_repair(game, list(best.removed),
+                                                      allowed=lambda s: representable(rule, s))
+        pruned = game.seen[mask_key([i not in set(removed) for i in range(L)])]
     finally:
         game.store.close()
     unconstrained = {"removed": list(record.removed), "calibration_ppl": record.calibration_ppl.get("pruned")}
-    record.removed = list(best.removed)
-    record.kept = [i for i in range(L) if i not in set(best.removed)]
+    record.removed = list(removed)
+    record.kept = [i for i in range(L) if i not in set(removed)]
     if record.choice is not None:
-        record.choice.calibration_ppl = dict(record.choice.calibration_ppl or {}, pruned=best.score)
+        record.choice.calibration_ppl = dict(record.choice.calibration_ppl or {}, pruned=pruned)
         record.choice.evaluations = game.counts()
     record.gguf_constraint = {"rule": rule.what, "unconstrained": unconstrained,
-                              "chosen": {"removed": list(best.removed), "calibration_ppl": best.score},
+                              "chosen": {"removed": list(removed), "calibration_ppl": pruned},
                               "candidates_evaluated": best.candidates, "search": best.search,
                               "representable_sets": best.total}
+    if rescored is not None:
+        record.gguf_constraint["rescored"] = rescored
 
 
 def write_method_gguf(args, out: Path, src: Path, num_layers: int, chosen, t0: float, model=None) -> int:

@@ -321,13 +321,14 @@ class RepairedEvaluator:
 
 
 def rescore_with_final_repair(game, removed: list[int], candidates: int | None = None,
-                              steps: int | None = None) -> tuple[list[int], dict | None]:
+                              steps: int | None = None, allowed=None) -> tuple[list[int], dict | None]:
     """Where the game scored sets with the closed-form part of a repair that is more (a map through a post-MLP
     norm: Gemma 2/3, OLMo 2), score the ``candidates`` best sets of the chosen size that the game evaluated (the
     chosen set always among them) again after the repair's final maps (:meth:`RepairedEvaluator.final`), and
     return the best of them by that score, with the record of what was compared; ``(removed, None)`` where the
     game's utility is not the repaired one or no candidate has such a run (then its score is already the final
-    repair's). The repair's check (a map that does not help on held-out windows is reverted) is not emulated."""
+    repair's). ``allowed(removed) -> bool``: only such sets are candidates (e.g. those a GGUF can hold). The
+    repair's check (a map that does not help on held-out windows is reverted) is not emulated."""
     import time
 
     import numpy as np
@@ -344,7 +345,8 @@ def rescore_with_final_repair(game, removed: list[int], candidates: int | None =
     chosen = mask_key([i not in set(removed) for i in range(L)])
     if chosen not in game.seen:
         game.evaluate(mask_of(chosen)[None])
-    pool = sorted((p, k) for k, p in game.seen.items() if k.count("1") == L - len(removed))
+    pool = sorted((p, k) for k, p in game.seen.items() if k.count("1") == L - len(removed)
+                  and (allowed is None or allowed([i for i, c in enumerate(k) if c == "0"])))
     keys = [k for _, k in pool[:candidates]]
     if chosen not in keys:
         keys = [*keys[: candidates - 1], chosen]

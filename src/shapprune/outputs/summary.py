@@ -83,6 +83,10 @@ def gguf_constraint_sentence(record: PruningRecord) -> str | None:
                 f"{100 * (c['calibration_ppl'] / u['calibration_ppl'] - 1):+.1f}%)")
     how = (f"the best of all {g['candidates_evaluated']} sets the GGUF can hold" if g.get("search") == "exhaustive"
            else f"a constrained greedy path, {g['candidates_evaluated']} sets evaluated")
+    r = g.get("rescored")
+    if r:
+        how += (f", then its {len(r['candidates'])} best scored again after the repair's map through the post-MLP "
+                f"norm" + (f" ({r['search_chose']} before)" if r["chosen"] != r["search_chose"] else ""))
     return (f"GGUF layer rule: the unconstrained choice {u['removed']} cannot be written as a GGUF ({g['rule']}); "
             f"removed {c['removed']} instead, {how}{cost}; --out-format hf writes a checkpoint with the "
             "unconstrained choice")
