@@ -14,7 +14,10 @@ Where it equals the real repair, and where not (measured in ``bench/results/repa
   first position left out, ridge chosen the same way), on the first :data:`FIT_TOKENS` tokens of the same
   healing windows (the repair itself fits on ``heal.LINEAR_TOKENS``);
 - the repair then checks each map on held-out windows and reverts one that does not help; the utility does
-  not (every map is applied).
+  not (every map is applied);
+- where a norm follows the block's MLP (Gemma 2/3, OLMo 2) the repair fits a full map through the norm by an
+  optimiser (:mod:`shapprune.game.norm_maps`); the utility scores with the closed-form diagonal map, and
+  :func:`rescore_with_final_repair` scores the best sets again with the map through the norm (:meth:`final`).
 
 What it changes in the game: a kept block's output now depends on the run after it (its map), so prefix reuse
 carries a layer's output only where the next kept layer is inside the common prefix (:attr:`lookahead`); the
