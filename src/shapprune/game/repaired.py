@@ -48,6 +48,7 @@ from shapprune.game.linear_maps import (
     runs_of,
 )
 from shapprune.game.norm_maps import apply_norm_map
+from shapprune.game.store import removed_of
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +150,17 @@ class Activations:
             out.append(Stats(A, B, float((R * R).sum()), int(M.shape[0])))
         return out
 
+    def through_norm(self, a: int) -> bool:
+        """Whether a run starting at ``a`` follows a block whose MLP output is normalised (its activations
+        before the norm were kept: the final repair maps through that norm)."""
+        return a >= 1 and ("P", a - 1) in self.files
+
     def norm_rows(self, a: int, b: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The run ``a..b``'s activations for a map through the post-MLP norm of block ``a − 1``
         (:func:`~shapprune.game.norm_maps.fit_through_norm`): per window ``(P, Y, Z)``, ``P`` the norm's input,
         ``Y = H − M`` block ``a − 1``'s output without its MLP's, ``Z`` block ``b``'s output, as
         :func:`~shapprune.game.linear_maps.collect_stats` keeps them."""
-        if ("P", a - 1) not in self.files:
+        if not self.through_norm(a):
             raise ValueError(f"the run {a}-{b} has no post-MLP norm to fit a map through")
         P, M, H, Z = (self._load(k, j) for k, j in (("P", a - 1), ("M", a - 1), ("H", a - 1), ("H", b)))
         Y = (H.double() - M.double()).to(H.dtype)
@@ -253,9 +259,7 @@ class RepairedEvaluator:
     def through_norm(self, key: str) -> bool:
         """Whether the final repair of the mask ``key`` differs from the closed-form one (a run of it starts after a
         block whose MLP output is normalised)."""
-        acts = self._shared["acts"]
-        return any(a >= 1 and ("P", a - 1) in acts.files
-                   for a, _ in runs_of([i for i, c in enumerate(key) if c == "0"]))
+        return any(self._shared["acts"].through_norm(a) for a, _ in runs_of(removed_of(key)))
 
     def norm_map(self, a: int, b: int):
         """The final repair's map through the norm for the run ``a..b`` (``None``: the fit did not beat the
@@ -302,9 +306,8 @@ class RepairedEvaluator:
         acts = self._shared["acts"]
         undo = []
         try:
-            for a, b in runs_of([i for i, c in enumerate(key) if c == "0"]):
-                nm = (self.norm_map(a, b) if self.final_steps is not None and a >= 1 and ("P", a - 1) in acts.files
-                      else None)
+            for a, b in runs_of(removed_of(key)):
+                nm = self.norm_map(a, b) if self.final_steps is not None and acts.through_norm(a) else None
                 if nm is not None:
                     undo.append(apply_norm_map(acts.target(a), nm))
                     continue
@@ -349,7 +352,7 @@ def rescore_with_final_repair(game, removed: list[int], candidates: int | None =
     if chosen not in game.seen:
         game.evaluate(mask_of(chosen)[None])
     pool = sorted((p, k) for k, p in game.seen.items() if k.count("1") == L - len(removed)
-                  and (allowed is None or allowed([i for i, c in enumerate(k) if c == "0"])))
+                  and (allowed is None or allowed(removed_of(k))))
     keys = [k for _, k in pool[:candidates]]
     if chosen not in keys:
         keys = [*keys[: candidates - 1], chosen]
@@ -361,10 +364,10 @@ def rescore_with_final_repair(game, removed: list[int], candidates: int | None =
     scores = [e.perplexity for e in final.evaluate(np.array([mask_of(k) for k in keys]),
                                                    desc="best sets, after the final repair")]
     best = min(range(len(keys)), key=lambda i: (scores[i], i))  # ties: the better closed-form score
-    new = [i for i, c in enumerate(keys[best]) if c == "0"]
+    new = removed_of(keys[best])
     record = {"by": f"the repair's map through the post-MLP norm, fitted in {steps} Adam steps on the same "
                     "activations (the closed-form part scored the search)",
-              "candidates": [{"removed": [i for i, c in enumerate(k) if c == "0"], "scored": game.seen[k],
+              "candidates": [{"removed": removed_of(k), "scored": game.seen[k],
                               "final": s} for k, s in zip(keys, scores, strict=True)],
               "steps": steps, "search_chose": list(removed), "chosen": new, "evaluations": final.counts(),
               "seconds": round(time.perf_counter() - t0, 3)}

@@ -44,6 +44,11 @@ def mask_of(key: str) -> np.ndarray:
     return np.array([c == "1" for c in key], dtype=bool)
 
 
+def removed_of(key: str) -> list[int]:
+    """The removed layers of a :func:`mask_key` (``"1101"`` -> ``[2]``)."""
+    return [i for i, c in enumerate(key) if c == "0"]
+
+
 def model_fingerprint(model) -> str:
     """A stable hash of a model's config, dtype, device type and weights.
 

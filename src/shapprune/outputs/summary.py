@@ -63,11 +63,17 @@ def rescored_line(record: PruningRecord) -> str | None:
     rescored = (record.choice.objective or {}).get("rescored") if record.choice is not None else None
     if not rescored:
         return None
-    final = {tuple(c["removed"]): c["final"] for c in rescored["candidates"]}
-    chosen, search = tuple(rescored["chosen"]), tuple(rescored["search_chose"])
+    final, chosen, search = _rescored(rescored)
     return (f"the {len(final)} best sets scored again after the repair's map through the post-MLP norm: "
-            f"{list(chosen)} at calibration perplexity {final[chosen]:.4f}" + (f" (the search's {list(search)}: {final[search]:.4f})"
-                                                     if chosen != search else " (the search's choice)"))
+            f"{chosen} at calibration perplexity {final[tuple(chosen)]:.4f}"
+            + (f" (the search's {search}: {final[tuple(search)]:.4f})" if chosen != search
+               else " (the search's choice)"))
+
+
+def _rescored(rescored: dict) -> tuple[dict, list[int], list[int]]:
+    """A rescoring record's final score per candidate set (keyed by tuple), its chosen set and the search's."""
+    return ({tuple(c["removed"]): c["final"] for c in rescored["candidates"]}, list(rescored["chosen"]),
+            list(rescored["search_chose"]))
 
 
 def gguf_constraint_sentence(record: PruningRecord) -> str | None:
@@ -220,8 +226,7 @@ def rescored_sentence(rescored: dict | None) -> str:
     """``"; ..."``: how the best sets were scored again after the repair's final maps, and what that changed."""
     if not rescored:
         return ""
-    final = {tuple(c["removed"]): c["final"] for c in rescored["candidates"]}
-    chosen, search = rescored["chosen"], rescored["search_chose"]
+    final, chosen, search = _rescored(rescored)
     what = (f"{chosen} chosen (calibration perplexity {final[tuple(chosen)]:.4f}; the search's {search}: "
             f"{final[tuple(search)]:.4f})" if chosen != search else
             f"the search's {search} stays ({final[tuple(search)]:.4f})")
